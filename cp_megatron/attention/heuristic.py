@@ -1,0 +1,97 @@
+"""Choosing the ring variant per round: pass-KV or pass-Q (Alg. 1 and Alg. 5, Eq. 5).
+
+Pure maths: no torch.distributed, no megatron.
+
+With T new tokens, P cached tokens, N CP ranks, NH query heads, NKV KV heads,
+e bytes per element, C achieved attention FLOP/s per rank and BW the CP link
+bandwidth per rank (bytes/s):
+
+    pass-KV  if  T >= N*C*NKV*e / (2*NH*BW)                       (KV transfer hidden)
+             or  T/(T+P) >= 2*NKV/NH - 4*T*BW / (N*C*e)             (Eq. 5, counts the all_to_all)
+    pass-Q   otherwise
+
+Source: Yang et al., arXiv 2411.01783, §3.6, Algorithms 1 and 5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PASS_KV = "pass-kv"
+PASS_Q = "pass-q"
+AUTO = "auto"
+STRATEGIES = (AUTO, PASS_KV, PASS_Q)
+
+
+@dataclass(frozen=True)
+class HeuristicDecision:
+    """The variant chosen for one round and the values that chose it.
+
+    Attributes:
+        strategy: "pass-kv" or "pass-q".
+        forced: True when the user forced the variant (the inequalities are still reported).
+        new_tokens: T (tokens).
+        cached_tokens: P (tokens).
+        miss_rate: T / (T + P), in [0, 1].
+        kv_hidden_threshold_tokens: N*C*NKV*e / (2*NH*BW) (tokens); pass-KV when T >= it.
+        miss_rate_threshold: 2*NKV/NH - 4*T*BW / (N*C*e); pass-KV when miss_rate >= it.
+    """
+
+    strategy: str
+    forced: bool
+    new_tokens: int
+    cached_tokens: int
+    miss_rate: float
+    kv_hidden_threshold_tokens: float
+    miss_rate_threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads: int,
+                    num_kv_heads: int, bytes_per_element: float, attn_flops_per_s: float,
+                    bandwidth_bytes_per_s: float, force: str = AUTO) -> HeuristicDecision:
+    """Pick pass-KV or pass-Q for one round (Alg. 1 / Alg. 5).
+
+    Args:
+        new_tokens: T, uncached tokens of the round (all sequences), >= 0.
+        cached_tokens: P, tokens already in the KV cache, >= 0.
+        cp_size: N, CP ranks (>= 1).
+        num_heads / num_kv_heads: NH / NKV (per TP rank or global: only the ratio matters).
+        bytes_per_element: e (2 for bf16, 4 for float32, 1 for fp8).
+        attn_flops_per_s: C, achieved attention FLOP/s per rank (> 0).
+        bandwidth_bytes_per_s: BW, CP link bandwidth per rank in bytes/s (> 0).
+        force: "auto" (decide), "pass-kv" or "pass-q" (forced; values still computed).
+
+    Returns:
+        HeuristicDecision.
+
+    Raises:
+        ValueError: a negative count, non-positive constants, or an unknown ``force``.
+    """
+    if force not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {force!r}")
+    if new_tokens < 0 or cached_tokens < 0:
+        raise ValueError(f"token counts must be >= 0, got T={new_tokens}, P={cached_tokens}")
+    if cp_size < 1 or num_heads < 1 or num_kv_heads < 1:
+        raise ValueError(f"cp_size, num_heads, num_kv_heads must be >= 1, got "
+                         f"{cp_size}, {num_heads}, {num_kv_heads}")
+    if bytes_per_element <= 0 or attn_flops_per_s <= 0 or bandwidth_bytes_per_s <= 0:
+        raise ValueError("bytes_per_element, attn_flops_per_s and bandwidth_bytes_per_s must be > 0")
+    n, c, bw, e = cp_size, attn_flops_per_s, bandwidth_bytes_per_s, bytes_per_element
+    t, p = new_tokens, cached_tokens
+    total = t + p
+    miss_rate = t / total if total else 1.0
+    kv_hidden = n * c * num_kv_heads * e / (2.0 * num_heads * bw)
+    miss_threshold = 2.0 * num_kv_heads / num_heads - 4.0 * t * bw / (n * c * e)
+    if force != AUTO:
+        strategy = force
+    elif t >= kv_hidden or miss_rate >= miss_threshold:
+        strategy = PASS_KV
+    else:
+        strategy = PASS_Q
+    return HeuristicDecision(strategy=strategy, forced=force != AUTO, new_tokens=t,
+                             cached_tokens=p, miss_rate=miss_rate,
+                             kv_hidden_threshold_tokens=kv_hidden,
+                             miss_rate_threshold=miss_threshold)

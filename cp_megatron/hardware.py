@@ -1,0 +1,86 @@
+"""Hardware profiles: the constants of the variant heuristic and of the planner.
+
+Pure data.  C (achieved attention FLOP/s per GPU) and BW (CP link bandwidth per GPU)
+feed Alg. 1 / Alg. 5 (:mod:`cp_megatron.attention.heuristic`); the other fields feed
+the cost model (:mod:`cp_megatron.planner`).
+
+Sources: paper §4 (H100 power-capped at 800 TF/s BF16, 8 GPUs per node over NVLink,
+400 Gb/s RDMA per GPU on GTT, 100 Gb/s TCP on GTI); NVIDIA H100/H200 SXM data sheets
+(HBM capacity and bandwidth, NVLink 900 GB/s bidirectional).  The "cpu-gloo" values are
+rough figures for one CPU thread per rank and loopback gloo transport on a small box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Per-GPU (or per-rank) hardware constants.
+
+    Attributes:
+        name: profile name.
+        peak_flops_per_s: dense BF16 peak of one GPU (FLOP/s).
+        attn_flops_per_s: C, achieved attention FLOP/s per GPU (heuristic input).
+        linear_flops_per_s: achieved FLOP/s of the linear layers per GPU.
+        cp_bandwidth_bytes_per_s: BW, inter-node bandwidth per GPU used by the CP ring (bytes/s).
+        tp_bandwidth_bytes_per_s: intra-node (NVLink) all-reduce bus bandwidth per GPU (bytes/s).
+        memory_bandwidth_bytes_per_s: HBM bandwidth (bytes/s), bounds decode.
+        memory_bytes: HBM capacity per GPU (bytes).
+        gpus_per_node: GPUs sharing the fast intra-node link.
+    """
+
+    name: str
+    peak_flops_per_s: float
+    attn_flops_per_s: float
+    linear_flops_per_s: float
+    cp_bandwidth_bytes_per_s: float
+    tp_bandwidth_bytes_per_s: float
+    memory_bandwidth_bytes_per_s: float
+    memory_bytes: float
+    gpus_per_node: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GB = 1e9
+PROFILES: dict[str, HardwareProfile] = {
+    # Paper's GTT cluster: H100 power-capped, 400 Gb/s RDMA per GPU.
+    "h100-rdma": HardwareProfile(
+        name="h100-rdma", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
+        linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=400e9 / 8,
+        tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
+        memory_bytes=80 * 2**30, gpus_per_node=8),
+    # Paper's GTI cluster: same GPUs, 100 Gb/s TCP front-end network per GPU.
+    "h100-tcp": HardwareProfile(
+        name="h100-tcp", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
+        linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=100e9 / 8,
+        tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
+        memory_bytes=80 * 2**30, gpus_per_node=8),
+    # H200 SXM: same compute as H100 SXM (989 TF/s dense BF16), 141 GB HBM3e at 4.8 TB/s.
+    "h200": HardwareProfile(
+        name="h200", peak_flops_per_s=989e12, attn_flops_per_s=600e12,
+        linear_flops_per_s=700e12, cp_bandwidth_bytes_per_s=400e9 / 8,
+        tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=4.8e12,
+        memory_bytes=141 * GB, gpus_per_node=8),
+    # One CPU thread per rank, gloo over loopback (order-of-magnitude figures).
+    "cpu-gloo": HardwareProfile(
+        name="cpu-gloo", peak_flops_per_s=100e9, attn_flops_per_s=30e9,
+        linear_flops_per_s=50e9, cp_bandwidth_bytes_per_s=2 * GB,
+        tp_bandwidth_bytes_per_s=2 * GB, memory_bandwidth_bytes_per_s=10 * GB,
+        memory_bytes=24 * 2**30, gpus_per_node=1),
+}
+
+
+def get_profile(name: str) -> HardwareProfile:
+    """Return the hardware profile called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
