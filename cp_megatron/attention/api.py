@@ -1,0 +1,187 @@
+"""``context_parallel_attention``: exact attention over a CP group, any token placement.
+
+One call = one attention layer of one round.  Steps:
+
+1. validate the arguments locally; one small all_gather of shapes (and of an error
+   flag) follows, so a bad argument on any rank raises ValueError on every rank before
+   any ring traffic;
+2. choose the variant (``strategy="auto"``: Alg. 1 / Alg. 5 on the global T and P);
+3. pad the rotating block to the longest on any rank (padding has sequence id -1);
+4. run ring pass-KV or ring pass-Q; a CP group of size 1 does no communication.
+
+Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); DESIGN §3–§7.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from cp_megatron import parallel_state
+from cp_megatron.attention.blocks import LocalAttention
+from cp_megatron.attention.heuristic import AUTO, PASS_KV, PASS_Q, STRATEGIES, HeuristicDecision, choose_strategy
+from cp_megatron.attention.pass_kv import ring_pass_kv
+from cp_megatron.attention.pass_q import ring_pass_q
+from cp_megatron.attention.ring import RingStats
+from cp_megatron.hardware import HardwareProfile, get_profile
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_META_FIELDS = 8  # error, Tq, Tkv, NH, NKV, DH, dtype, causal*4 + strategy
+
+
+def _validate(q, k, v, q_pos, kv_pos, q_seq, kv_seq, strategy, softmax_scale) -> Optional[str]:
+    """Local argument checks; returns an error message naming the argument, or None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            return f"{name}: expected a 3-d tensor [T, heads, head_dim], got " \
+                   f"{getattr(t, 'shape', type(t).__name__)}"
+        if t.dtype not in _DTYPES:
+            return f"{name}: expected a float dtype in {_DTYPES}, got {t.dtype}"
+    if k.shape != v.shape:
+        return f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}"
+    if q.shape[2] != k.shape[2]:
+        return f"k: head_dim {k.shape[2]} differs from q's {q.shape[2]}"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return f"q/k heads: NH={q.shape[1]} must be a multiple of NKV={k.shape[1]}"
+    for name, t, n in (("q_pos", q_pos, q.shape[0]), ("kv_pos", kv_pos, k.shape[0]),
+                       ("q_seq", q_seq, q.shape[0]), ("kv_seq", kv_seq, k.shape[0])):
+        if t is None and name.endswith("seq"):
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
+            return f"{name}: expected a 1-d integer tensor of length {n}, got " \
+                   f"{getattr(t, 'shape', type(t).__name__)}"
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            return f"{name}: expected an integer dtype, got {t.dtype}"
+    if strategy not in STRATEGIES:
+        return f"strategy: expected one of {STRATEGIES}, got {strategy!r}"
+    if softmax_scale is not None and not softmax_scale > 0:
+        return f"softmax_scale: expected a positive float or None, got {softmax_scale!r}"
+    return None
+
+
+def _exchange_meta(group, size, device, error, q, k, causal, strategy) -> torch.Tensor:
+    """all_gather of [error, Tq, Tkv, NH, NKV, DH, dtype, causal/strategy] -> [N, 8]."""
+    if error is None:
+        dims = [0, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], _DTYPES.index(q.dtype),
+                int(causal) * 4 + STRATEGIES.index(strategy)]
+    else:
+        dims = [1] + [0] * (_META_FIELDS - 1)
+    mine = torch.tensor(dims, dtype=torch.long, device=device)
+    every = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(every, mine, group=group)
+    return torch.stack(every)
+
+
+def _raise_everywhere(group, size, error: Optional[str]) -> None:
+    messages: list = [None] * size
+    dist.all_gather_object(messages, error, group=group)
+    first = next((r, m) for r, m in enumerate(messages) if m)
+    raise ValueError(f"context_parallel_attention (CP rank {first[0]}): {first[1]}")
+
+
+def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
+    if t.shape[0] == length:
+        return t
+    pad = t.new_full((length - t.shape[0], *t.shape[1:]), value)
+    return torch.cat([t, pad])
+
+
+def default_hardware(device: torch.device) -> HardwareProfile:
+    """Heuristic constants when none are configured: cpu-gloo on CPU, h100-rdma on CUDA."""
+    return get_profile("h100-rdma" if device.type == "cuda" else "cpu-gloo")
+
+
+def decide_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads: int,
+                    num_kv_heads: int, dtype: torch.dtype, hardware: HardwareProfile,
+                    strategy: str = AUTO) -> HeuristicDecision:
+    """Alg. 1 / Alg. 5 with C and BW from a hardware profile and e from ``dtype``."""
+    return choose_strategy(new_tokens, cached_tokens, cp_size, num_heads, num_kv_heads,
+                           torch.finfo(dtype).bits // 8, hardware.attn_flops_per_s,
+                           hardware.cp_bandwidth_bytes_per_s, force=strategy)
+
+
+def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=None,
+                               strategy: str = AUTO, causal: bool = True,
+                               softmax_scale: Optional[float] = None, group=None,
+                               return_lse: bool = False, hardware: Optional[HardwareProfile] = None,
+                               stats: Optional[RingStats] = None):
+    """Exact attention of this rank's queries over the keys/values of the whole CP group.
+
+    Args:
+        q: ``[Tq, NH, DH]`` this rank's queries (Tq may differ per rank, may be 0).
+        k, v: ``[Tkv, NKV, DH]`` this rank's keys/values, cached and new (Tkv may be 0).
+        q_pos, kv_pos: int64 ``[Tq]`` / ``[Tkv]`` global positions.
+        q_seq, kv_seq: int ``[Tq]`` / ``[Tkv]`` sequence ids; None = one sequence (id 0).
+            Negative ids mark padding and match nothing.
+        strategy: "auto" (Alg. 1 / 5 on the global T and P), "pass-kv" or "pass-q".
+        causal: kv j visible to query i iff seq(j) == seq(i) and pos(j) <= pos(i);
+            without causal, iff the sequences match.
+        softmax_scale: default 1/sqrt(DH).
+        group: the CP process group; default: parallel state's CP group (or a single
+            process when torch.distributed is not running).
+        return_lse: also return the LSE.
+        hardware: C and BW for ``strategy="auto"``; default :func:`default_hardware`.
+        stats: optional :class:`RingStats` accumulator (timings, bytes).
+
+    Returns:
+        out ``[Tq, NH, DH]`` in q's dtype; with return_lse also lse ``[Tq, NH]`` float32
+        (natural log).  A query with no visible key gets out 0 and lse -inf.
+
+    Raises:
+        ValueError: a bad argument on any rank (shape, dtype, NH not a multiple of NKV,
+            unknown strategy, position length) or mismatched head/dtype/strategy across
+            ranks, raised on every rank before any ring communication.
+
+    Source: arXiv 2411.01783 §3, Alg. 1–3 and 5.
+    """
+    if group is None:
+        group = parallel_state.get_cp_group()
+    cp_rank, cp_size = parallel_state.group_rank_and_size(group)
+    error = _validate(q, k, v, q_pos, kv_pos, q_seq, kv_seq, strategy, softmax_scale)
+    if cp_size == 1 and error:
+        raise ValueError(f"context_parallel_attention: {error}")
+    if error is None:
+        q_pos, kv_pos = q_pos.long(), kv_pos.long()
+        q_seq = torch.zeros_like(q_pos) if q_seq is None else q_seq.long()
+        kv_seq = torch.zeros_like(kv_pos) if kv_seq is None else kv_seq.long()
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+
+    if cp_size == 1:
+        attn = LocalAttention(q, q_pos, q_seq, scale=scale, causal=causal)
+        attn.add(k, v, kv_pos, kv_seq)
+        out, lse = attn.out, attn.lse
+    else:
+        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        meta = _exchange_meta(group, cp_size, device, error, q, k, causal, strategy)
+        if error is not None or bool(meta[:, 0].any()):
+            _raise_everywhere(group, cp_size, error)
+        if bool((meta[:, 3:] != meta[cp_rank, 3:]).any()):
+            _raise_everywhere(group, cp_size, "NH, NKV, DH, dtype, causal and strategy must be the "
+                              f"same on every CP rank; got [NH, NKV, DH, dtype, flags] = "
+                              f"{meta[:, 3:].tolist()}")
+        tq_max, tkv_max = int(meta[:, 1].max()), int(meta[:, 2].max())
+        if strategy == AUTO:
+            total_q, total_kv = int(meta[:, 1].sum()), int(meta[:, 2].sum())
+            strategy = decide_strategy(total_q, max(total_kv - total_q, 0), cp_size, q.shape[1],
+                                       k.shape[1], q.dtype, hardware or default_hardware(q.device)).strategy
+        if tq_max == 0 or tkv_max == 0:
+            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        elif strategy == PASS_KV:
+            out, lse = ring_pass_kv(q, q_pos, q_seq, _pad(k, tkv_max, 0), _pad(v, tkv_max, 0),
+                                    _pad(kv_pos, tkv_max, 0), _pad(kv_seq, tkv_max, -1),
+                                    group=group, scale=scale, causal=causal, stats=stats)
+        else:
+            assert strategy == PASS_Q
+            tq = q.shape[0]
+            out, lse = ring_pass_q(_pad(q, tq_max, 0), _pad(q_pos, tq_max, 0), _pad(q_seq, tq_max, -1),
+                                   k, v, kv_pos, kv_seq, group=group, scale=scale, causal=causal,
+                                   stats=stats)
+            out, lse = out[:tq], lse[:tq]
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

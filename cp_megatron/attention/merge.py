@@ -1,0 +1,61 @@
+"""Merging partial attention results by their log-sum-exp (Eq. 4).
+
+Pure maths on tensors: no torch.distributed, no megatron.
+
+For partials (O_s, LSE_s) of one query row, with m = max_s LSE_s:
+
+    O   = sum_s O_s * exp(LSE_s - m) / sum_s exp(LSE_s - m)
+    LSE = m + log sum_s exp(LSE_s - m)
+
+Computed in float32 whatever the input dtype.  A partial with no visible key is
+(O = 0, LSE = -inf) and weighs nothing; merging only such partials gives (0, -inf),
+never NaN.  No large positive difference is ever exponentiated (all exponents <= 0).
+
+Source: Yang et al., arXiv 2411.01783, §3.4, Eq. 4 (xFormers ``merge_attentions``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S partial results of the same query rows.
+
+    Args:
+        outs: ``[S, *rows, DH]`` partial outputs, any float dtype.
+        lses: ``[S, *rows]`` partial LSEs (natural log), -inf for "no visible key".
+
+    Returns:
+        (out ``[*rows, DH]`` float32, lse ``[*rows]`` float32).
+    """
+    lses = lses.float()
+    m = lses.amax(dim=0)                                         # [*rows]
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    weights = torch.exp(lses - m_safe)                            # [S, *rows], exp(-inf) = 0
+    denom = weights.sum(dim=0)                                    # [*rows]
+    num = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)       # [*rows, DH]
+    has_keys = denom > 0
+    out = torch.where(has_keys.unsqueeze(-1), num / denom.clamp_min(1e-30).unsqueeze(-1),
+                      torch.zeros_like(num))
+    lse = torch.where(has_keys, m_safe + torch.log(denom.clamp_min(1e-30)),
+                      torch.full_like(m, NEG_INF))
+    return out, lse
+
+
+def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor) -> None:
+    """Merge one partial into a running accumulator, in place (online form of Eq. 4).
+
+    Args:
+        acc_out: ``[*rows, DH]`` float32 accumulator, updated in place.
+        acc_lse: ``[*rows]`` float32 accumulator, updated in place.
+        out: ``[*rows, DH]`` partial output (any float dtype).
+        lse: ``[*rows]`` partial LSE (-inf where the partial saw no key).
+    """
+    merged_out, merged_lse = merge_partials(torch.stack([acc_out, out.float()]),
+                                            torch.stack([acc_lse, lse.float()]))
+    acc_out.copy_(merged_out)
+    acc_lse.copy_(merged_lse)

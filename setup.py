@@ -1,0 +1,33 @@
+"""Packaging for cp_megatron (console entry point ``cp-megatron``).
+
+Install torch first and explicitly (``pip install torch==2.13.0``): a bare ``torch``
+requirement with no torch installed makes pip pull a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cp_megatron",
+    version="0.1.0",
+    description="Context-parallel inference for million-token prompts on Llama 3 (arXiv 2411.01783)",
+    packages=find_packages(include=["cp_megatron", "cp_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "tokenizers>=0.19",
+        "tiktoken>=0.7",
+        "jinja2>=3.1",
+        "pydantic>=2.5",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45"],
+    },
+    entry_points={"console_scripts": ["cp-megatron=cp_megatron.cli:main"]},
+)

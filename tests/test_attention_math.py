@@ -1,0 +1,147 @@
+"""Pure pieces of the attention core: LSE merge, sharding, decode placement, heuristic,
+and the local block planner against the float64 reference (single process)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cp_megatron.attention.blocks import LocalAttention
+from cp_megatron.attention.heuristic import PASS_KV, PASS_Q, choose_strategy
+from cp_megatron.attention.merge import merge_into, merge_partials
+from cp_megatron.attention.reference import reference_attention
+from cp_megatron.sharding import chunk_bounds, decode_owner, load_balanced_ranges, shard_new_tokens
+
+
+# -- merge (Eq. 4) -------------------------------------------------------------------------
+def test_merge_of_split_keys_matches_reference_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 2, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    pos_q, pos_kv = torch.full((6,), 100), torch.arange(20)
+    parts = [reference_attention(q, k[a:b], v[a:b], pos_q, pos_kv[a:b]) for a, b in ((0, 7), (7, 20))]
+    out, lse = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    ref_out, ref_lse = reference_attention(q, k, v, pos_q, pos_kv)
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-6)   # float32 accumulation
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-5)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+
+
+def test_merge_fully_masked_rows_give_zero_and_minus_inf_without_nan():
+    outs = torch.randn(3, 4, 5)
+    lses = torch.full((3, 4), float("-inf"))
+    lses[1, 2] = 0.5                      # row 2 has one real partial
+    out, lse = merge_partials(outs.masked_fill(torch.isinf(lses)[..., None], 0.0), lses)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[[0, 1, 3]], torch.zeros(3, 5))
+    assert torch.isneginf(lse[[0, 1, 3]]).all()
+    torch.testing.assert_close(out[2], outs[1, 2])
+    assert lse[2].item() == 0.5
+
+
+def test_merge_never_overflows_on_large_lse():
+    outs = torch.ones(2, 1, 3)
+    lses = torch.tensor([[1e4], [1e4 - 1.0]])
+    out, lse = merge_partials(outs, lses)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert abs(lse.item() - (1e4 + math.log1p(math.exp(-1.0)))) < 1e-2
+
+
+def test_merge_into_empty_accumulator_equals_partial():
+    acc_out, acc_lse = torch.zeros(3, 2, 4), torch.full((3, 2), float("-inf"))
+    out, lse = torch.randn(3, 2, 4), torch.randn(3, 2)
+    merge_into(acc_out, acc_lse, out, lse)
+    torch.testing.assert_close(acc_out, out)
+    torch.testing.assert_close(acc_lse, lse)
+
+
+# -- sharding (§3.3, §3.5) -------------------------------------------------------------------
+@pytest.mark.parametrize("cp_size", [1, 2, 3, 4, 5, 8])
+def test_load_balanced_split_covers_every_length_once(cp_size):
+    for length in list(range(0, 40)) + [97, 1000, 4099]:
+        owned = []
+        for r in range(cp_size):
+            (a, b), (c, d) = load_balanced_ranges(length, cp_size, r)
+            owned += list(range(a, b)) + list(range(c, d))
+        assert sorted(owned) == list(range(length)), (length, cp_size)
+        sizes = [b - a for a, b in chunk_bounds(length, 2 * cp_size)]
+        assert max(sizes) - min(sizes) <= 1
+        # rank r owns chunks r and 2N-1-r
+        chunks = chunk_bounds(length, 2 * cp_size)
+        assert load_balanced_ranges(length, cp_size, 0) == [chunks[0], chunks[-1]]
+
+
+def test_shard_new_tokens_partial_prefill_positions_and_ids():
+    shard = shard_new_tokens([4, 6], cp_size=2, cp_rank=1, cached_lengths=[10, 0], seq_ids=[7, 9])
+    # seq 7: 4 new tokens in 4 chunks of 1 -> rank 1 gets chunks 1 and 2 -> positions 11, 12
+    # seq 9: 6 new tokens, chunks [0,1) [1,3) [3,4) [4,6)... -> rank 1 gets [1,3) and [3,4)
+    assert shard.positions.tolist() == [11, 12, 1, 2, 3]
+    assert shard.seq_ids.tolist() == [7, 7, 9, 9, 9]
+    assert shard.index.tolist() == [1, 2, 5, 6, 7]
+
+
+def test_decode_owner_round_robin_offsets_each_step():
+    n = 4
+    for seq_id in range(3):
+        owners = [decode_owner(step, seq_id, n) for step in range(8)]
+        assert owners[: n] == [(seq_id + s) % n for s in range(n)]
+        assert sorted(owners[:n]) == list(range(n))  # every rank once per N steps
+    assert len({decode_owner(0, b, n) for b in range(n)}) == n  # a batch spreads at each step
+
+
+def test_sharding_rejects_bad_input():
+    with pytest.raises(ValueError, match="cp_rank"):
+        load_balanced_ranges(10, 2, 2)
+    with pytest.raises(ValueError, match="token counts"):
+        shard_new_tokens([-1], 2, 0)
+
+
+# -- heuristic (Alg. 1, Alg. 5) ----------------------------------------------------------
+H100 = dict(bytes_per_element=2, attn_flops_per_s=540e12, bandwidth_bytes_per_s=50e9)
+
+
+def test_heuristic_full_prefill_gqa_picks_pass_kv():
+    d = choose_strategy(128000, 0, 16, 128, 8, **H100)
+    assert d.strategy == PASS_KV and d.miss_rate == 1.0
+    # threshold value of Alg. 1: N*C*NKV*e / (2*NH*BW)
+    assert d.kv_hidden_threshold_tokens == pytest.approx(16 * 540e12 * 8 * 2 / (2 * 128 * 50e9))
+
+
+def test_heuristic_decode_and_low_miss_rate_pick_pass_q():
+    assert choose_strategy(1, 128000, 4, 128, 8, **H100).strategy == PASS_Q
+    assert choose_strategy(64, 127936, 4, 128, 8, **H100).strategy == PASS_Q
+    d = choose_strategy(64, 127936, 4, 128, 8, **H100)
+    assert d.miss_rate_threshold == pytest.approx(2 * 8 / 128 - 4 * 64 * 50e9 / (4 * 540e12 * 2))
+
+
+def test_heuristic_high_miss_rate_picks_pass_kv_and_force_overrides():
+    assert choose_strategy(12800, 115200, 4, 128, 8, **H100).strategy == PASS_KV  # 10% miss
+    d = choose_strategy(12800, 115200, 4, 128, 8, force=PASS_Q, **H100)
+    assert d.strategy == PASS_Q and d.forced
+    with pytest.raises(ValueError, match="strategy"):
+        choose_strategy(1, 1, 2, 8, 2, force="ring", **H100)
+
+
+# -- local block planner -------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "two-chunks", "decode", "strided-diag", "padding"])
+def test_local_attention_plan_matches_reference(layout):
+    torch.manual_seed(1)
+    seqs = {
+        "contiguous": (list(range(200)), [0] * 200, list(range(200)), [0] * 200),
+        "two-chunks": (list(range(20, 60)) + list(range(160, 200)), [0] * 80, list(range(200)), [0] * 200),
+        "decode": ([50, 70], [0, 1], list(range(60)) + list(range(80)), [0] * 60 + [1] * 80),
+        "strided-diag": (list(range(100, 140)), [0] * 40, list(range(0, 200, 3)), [0] * 67),
+        "padding": (list(range(30)), [0] * 30, list(range(30)) + [0] * 5, [0] * 30 + [-1] * 5),
+    }
+    qp, qs, kp, ks = (torch.tensor(x) for x in seqs[layout])
+    q, k, v = torch.randn(len(qp), 4, 16), torch.randn(len(kp), 2, 16), torch.randn(len(kp), 2, 16)
+    attn = LocalAttention(q, qp, qs, scale=0.25, causal=True)
+    half = len(kp) // 2
+    attn.add(k[:half], v[:half], kp[:half], ks[:half])
+    attn.add(k[half:], v[half:], kp[half:], ks[half:])
+    ref_out, ref_lse = reference_attention(q, k, v, qp, kp, qs, ks, softmax_scale=0.25)
+    torch.testing.assert_close(attn.out.double(), ref_out, rtol=0, atol=1e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(attn.lse))
+    torch.testing.assert_close(attn.lse.double()[finite], ref_lse[finite], rtol=0, atol=1e-5)
