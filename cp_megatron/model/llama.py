@@ -1,0 +1,259 @@
+"""Llama 3 for inference over TP x CP x PP: one pipeline stage of one TP rank.
+
+Tokens are packed without a batch dimension: ``hidden [T, D]`` holds this rank's T
+tokens of any number of sequences, each with its global position and sequence id.
+TP uses megatron-core's column / row parallel linear layers and vocab-parallel
+embedding; attention goes through :func:`context_parallel_attention` over the CP
+group with this round's K/V appended to the sharded :class:`KVCache` first.  PP stages
+hold a contiguous range of layers; the engine passes activations between stages.
+
+    embed -> [RMSNorm -> GQA attention (RoPE at global positions) -> +res
+              -> RMSNorm -> SwiGLU MLP -> +res] x L -> RMSNorm -> LM head
+
+Source: Llama 3 (Grattafiori et al., 2024) architecture; HF ``modeling_llama.py``;
+megatron-core ``tensor_parallel.layers``; arXiv 2411.01783 §3 (CP attention).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cp_megatron.attention import context_parallel_attention
+from cp_megatron.attention.ring import RingStats
+from cp_megatron.hardware import HardwareProfile
+from cp_megatron.model.config import ModelConfig
+from cp_megatron.model.kv_cache import KVCache
+from cp_megatron.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from cp_megatron.sharding import chunk_bounds
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core import tensor_parallel
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which part of the model this rank builds.
+
+    Attributes:
+        tp_size, tp_rank: tensor-parallel degree and rank (heads, FFN and vocab split).
+        pp_size, pp_rank: pipeline degree and stage (contiguous layer ranges).
+        num_layers: total layers of the model (to place this stage's range).
+    """
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """Global layer indices ``[first, last)`` of this stage (sizes differ by <= 1)."""
+        return chunk_bounds(num_layers, self.pp_size)[self.pp_rank]
+
+    @property
+    def is_first(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def check_tp(config: ModelConfig, tp_size: int) -> None:
+    """Raise ValueError unless ``tp_size`` divides the heads, the KV heads and the vocabulary."""
+    for what, n in (("num_kv_heads", config.num_kv_heads), ("num_heads", config.num_heads),
+                    ("vocab_size", config.vocab_size), ("intermediate_size", config.intermediate_size)):
+        if n % tp_size:
+            raise ValueError(f"parallel.tp={tp_size} must divide the model's {what} ({n})")
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RoundContext:
+    """What every layer of one forward round shares: token positions, cos/sin, the cache,
+    the ring variant and the statistics accumulator."""
+
+    def __init__(self, positions: torch.Tensor, seq_ids: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, kv_cache: KVCache, strategy: str, cp_group,
+                 hardware: Optional[HardwareProfile], stats: Optional[RingStats]) -> None:
+        self.positions, self.seq_ids, self.cos, self.sin = positions, seq_ids, cos, sin
+        self.kv_cache, self.strategy, self.cp_group = kv_cache, strategy, cp_group
+        self.hardware, self.stats = hardware, stats
+
+
+class Attention(nn.Module):
+    """GQA self-attention with this TP rank's heads; K/V go to the sharded cache, then
+    context-parallel attention over everything cached for the sequence."""
+
+    def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int) -> None:
+        super().__init__()
+        self.layer, self.head_dim = layer, config.head_dim
+        self.num_heads = config.num_heads // tp_size          # NH local
+        self.num_kv_heads = config.num_kv_heads // tp_size    # NKV local
+        d, dh = config.hidden_size, config.head_dim
+        col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
+        self.q_proj = tensor_parallel.ColumnParallelLinear(d, config.num_heads * dh, **col)
+        self.k_proj = tensor_parallel.ColumnParallelLinear(d, config.num_kv_heads * dh, **col)
+        self.v_proj = tensor_parallel.ColumnParallelLinear(d, config.num_kv_heads * dh, **col)
+        self.o_proj = tensor_parallel.RowParallelLinear(config.num_heads * dh, d, config=mp,
+                                                        init_method=nn.init.zeros_, bias=False,
+                                                        input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x)[0].view(t, self.num_heads, self.head_dim)        # [T, NH, DH]
+        k = self.k_proj(x)[0].view(t, self.num_kv_heads, self.head_dim)     # [T, NKV, DH]
+        v = self.v_proj(x)[0].view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        ctx.kv_cache.store(self.layer, k, v)
+        k_all, v_all, kv_pos, kv_seq = ctx.kv_cache.layer(self.layer)
+        out = context_parallel_attention(q, k_all, v_all, ctx.positions, kv_pos, q_seq=ctx.seq_ids,
+                                         kv_seq=kv_seq, strategy=ctx.strategy, group=ctx.cp_group,
+                                         hardware=ctx.hardware, stats=ctx.stats)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))[0]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), FFN split over TP ranks."""
+
+    def __init__(self, config: ModelConfig, mp: ModelParallelConfig) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
+        self.gate_proj = tensor_parallel.ColumnParallelLinear(d, f, **col)
+        self.up_proj = tensor_parallel.ColumnParallelLinear(d, f, **col)
+        self.down_proj = tensor_parallel.RowParallelLinear(f, d, config=mp, init_method=nn.init.zeros_,
+                                                           bias=False, input_is_parallel=True,
+                                                           skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int,
+                 dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = Attention(config, layer, mp, tp_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp = MLP(config, mp)
+
+    def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaStage(nn.Module):
+    """The layers of one pipeline stage on one TP rank (embedding on the first stage,
+    final norm and LM head on the last).
+
+    Args:
+        config: model dimensions.
+        layout: TP / PP coordinates of this rank.
+        dtype: parameter and activation dtype (float32 or bfloat16).
+        device: "cpu" or a CUDA device.
+
+    Parameter names follow Hugging Face's (``model.layers.{i}...``) with global layer
+    indices, so checkpoint readers fill them by name (see :func:`load_weights`).
+    """
+
+    def __init__(self, config: ModelConfig, layout: StageLayout, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        check_tp(config, layout.tp_size)
+        self.config, self.layout, self.dtype = config, layout, dtype
+        self.device = torch.device(device)
+        mp = ModelParallelConfig(tensor_model_parallel_size=layout.tp_size, params_dtype=dtype,
+                                 use_cpu_initialization=self.device.type == "cpu",
+                                 perform_initialization=False)
+        self.first_layer, self.last_layer = layout.layer_range(config.num_layers)
+        self.embed_tokens = (tensor_parallel.VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, init_method=nn.init.zeros_, config=mp)
+            if layout.is_first else None)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(config, i - self.first_layer, mp, layout.tp_size, dtype, self.device)
+            for i in range(self.first_layer, self.last_layer)})
+        if layout.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, self.device)
+            self.lm_head = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, config=mp, init_method=nn.init.zeros_,
+                bias=False, gather_output=False,
+                skip_weight_param_allocation=config.tie_word_embeddings and layout.is_first)
+        self.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.requires_grad_(False)
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+    def new_kv_cache(self, capacity: int = 0) -> KVCache:
+        """An empty cache sized for this stage's layers and this TP rank's KV heads."""
+        return KVCache(self.num_local_layers, self.config.num_kv_heads // self.layout.tp_size,
+                       self.config.head_dim, dtype=self.dtype, device=self.device, capacity=capacity)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+                kv_cache: KVCache, *, strategy: str = "auto", cp_group=None,
+                hardware: Optional[HardwareProfile] = None, stats: Optional[RingStats] = None,
+                logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run this stage on this rank's tokens of one round.
+
+        Args:
+            inputs: token ids int64 ``[T]`` on the first stage, else hidden ``[T, D]``.
+            positions, seq_ids: int64 ``[T]`` global positions and sequence ids.
+            kv_cache: this rank's cache; this round's K/V are appended to it.
+            strategy: "auto", "pass-kv" or "pass-q" (same on every CP rank).
+            cp_group: the CP group (None: parallel state's).
+            hardware, stats: heuristic constants and ring timings (see the attention API).
+            logits_index: int64 ``[n]`` token rows whose logits the last stage returns
+                (default all).
+
+        Returns:
+            last stage: logits ``[n, vocab]`` float32, gathered over TP; other stages:
+            hidden ``[T, D]`` for the next stage.
+        """
+        kv_cache.begin_round(positions, seq_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        ctx = RoundContext(positions, seq_ids, cos, sin, kv_cache, strategy, cp_group, hardware, stats)
+        x = self.embed_tokens(inputs) if self.layout.is_first else inputs                  # [T, D]
+        for layer in self.layers.values():
+            x = layer(x, ctx)
+        if not self.layout.is_last:
+            return x
+        if logits_index is not None:
+            x = x.index_select(0, logits_index)
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head.weight is None else None
+        local = self.lm_head(x, weight=weight)[0].float()                                  # [n, V/tp]
+        return _gather_last_dim(local, self.layout.tp_size)
+
+
+def _gather_last_dim(t: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """All-gather the vocab shards of the logits over the TP group (CPU-safe; megatron's
+    ``gather_output`` path assumes a CUDA device)."""
+    if tp_size == 1:
+        return t
+    from cp_megatron.parallel_state import get_tp_group
+
+    parts = [torch.empty_like(t) for _ in range(tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=get_tp_group())
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,50 @@
+"""Rotary position embedding at global positions, with Llama 3.1 frequency scaling.
+
+Pure tensor maths (no torch.distributed).  Every rank rotates its tokens by their
+*global* positions, so sharded and unsharded runs agree.  Layout is Hugging Face's
+"rotate half" (the first DH/2 features pair with the last DH/2); Meta and GGUF
+checkpoints are permuted into it on load.
+
+Source: Su et al. (RoFormer) Eq. 34; Llama 3.1 reference ``apply_scaling``; HF
+``_compute_llama3_parameters`` and ``apply_rotary_pos_emb``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from cp_megatron.model.config import RopeScaling
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
+    """Inverse frequencies ``[DH/2]`` float32 (Llama 3.1 smooth scaling when ``scaling``)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[T, DH]`` float32 for int64 global ``positions`` ``[T]``."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]   # [T, DH/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, H, DH]`` by cos/sin ``[T, DH]``; returns x's dtype."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
