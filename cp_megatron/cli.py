@@ -1,17 +1,20 @@
 """The ``cp-megatron`` command line: argument parsing only, no logic.
 
-Subcommands (each module owns its arguments through ``add_parser(subparsers)``,
-which sets ``func`` on the parsed namespace):
-
     cp-megatron run CONFIG.yaml [--set key.path=value ...] [--output result.json]
     cp-megatron plan --model PRESET --hardware PROFILE --tp N --cp N --context TOKENS ...
+
+Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
+starts), 1 a rank failed or the job timed out.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import tempfile
 
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS = {
@@ -19,11 +22,57 @@ SUBCOMMANDS = {
 }
 
 
+def _add_run_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="run inference from a YAML config",
+                              description="Context-parallel inference from a YAML config. On one "
+                              "machine the ranks are started here; under torchrun or the deepspeed "
+                              "launcher (RANK/WORLD_SIZE set) this process joins as one rank.")
+    p.add_argument("config", help="YAML run config (see configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config field, e.g. --set parallel.cp=4 (repeatable)")
+    p.add_argument("--output", help="write the result (text, token_ids, rounds) as JSON here")
+    p.set_defaults(func=_run)
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _run(args) -> int:
+    from cp_megatron.config import ConfigError, load_config
+    from cp_megatron.launcher import RankFailure
+    from cp_megatron.run import format_summary, run
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run(cfg)
+    except ConfigError as exc:
+        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
+        return 2
+    except RankFailure as exc:
+        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
+        return 1
+    if result is not None:  # global rank 0
+        print(format_summary(result))
+        if args.output:
+            _write_json_atomic(args.output, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cp-megatron",
         description="Context-parallel long-context inference for Llama 3 (arXiv 2411.01783).")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(subparsers)
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).add_parser(subparsers)
     return parser

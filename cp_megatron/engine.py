@@ -177,3 +177,79 @@ class InferenceEngine:
         self.kv_cache.clear()
         self.cached_lengths.clear()
         self.decode_steps = 0
+
+
+# -- generation ------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """Decoding settings: temperature 0 = greedy; else temperature + top-p with a seed
+    (the same generator state on every rank keeps the ranks in lockstep)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple = ()
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[int]:
+    """Next token per row of ``logits`` ``[B, V]`` float32 (greedy or temperature / top-p)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1).tolist()
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p    # always keeps the top token
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [B, 1]
+    return order.gather(-1, choice).flatten().tolist()
+
+
+@dataclass
+class Generation:
+    """Generated tokens of one sequence and why it stopped ("eos", "stop", "length")."""
+
+    seq_id: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    pending: Optional[int] = None   # last sampled token, not yet fed (its KV is not cached)
+
+
+def generate(engine: InferenceEngine, new_tokens: dict[int, list[int]], params: SamplingParams, *,
+             eos_ids: tuple = (), decode_text=None, on_round=None
+             ) -> tuple[dict[int, Generation], list[RoundMetrics]]:
+    """Prefill (full or partial) ``new_tokens`` of each sequence, then decode until EOS,
+    a stop string or ``max_new_tokens``.
+
+    Args:
+        engine: the rank's engine (its cache may already hold these sequences).
+        new_tokens: sequence id -> tokens to feed now.
+        params: sampling settings.
+        eos_ids: token ids that end a sequence.
+        decode_text: ``ids -> str`` for stop strings (None: no stop strings).
+        on_round: callback ``(RoundMetrics) -> None`` after each round (progress).
+
+    Returns:
+        ({seq_id: Generation}, [RoundMetrics of the prefill round, then each decode round]).
+    """
+    generator = torch.Generator().manual_seed(params.seed)
+    gens = {s: Generation(s) for s in new_tokens}
+    rounds = []
+    feed = dict(new_tokens)
+    while feed:
+        logits, metrics = engine.forward(feed)
+        rounds.append(metrics)
+        if on_round is not None:
+            on_round(metrics)
+        for s, token in zip(feed, sample_next(logits, params, generator)):
+            g = gens[s]
+            g.token_ids.append(token)
+            g.pending = token
+            if token in eos_ids:
+                g.finish_reason = "eos"
+            elif decode_text is not None and params.stop and any(
+                    stop in decode_text(g.token_ids) for stop in params.stop):
+                g.finish_reason = "stop"
+            elif len(g.token_ids) >= params.max_new_tokens:
+                g.finish_reason = "length"
+        feed = {s: [g.pending] for s, g in gens.items() if not g.finish_reason}
+    return gens, rounds

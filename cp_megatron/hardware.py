@@ -6,8 +6,14 @@ the cost model (:mod:`cp_megatron.planner`).
 
 Sources: paper §4 (H100 power-capped at 800 TF/s BF16, 8 GPUs per node over NVLink,
 400 Gb/s RDMA per GPU on GTT, 100 Gb/s TCP on GTI); NVIDIA H100/H200 SXM data sheets
-(HBM capacity and bandwidth, NVLink 900 GB/s bidirectional).  The "cpu-gloo" values are
-rough figures for one CPU thread per rank and loopback gloo transport on a small box.
+(HBM capacity and bandwidth, NVLink 900 GB/s bidirectional); FlashAttention-3 (Shah et
+al., arXiv 2407.08608, §4.1: BF16 forward on H100 SXM5 reaches ~648 TF/s of the 989 peak,
+65%, for head dim 128 at 16K tokens, and up to 740 TF/s, 75%, for head dim 256).
+Achieved rates are fractions of the peak chosen from those sources, never fitted to the
+paper's TTFTs.  Latencies are orders of magnitude for small NCCL / gloo messages (not from
+the paper); only decode (TTIT) is sensitive to them.  The "cpu-gloo" values are rough
+figures for one CPU thread per rank and loopback gloo transport on a small box.
+docs/planner.md tabulates each constant.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class HardwareProfile:
         memory_bandwidth_bytes_per_s: HBM bandwidth (bytes/s), bounds decode.
         memory_bytes: HBM capacity per GPU (bytes).
         gpus_per_node: GPUs sharing the fast intra-node link.
+        cp_latency_s: fixed cost of one CP message (send/recv or all_to_all) in seconds.
+        tp_latency_s: fixed cost of one small TP all-reduce in seconds.
     """
 
     name: str
@@ -40,6 +48,8 @@ class HardwareProfile:
     memory_bandwidth_bytes_per_s: float
     memory_bytes: float
     gpus_per_node: int
+    cp_latency_s: float = 10e-6
+    tp_latency_s: float = 10e-6
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,29 +58,33 @@ class HardwareProfile:
 GB = 1e9
 PROFILES: dict[str, HardwareProfile] = {
     # Paper's GTT cluster: H100 power-capped, 400 Gb/s RDMA per GPU.
+    # attn 540 TF/s = 67.5% of the capped 800 TF/s (FA3 reaches 65-75% of peak);
+    # linear 600 TF/s = 75% of 800 (large GEMMs; FP8 speed-up not credited, see docs);
+    # TP 450 GB/s = one direction of NVLink4 (900 GB/s bidirectional); HBM3 3.35 TB/s.
     "h100-rdma": HardwareProfile(
         name="h100-rdma", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
         linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=400e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
-        memory_bytes=80 * 2**30, gpus_per_node=8),
+        memory_bytes=80 * 2**30, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
     # Paper's GTI cluster: same GPUs, 100 Gb/s TCP front-end network per GPU.
     "h100-tcp": HardwareProfile(
         name="h100-tcp", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
         linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=100e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
-        memory_bytes=80 * 2**30, gpus_per_node=8),
-    # H200 SXM: same compute as H100 SXM (989 TF/s dense BF16), 141 GB HBM3e at 4.8 TB/s.
+        memory_bytes=80 * 2**30, gpus_per_node=8, cp_latency_s=50e-6, tp_latency_s=10e-6),
+    # H200 SXM: same compute as H100 SXM (989 TF/s dense BF16, not power-capped), 141 GB
+    # HBM3e at 4.8 TB/s; attn 600 TF/s ~ 61% and linear 700 TF/s ~ 71% of 989 (FA3 / GEMM).
     "h200": HardwareProfile(
         name="h200", peak_flops_per_s=989e12, attn_flops_per_s=600e12,
         linear_flops_per_s=700e12, cp_bandwidth_bytes_per_s=400e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=4.8e12,
-        memory_bytes=141 * GB, gpus_per_node=8),
+        memory_bytes=141 * GB, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
     # One CPU thread per rank, gloo over loopback (order-of-magnitude figures).
     "cpu-gloo": HardwareProfile(
         name="cpu-gloo", peak_flops_per_s=100e9, attn_flops_per_s=30e9,
         linear_flops_per_s=50e9, cp_bandwidth_bytes_per_s=2 * GB,
         tp_bandwidth_bytes_per_s=2 * GB, memory_bandwidth_bytes_per_s=10 * GB,
-        memory_bytes=24 * 2**30, gpus_per_node=1),
+        memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=50e-6, tp_latency_s=100e-6),
 }
 
 

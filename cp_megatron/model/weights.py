@@ -93,15 +93,23 @@ class DummyReader:
 
 
 @torch.no_grad()
-def load_weights(stage, reader) -> None:
+def load_weights(stage, reader, progress: bool = False) -> None:
     """Copy this rank's slice of every parameter of ``stage`` from ``reader``.
+
+    Args:
+        stage: a :class:`LlamaStage`; reader: a checkpoint reader or :class:`DummyReader`.
+        progress: show a tqdm bar (tensors, bytes) on stderr.
 
     Raises:
         ValueError (CheckpointError from the readers): a missing tensor, or a slice whose
             shape differs from the parameter's, naming the tensor.
     """
+    from tqdm import tqdm
+
     layout = stage.layout
-    for param_name, param in stage.named_parameters():
+    params = list(stage.named_parameters())
+    bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    for param_name, param in bar:
         hf_name, dim = checkpoint_name(param_name, stage.config)
         if dim is None:
             tensor = reader.read(hf_name, dtype=param.dtype)

