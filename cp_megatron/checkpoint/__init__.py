@@ -1,0 +1,48 @@
+"""Checkpoint readers: Hugging Face safetensors, Meta consolidated .pth, llama.cpp GGUF.
+
+    reader = open_checkpoint("hf" | "meta" | "gguf", path)
+    reader.config                       # ModelConfig from the checkpoint's own metadata
+    reader.names()                      # canonical HF Llama tensor names
+    reader.read(name, shard_dim=0, tp_rank=r, tp_size=n, dtype=torch.bfloat16)
+    reader.tokenizer()                  # cp_megatron.tokenizer.Tokenizer
+
+Every reader is lazy (memory-mapped): one tensor or one TP slice is read at a time, so no
+process ever holds a whole large checkpoint.
+"""
+
+from __future__ import annotations
+
+from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader, check_tp
+
+FORMATS = ("hf", "meta", "gguf")
+
+
+def open_checkpoint(fmt: str, path) -> CheckpointReader:
+    """Open a checkpoint of format ``fmt`` at ``path``.
+
+    Args:
+        fmt: "hf" (folder: config.json + model.safetensors or model.safetensors.index.json
+            and shards), "meta" (folder: params.json + consolidated.NN.pth [+ tokenizer.model])
+            or "gguf" (the .gguf file).
+        path: folder or file (str or PathLike).
+
+    Raises:
+        CheckpointError: unknown format, or the checkpoint cannot be opened (the message names
+            the file and, where one is involved, the tensor).
+    """
+    if fmt == "hf":
+        from cp_megatron.checkpoint.hf import HFReader
+
+        return HFReader(path)
+    if fmt == "meta":
+        from cp_megatron.checkpoint.meta import MetaReader
+
+        return MetaReader(path)
+    if fmt == "gguf":
+        from cp_megatron.checkpoint.gguf_reader import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+__all__ = ["CheckpointError", "CheckpointReader", "FORMATS", "check_tp", "open_checkpoint"]

