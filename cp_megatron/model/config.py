@@ -129,7 +129,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Small random models (weights: seeded "dummy" init) for tests and benchmarks.
     "tiny": ModelConfig(
         name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096),
+        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=131072),
     "tiny-long": ModelConfig(
         name="tiny-long", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=4,
         num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=500000.0,

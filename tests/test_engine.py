@@ -1,0 +1,146 @@
+"""The engine and the `cp-megatron run` job: multi-turn partial prefill, parallel
+invariance of greedy tokens, config errors, and fail-fast when a rank dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cp_megatron import parallel_state
+from cp_megatron.checkpoint import open_checkpoint
+from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+from cp_megatron.launcher import spawn
+from cp_megatron.model.llama import LlamaStage, StageLayout
+from cp_megatron.model.weights import load_weights
+from cp_megatron.run import _next_turn
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cp_megatron.cli", "run"]
+TURNS = ["What is the capital of France?", "And of Italy?", "Which of the two is larger?"]
+
+
+def three_turns_job(gguf: str, cp: int):
+    """3 turns with partial prefill, then a fresh full prefill of the whole conversation."""
+    topo = parallel_state.initialize(1, cp, 1)
+    reader = open_checkpoint("gguf", gguf)
+    tok = reader.tokenizer()
+    stage = LlamaStage(reader.config, StageLayout())
+    load_weights(stage, reader)
+    params = SamplingParams(max_new_tokens=6)
+    engine = InferenceEngine(stage, topo)
+    messages = [{"role": "user", "content": TURNS[0]}]
+    feed = tok.encode(tok.apply_chat_template(messages))
+    conversation, turns = [], []
+    for i in range(3):
+        gens, rounds = generate(engine, {0: feed}, params, eos_ids=tok.eos_ids)
+        g = gens[0]
+        turns.append({"feed": len(feed), "cached": rounds[0].cached_tokens, "kind": rounds[0].kind,
+                      "miss_rate": rounds[0].miss_rate, "tokens": g.token_ids})
+        conversation += feed
+        if i < 2:
+            conversation += g.token_ids[:-1]
+            feed, messages = _next_turn(tok, messages, tok.decode(g.token_ids, skip_special_tokens=True),
+                                        g, TURNS[i + 1])
+    fresh = InferenceEngine(stage, topo)
+    fresh_gens, fresh_rounds = generate(fresh, {0: conversation}, params, eos_ids=tok.eos_ids)
+    return turns, fresh_gens[0].token_ids, fresh_rounds[0].kind
+
+
+@pytest.mark.timeout(600)
+def test_three_turn_session_partial_prefill_matches_fresh_full_prefill(smollm2_gguf):
+    turns, fresh_tokens, fresh_kind = spawn(three_turns_job, 2, (str(smollm2_gguf), 2), timeout_s=500)[0]
+    assert turns[0]["kind"] == "prefill" and turns[0]["miss_rate"] == 1.0
+    for t in turns[1:]:
+        assert t["kind"] == "partial-prefill" and t["cached"] > 0
+        assert t["miss_rate"] == pytest.approx(t["feed"] / (t["feed"] + t["cached"]))
+        assert t["miss_rate"] < 1.0
+    assert fresh_kind == "prefill"
+    assert turns[2]["tokens"] == fresh_tokens
+
+
+def _run_cli(args, timeout=120, env=None):
+    return subprocess.run(CLI + args, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.timeout(600)
+def test_dummy_model_20k_prompt_same_greedy_tokens_at_cp_1_2_4(tmp_path):
+    cfg = tmp_path / "dummy.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny}\nprompt: {random_tokens: 20000}\n"
+                   "generation: {max_new_tokens: 4}\n")
+    tokens = {}
+    for cp in (1, 2, 4):
+        out = tmp_path / f"cp{cp}.json"
+        proc = _run_cli([str(cfg), "--set", f"parallel.cp={cp}", "--output", str(out)], timeout=400)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["rounds"][0]["new_tokens"] == 20000
+        assert result["rounds"][0]["strategy"] == "pass-kv" or cp == 1
+        tokens[cp] = result["token_ids"]
+    assert len(tokens[1]) == 4
+    assert tokens[1] == tokens[2] == tokens[4]
+
+
+BAD_CONFIGS = {
+    "unknown key": (["--set", "model.formt=hf"], "model.formt"),
+    "wrong type": (["--set", "parallel.cp=two"], "parallel.cp"),
+    "missing checkpoint": (["--set", "model.path=/nonexistent/model.gguf"], "model.path"),
+    "prompt too long": (["--set", "prompt.file=null", "--set", "prompt.question=null",
+                         "--set", "prompt.random_tokens=9000"], "prompt"),
+}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_one_line_exit_2(case):
+    args, key = BAD_CONFIGS[case]
+    start = time.monotonic()
+    proc = _run_cli(["configs/default.yaml"] + args, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
+    assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(200)
+def test_world_size_mismatch_under_launcher_is_exit_2():
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc = _run_cli(["configs/default.yaml"], timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "WORLD_SIZE=3" in proc.stderr and "parallel" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
+                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
+    proc = subprocess.Popen(CLI + [str(cfg)], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 200
+    for line in proc.stderr:  # wait until the ranks are in the prefill
+        if "weights loaded" in line or time.monotonic() > deadline:
+            break
+    time.sleep(2.0)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ranks = [int(pid) for pid in children  # the rank processes, not multiprocessing's resource tracker
+             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert ranks, "no rank processes found"
+    os.kill(ranks[-1], signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert time.monotonic() - start < 60
+    assert code != 0
+    for pid in ranks:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
