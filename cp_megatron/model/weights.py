@@ -19,6 +19,7 @@ import zlib
 
 import torch
 
+from cp_megatron.checkpoint import keys, layout
 from cp_megatron.model.config import ModelConfig
 
 # suffix -> TP shard dim (None = replicated)
@@ -56,27 +57,12 @@ class DummyReader:
         self.config, self.seed = config, seed
 
     def names(self) -> list[str]:
-        c = self.config
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            names += [p + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                      "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                      "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                      "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-        if not c.tie_word_embeddings:
-            names.append("lm_head.weight")
-        return names
+        return keys.canonical_names(self.config.num_layers, self.config.tie_word_embeddings)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        c = self.config
-        d, f, dh = c.hidden_size, c.intermediate_size, c.head_dim
-        table = {"embed_tokens.weight": (c.vocab_size, d), "lm_head.weight": (c.vocab_size, d),
-                 "q_proj.weight": (c.num_heads * dh, d), "k_proj.weight": (c.num_kv_heads * dh, d),
-                 "v_proj.weight": (c.num_kv_heads * dh, d), "o_proj.weight": (d, c.num_heads * dh),
-                 "gate_proj.weight": (f, d), "up_proj.weight": (f, d), "down_proj.weight": (d, f),
-                 "norm.weight": (d,), "layernorm.weight": (d,)}
-        return next(s for k, s in table.items() if name.endswith(k))
+        if name == keys.LM_HEAD:  # drawn even when tied (PP stages without the embedding)
+            name = keys.EMBED if self.config.tie_word_embeddings else name
+        return layout.expected_shape(self.config, name)
 
     def read(self, name: str, shard_dim: int | None = None, tp_rank: int = 0, tp_size: int = 1,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
