@@ -15,6 +15,7 @@ Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); DESIGN §3–§7.
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import torch
@@ -152,9 +153,15 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
 
     if cp_size == 1:
+        start = time.perf_counter()
         attn = LocalAttention(q, q_pos, q_seq, scale=scale, causal=causal)
         attn.add(k, v, kv_pos, kv_seq)
         out, lse = attn.out, attn.lse
+        if stats is not None:  # no ring: all of it is local attention
+            elapsed = time.perf_counter() - start
+            stats.compute_s += elapsed
+            stats.ring_s += elapsed
+            stats.calls += 1
     else:
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         meta = _exchange_meta(group, cp_size, device, error, q, k, causal, strategy)

@@ -37,7 +37,8 @@ def ring_pass_q(q: torch.Tensor, q_pos: torch.Tensor, q_seq: torch.Tensor,
         (out ``[Tq, NH, DH]`` float32, lse ``[Tq, NH]`` float32) for this rank's queries.
     """
     size = dist.get_world_size(group)
-    partial_out = torch.empty((size, *q.shape), dtype=q.dtype, device=q.device)   # [N, Tq, NH, DH]
+    # Partials stay float32 until merged (DESIGN §5), whatever q's dtype.
+    partial_out = torch.empty((size, *q.shape), dtype=torch.float32, device=q.device)  # [N, Tq, NH, DH]
     partial_lse = torch.empty((size, *q.shape[:2]), dtype=torch.float32, device=q.device)
     meta = torch.stack([q_pos, q_seq]).to(device=q.device, dtype=torch.long)       # [2, Tq]
 
