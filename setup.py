@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30", "deepspeed>=0.14"],
     },
     entry_points={"console_scripts": ["cp-megatron=cp_megatron.cli:main"]},
 )

@@ -173,11 +173,25 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
 
     turns_out = []
     feed, messages = list(prep.first_turn), prep.messages
+    # Rank 0 shows the prefill advancing layer by layer (its own pipeline stage's layers).
+    progress = {"prefill": None}
+
+    def layer_done(*_) -> None:  # a forward hook must return None (else it replaces the output)
+        if progress["prefill"] is not None:
+            progress["prefill"].update(1)
+
+    for layer in stage.layers.values():
+        layer.register_forward_hook(layer_done)
     for turn in range(1 + len(prep.turn_texts)):
+        progress["prefill"] = tqdm(total=stage.num_local_layers, desc=f"turn {turn + 1} prefill layers",
+                                   disable=topo.rank != 0, file=sys.stderr, leave=False)
         bar = tqdm(total=gen.max_new_tokens, desc=f"turn {turn + 1} decode", disable=topo.rank != 0,
                    file=sys.stderr, leave=False)
 
         def on_round(m, bar=bar):
+            if progress["prefill"] is not None:
+                progress["prefill"].close()
+                progress["prefill"] = None
             if m.kind != "decode":
                 _log(topo, f"[cp-megatron] {m.kind}: T={m.new_tokens} P={m.cached_tokens} "
                            f"miss_rate={m.miss_rate:.3f} -> {m.strategy} in {m.time_s:.2f} s")
