@@ -1,5 +1,6 @@
-"""The default config under torchrun and the deepspeed launcher gives the tokens of the
-embedded launch; every shipped config validates."""
+"""The default config: the right answer, the same greedy tokens at CP 1, 2 and 4, and the
+same tokens under torchrun and the deepspeed launcher as with the embedded launch; every
+shipped config validates."""
 
 from __future__ import annotations
 
@@ -15,28 +16,43 @@ import pytest
 from cp_megatron.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["--set", "generation.max_new_tokens=8"]
+SHORT: list[str] = []  # the default config exactly as shipped
+RUN = [sys.executable, "-m", "cp_megatron.cli", "run", "configs/default.yaml"]
+# The document states once that "Yoyodyne, Inc." disclaims copyright in Gnomovision.
+ANSWER = "Yoyodyne"
 
 
-def _tokens(cmd, out: Path) -> list[int]:
+def _result(cmd, out: Path) -> dict:
     proc = subprocess.run(cmd + ["--output", str(out)], capture_output=True, text=True, cwd=REPO,
                           timeout=500, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())["token_ids"]
+    return json.loads(out.read_text())
+
+
+def _tokens(cmd, out: Path) -> list[int]:
+    return _result(cmd, out)["token_ids"]
 
 
 @pytest.fixture(scope="module")
 def embedded_tokens(tmp_path_factory):
-    out = tmp_path_factory.mktemp("embedded") / "r.json"
-    return _tokens([sys.executable, "-m", "cp_megatron.cli", "run", "configs/default.yaml"] + SHORT, out)
+    result = _result(RUN + SHORT, tmp_path_factory.mktemp("embedded") / "r.json")
+    assert ANSWER in result["text"], result["text"]
+    first = result["rounds"][0]
+    assert first["strategy"] == "pass-kv" and first["miss_rate"] == 1.0 and first["ttft_s"] > 0
+    return result["token_ids"]
+
+
+@pytest.mark.timeout(900)
+def test_default_config_answers_and_same_tokens_at_cp_1_and_4(tmp_path, embedded_tokens):
+    for cp in (1, 4):
+        assert _tokens(RUN + SHORT + ["--set", f"parallel.cp={cp}"], tmp_path / f"cp{cp}.json") == \
+            embedded_tokens, f"cp={cp}"
 
 
 @pytest.mark.timeout(600)
 def test_torchrun_default_config_matches_embedded_launch(tmp_path, embedded_tokens):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "-m", "cp_megatron.cli", "run", "configs/default.yaml"] + SHORT
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] + RUN[1:] + SHORT
     assert _tokens(cmd, tmp_path / "r.json") == embedded_tokens
-    assert len(embedded_tokens) == 8
 
 
 @pytest.mark.timeout(600)
