@@ -90,7 +90,7 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
     try:
         check_tp(config, par.tp)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"parallel.tp: {exc}") from None
     if par.pp > config.num_layers:
         raise ConfigError(f"parallel.pp={par.pp} exceeds the model's {config.num_layers} layers")
     tok = open_tokenizer(cfg, reader)

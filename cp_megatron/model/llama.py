@@ -26,6 +26,7 @@ from torch import nn
 
 from cp_megatron.attention import context_parallel_attention
 from cp_megatron.attention.ring import RingStats
+from cp_megatron.checkpoint.base import check_tp as checkpoint_check_tp
 from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.kv_cache import KVCache
@@ -67,11 +68,12 @@ class StageLayout:
 
 
 def check_tp(config: ModelConfig, tp_size: int) -> None:
-    """Raise ValueError unless ``tp_size`` divides the heads, the KV heads and the vocabulary."""
-    for what, n in (("num_kv_heads", config.num_kv_heads), ("num_heads", config.num_heads),
-                    ("vocab_size", config.vocab_size), ("intermediate_size", config.intermediate_size)):
+    """Raise ValueError unless ``tp_size`` gives every TP rank whole heads (the checkpoint
+    rule) and an equal share of the vocabulary and of the FFN (megatron-core's layers)."""
+    checkpoint_check_tp(config, tp_size)
+    for what, n in (("vocab_size", config.vocab_size), ("intermediate_size", config.intermediate_size)):
         if n % tp_size:
-            raise ValueError(f"parallel.tp={tp_size} must divide the model's {what} ({n})")
+            raise ValueError(f"{config.name}: tp={tp_size} must divide {what}={n}")
 
 
 class RMSNorm(nn.Module):
