@@ -2,6 +2,8 @@
 
     cp-megatron run CONFIG.yaml [--set key.path=value ...] [--output result.json]
     cp-megatron plan --model PRESET --hardware PROFILE --tp N --cp N --context TOKENS ...
+    cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST [--tp N] ...
+    cp-megatron bench scaling|miss-rate|overlap|peers
 
 Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
 starts), 1 a rank failed or the job timed out.
@@ -19,6 +21,7 @@ import tempfile
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS = {
     "plan": "cp_megatron.planner",
+    "convert": "cp_megatron.checkpoint.convert",
 }
 
 
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cp-megatron",
         description="Context-parallel long-context inference for Llama 3 (arXiv 2411.01783).")
+    # The deepspeed launcher passes --local_rank=N before the subcommand (LOCAL_RANK is
+    # also in the environment, which is what parallel_state reads).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     for module_name in SUBCOMMANDS.values():

@@ -4,7 +4,7 @@ Every field is documented where it is declared.  An unknown key, a wrong type or
 impossible value is reported as one line naming the key path (``ConfigError``); the
 CLI turns it into exit code 2 before any rank starts.
 
-    model:      {format: hf|meta|gguf|dummy, path | preset, dtype}
+    model:      {format: hf|meta|gguf|sharded|dummy, path | preset, dtype}
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
@@ -38,9 +38,9 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    format: Literal["hf", "meta", "gguf", "dummy"] = Field(
+    format: Literal["hf", "meta", "gguf", "sharded", "dummy"] = Field(
         "gguf", description="checkpoint format; 'dummy' = seeded random weights of a preset")
-    path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta) or .gguf file")
+    path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta, sharded) or .gguf file")
     preset: Optional[str] = Field(None, description="model preset name (format dummy)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
 

@@ -155,6 +155,7 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     stage = LlamaStage(prep.model_config, StageLayout(par.tp, topo.tp_rank, par.pp, topo.pp_rank),
                        dtype=dtype, device=device)
     load_weights(stage, reader, progress=topo.rank == 0)
+    del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")
 
     att = cfg.attention

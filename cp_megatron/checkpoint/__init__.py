@@ -1,6 +1,7 @@
-"""Checkpoint readers: Hugging Face safetensors, Meta consolidated .pth, llama.cpp GGUF.
+"""Checkpoint readers: Hugging Face safetensors, Meta consolidated .pth, llama.cpp GGUF, and
+our own TP-sharded safetensors (written by ``cp-megatron convert``, see docs/convert.md).
 
-    reader = open_checkpoint("hf" | "meta" | "gguf", path)
+    reader = open_checkpoint("hf" | "meta" | "gguf" | "sharded", path)
     reader.config                       # ModelConfig from the checkpoint's own metadata
     reader.names()                      # canonical HF Llama tensor names
     reader.read(name, shard_dim=0, tp_rank=r, tp_size=n, dtype=torch.bfloat16)
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader, check_tp
 
-FORMATS = ("hf", "meta", "gguf")
+FORMATS = ("hf", "meta", "gguf", "sharded")
 
 
 def open_checkpoint(fmt: str, path) -> CheckpointReader:
@@ -23,7 +24,8 @@ def open_checkpoint(fmt: str, path) -> CheckpointReader:
     Args:
         fmt: "hf" (folder: config.json + model.safetensors or model.safetensors.index.json
             and shards), "meta" (folder: params.json + consolidated.NN.pth [+ tokenizer.model])
-            or "gguf" (the .gguf file).
+            "gguf" (the .gguf file) or "sharded" (folder: cp_megatron_checkpoint.json +
+            model-tpRR-of-NN.safetensors, from ``cp-megatron convert --to sharded``).
         path: folder or file (str or PathLike).
 
     Raises:
@@ -42,6 +44,10 @@ def open_checkpoint(fmt: str, path) -> CheckpointReader:
         from cp_megatron.checkpoint.gguf_reader import GGUFCheckpoint
 
         return GGUFCheckpoint(path)
+    if fmt == "sharded":
+        from cp_megatron.checkpoint.sharded import ShardedReader
+
+        return ShardedReader(path)
     raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
