@@ -250,7 +250,8 @@ def _parse_cp(text: str) -> list[int]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also used by ``cp-megatron bench overlap``, which passes argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=16384, help="prefill length T (P = 0)")
     parser.add_argument("--cp", type=_parse_cp, default=[2, 4], help="CP sizes, e.g. 2,4")
@@ -269,7 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_heads % args.num_kv_heads:
         parser.error(f"--num-heads {args.num_heads} must be a multiple of --num-kv-heads {args.num_kv_heads}")
+    return args
 
+
+def run(args: argparse.Namespace, extra: dict | None = None) -> dict:
+    """Run the benchmark, write the JSON and the plot; return the report.
+
+    Args:
+        args: from :func:`parse_args`.
+        extra: fields put first in the report (``cp-megatron bench`` adds suite and command).
+    """
     cfg = {"tokens": args.tokens, "num_heads": args.num_heads, "num_kv_heads": args.num_kv_heads,
            "head_dim": args.head_dim, "dtype": args.dtype, "threads_per_rank": args.threads_per_rank,
            "repeats": args.repeats, "causal": True, "cached_tokens": 0,
@@ -291,13 +301,19 @@ def main(argv: list[str] | None = None) -> dict:
         diffs[cp_size] = max(r["variant_max_abs_diff"] for r in per_rank)
         results += [_summarise(cp_size, s, per_rank) for s in STRATEGIES]
 
-    report = {"machine": _machine(load_before), "config": cfg, "notes": _notes(cfg, args.cp, diffs),
+    report = {**(extra or {}), "machine": _machine(load_before), "config": cfg,
+              "notes": _notes(cfg, args.cp, diffs),
               "variant_max_abs_diff": diffs, "elapsed_s": round(time.perf_counter() - started, 1),
               "results": results}
     _write_atomic(args.output, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
     _plot(results, args.plot, cfg)
     log(f"wrote {args.output} and {args.plot}")
-    print(_table(results))
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    report = run(parse_args(argv))
+    print(_table(report["results"]))
     return report
 
 

@@ -22,6 +22,7 @@ import tempfile
 SUBCOMMANDS = {
     "plan": "cp_megatron.planner",
     "convert": "cp_megatron.checkpoint.convert",
+    "bench": "cp_megatron.bench",
 }
 
 

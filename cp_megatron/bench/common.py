@@ -1,0 +1,277 @@
+"""What every benchmark suite shares: options, machine facts, atomic output, taking turns.
+
+*Taking turns.*  Suites that compare two setups (CP1 vs CP2, ours vs transformers) start
+each setup once, as its own job, and the jobs then run their timed rounds one after the
+other in a fixed schedule (A, B, A, B, ...) through marker files in a temporary folder:
+a job waits (sleeping) until the previous entry of the schedule is marked done, runs its
+round, and marks it done.  Process start-up, imports and weight loading are never timed,
+and no timed round shares the cores with another job's work.
+
+Source: DESIGN §9 (benchmark results with plots live in docs/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+BUSY_LOAD = 2.5  # 1-minute load average above which a run is flagged as disturbed
+
+
+class BenchError(ValueError):
+    """A bad benchmark request (missing extra, missing file): one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the command line gives a suite.
+
+    Attributes:
+        output_dir: folder for ``<suite>.json`` and ``<suite>.png``.
+        quick: tiny sizes (smoke test); file names get a ``-quick`` suffix so a quick run
+            never overwrites measured results.
+        repeats: timed rounds per configuration (None: the suite's default).
+        threads: torch threads per rank / per process.
+        timeout_s: limit of each job (seconds).
+        config: peers: the run config of our side.
+        command: the command line, recorded in the JSON.
+    """
+
+    output_dir: Path
+    quick: bool = False
+    repeats: Optional[int] = None
+    threads: int = 1
+    timeout_s: float = 1800.0
+    config: str = "configs/default.yaml"
+    command: str = ""
+
+    def path(self, stem: str, suffix: str) -> Path:
+        return self.output_dir / f"{stem}{'-quick' if self.quick else ''}.{suffix}"
+
+
+# -- machine and log -------------------------------------------------------------------------
+def load_average() -> list[float]:
+    """1-, 5- and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(load_before: Sequence[float], **versions: str) -> dict:
+    """Platform, cores, versions and load averages before / now (after the run)."""
+    import torch
+
+    return {"platform": platform.platform(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, **versions,
+            "load_average_before": list(load_before), "load_average_after": load_average()}
+
+
+class Log:
+    """Progress lines on stderr with the elapsed time."""
+
+    def __init__(self, suite: str) -> None:
+        self.suite, self.start = suite, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[bench {self.suite} {time.perf_counter() - self.start:6.1f}s] {message}",
+              file=sys.stderr, flush=True)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+    def load_check(self) -> list[float]:
+        """Log (and return) the load average; warn when the machine is busy."""
+        load = load_average()
+        note = (f" -- above {BUSY_LOAD}: other work shares the {os.cpu_count()} cores, timings "
+                "will be noisy" if load[0] > BUSY_LOAD else "")
+        self(f"load average {load[0]:.2f} on {os.cpu_count()} cores{note}")
+        return load
+
+
+def busy_note(machine: dict) -> list[str]:
+    """A note for the JSON when the load average was high before or after the run."""
+    worst = max(machine["load_average_before"][0], machine["load_average_after"][0])
+    if worst <= BUSY_LOAD:
+        return []
+    return [f"1-minute load average reached {worst:.2f} (> {BUSY_LOAD}) on {machine['cpu_count']} "
+            "cores: other work competed for the cores during the run; medians and minima over "
+            "the repeats are reported, raw samples are kept."]
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def summary(samples: Sequence[float]) -> dict:
+    """Median, min, max and count of timing samples (seconds)."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "n": len(samples)}
+
+
+# -- output ------------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, report: dict) -> None:
+    write_atomic(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    pyplot().close(fig)
+
+
+# -- taking turns between concurrent jobs -------------------------------------------------------
+@dataclass(frozen=True)
+class Turns:
+    """A fixed schedule of named rounds shared by concurrent jobs (picklable).
+
+    ``wait(key)`` returns once the schedule's previous entry is marked done (or at once
+    for the first entry); ``done(key)`` marks an entry.  An ``ABORT`` file (written by
+    :func:`run_interleaved` when a job fails) makes every waiter raise.
+    """
+
+    folder: str
+    schedule: tuple[str, ...]
+    poll_s: float = 0.005
+
+    def _marker(self, key: str) -> str:
+        return os.path.join(self.folder, key.replace("/", "__") + ".done")
+
+    def wait(self, key: str) -> None:
+        index = self.schedule.index(key)
+        if index == 0:
+            return
+        previous, abort = self._marker(self.schedule[index - 1]), os.path.join(self.folder, "ABORT")
+        while not os.path.exists(previous):
+            if os.path.exists(abort):
+                raise RuntimeError(f"turn {key!r}: another job of this benchmark failed")
+            time.sleep(self.poll_s)
+
+    def done(self, key: str) -> None:
+        Path(self._marker(key)).touch()
+
+
+@contextmanager
+def turn(turns: Turns, key: str) -> Iterator[None]:
+    """Run the body as schedule entry ``key`` on every rank of this job.
+
+    All ranks wait for the turn, meet at a barrier (when torch.distributed is up), run the
+    body, meet again, and rank 0 marks the entry done.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    turns.wait(key)
+    if distributed:
+        dist.barrier()
+    yield
+    if distributed:
+        dist.barrier()
+    if not distributed or dist.get_rank() == 0:
+        turns.done(key)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One setup of an interleaved benchmark: ``fn(turns, *args)`` on ``world_size`` ranks."""
+
+    fn: Callable
+    world_size: int
+    args: tuple = ()
+    threads_per_rank: int = 1
+    backend: Optional[str] = "gloo"
+    name: str = ""
+
+
+def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: float) -> list[list]:
+    """Start every job at once (each with :func:`cp_megatron.launcher.spawn`); the jobs
+    take turns by ``schedule``.  Returns each job's per-rank results.
+
+    Raises:
+        RankFailure: the first failing job's error (the other jobs are stopped).
+    """
+    from cp_megatron.launcher import spawn
+
+    if len(set(schedule)) != len(schedule):
+        raise ValueError("schedule keys must be unique")
+    results: list = [None] * len(jobs)
+    errors: list = [None] * len(jobs)
+    with tempfile.TemporaryDirectory(prefix="cp_megatron_bench_") as folder:
+        turns = Turns(folder, tuple(schedule))
+
+        def target(i: int, job: Job) -> None:
+            try:
+                results[i] = spawn(job.fn, job.world_size, (turns, *job.args), timeout_s=timeout_s,
+                                   threads_per_rank=job.threads_per_rank, backend=job.backend)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others stop
+                errors[i] = exc
+                Path(folder, "ABORT").touch()
+
+        threads = [threading.Thread(target=target, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    failed = [e for e in errors if e is not None]
+    if failed:  # the job that failed first, not one that stopped because of the ABORT file
+        first = next((e for e in failed if "another job of this benchmark failed" not in str(e)), failed[0])
+        raise first
+    return results
+
+
+# -- the dummy long-context model ----------------------------------------------------------------
+def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
+    """An :class:`InferenceEngine` over seeded random weights of ``preset`` (this rank's stage)."""
+    from cp_megatron.engine import InferenceEngine
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.llama import LlamaStage, StageLayout
+    from cp_megatron.model.weights import DummyReader, load_weights
+
+    config = get_preset(preset)
+    stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
+    load_weights(stage, DummyReader(config, seed=seed))
+    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity)
+
+
+def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:
+    """Seeded random token ids (the same on every rank and job)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_tokens,), generator=g).tolist()

@@ -1,0 +1,171 @@
+"""Smoke tests of ``cp-megatron bench``: tiny sizes, the JSON's keys and sane values.
+
+Speed itself is never asserted (the machine is shared); only that every suite runs end to
+end, writes its JSON and PNG, and that the figures are consistent with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from cp_megatron import bench
+from cp_megatron.bench.common import BenchOptions, Turns
+
+MACHINE_KEYS = {"cpu_count", "torch", "load_average_before", "load_average_after"}
+
+
+def _load(opts: BenchOptions, stem: str) -> dict:
+    json_path, png_path = opts.path(stem, "json"), opts.path(stem, "png")
+    assert json_path.name == f"{stem}-quick.json", "a quick run must not overwrite measured results"
+    assert png_path.is_file() and png_path.stat().st_size > 1000
+    report = json.loads(json_path.read_text())
+    assert MACHINE_KEYS <= set(report["machine"]), report["machine"]
+    assert report["machine"]["cpu_count"] >= 1
+    assert len(report["machine"]["load_average_before"]) == 3
+    assert report["quick"] is True
+    assert not list(json_path.parent.glob(".*.tmp")), "atomic write left a temporary file"
+    return report
+
+
+def _positive_summary(s: dict, n: int) -> None:
+    assert s["n"] == n
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+
+
+def test_bench_is_registered_as_a_cli_subcommand():
+    from cp_megatron.cli import SUBCOMMANDS
+
+    assert SUBCOMMANDS["bench"] == "cp_megatron.bench"
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "miss-rate", "--quick", "--output-dir", "x"])
+    assert (args.suite, args.quick, args.output_dir, args.func) == ("miss-rate", True, "x", bench.run_bench)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "no-such-suite"])
+
+
+def test_turns_run_concurrent_jobs_in_schedule_order(tmp_path):
+    schedule = ["a/0", "b/0", "a/1", "b/1", "a/2", "b/2"]
+    turns, seen = Turns(str(tmp_path), tuple(schedule), poll_s=0.001), []
+
+    def job(name: str) -> None:
+        for r in range(3):
+            turns.wait(f"{name}/{r}")
+            seen.append(f"{name}/{r}")
+            turns.done(f"{name}/{r}")
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in ("b", "a")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == schedule
+
+
+def test_peers_with_a_missing_config_is_exit_code_2(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "peers", "--quick", "--output-dir", str(tmp_path),
+                              "--config", str(tmp_path / "missing.yaml")])
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers missing: the extras check answers first")
+    assert args.func(args) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_scaling_quick_writes_medians_speedup_and_efficiency(tmp_path):
+    from cp_megatron.bench import scaling
+
+    opts = BenchOptions(tmp_path, quick=True)
+    scaling.run(opts)
+    report = _load(opts, "scaling")
+    cfg = report["config"]
+    assert cfg["cp_sizes"] == [1, 2] and cfg["threads_per_rank"] == 1
+    assert [r["tokens"] for r in report["results"]] == cfg["lengths"]
+    for row in report["results"]:
+        for n in ("1", "2"):
+            _positive_summary(row["cp"][n]["ttft_s"], cfg["repeats"])
+            assert row["cp"][n]["kind"] == "prefill"
+        cp2 = row["cp"]["2"]
+        assert cp2["speedup"] == pytest.approx(row["cp"]["1"]["ttft_s"]["median"] / cp2["ttft_s"]["median"])
+        assert cp2["efficiency"] == pytest.approx(cp2["speedup"] / 2)
+        assert cp2["strategy"] == "pass-kv"  # full prefill with NH > 2 NKV (DESIGN §7)
+        assert row["same_next_token"]
+        # float32 rounding of a 4-layer random model; a wrong shard would differ by O(1)
+        assert row["logits_max_abs_diff_vs_cp1"]["2"] < 1e-3
+    assert "speedup" in scaling.table(report)
+
+
+@pytest.mark.timeout(300)
+def test_miss_rate_quick_times_both_variants_and_records_auto(tmp_path):
+    from cp_megatron.bench import miss_rate
+
+    opts = BenchOptions(tmp_path, quick=True)
+    miss_rate.run(opts)
+    report = _load(opts, "miss_rate")
+    cfg = report["config"]
+    rates = [r["miss_rate"] for r in report["results"]]
+    assert rates == sorted(rates) and len(rates) == len(cfg["miss_rates"])
+    for row in report["results"]:
+        assert row["new_tokens"] + row["cached_tokens"] == cfg["context_tokens"]
+        assert row["kind"] == ("prefill" if row["cached_tokens"] == 0 else "partial-prefill")
+        for variant in ("pass-kv", "pass-q"):
+            _positive_summary(row["variants"][variant]["ttft_s"], cfg["repeats"])
+            assert row["variants"][variant]["strategy"] == variant  # forced
+        assert row["auto_picked"] in ("pass-kv", "pass-q")
+        assert row["variants"]["auto"]["strategy"] == row["auto_picked"]
+        assert row["heuristic"]["forced"] is False
+        assert row["faster_measured"] in ("pass-kv", "pass-q")
+        # the rollback restores the same cache for every repeat and variant
+        held = {tuple(s["kv_tokens_held"]) for v in row["variants"].values() for s in v["samples"]}
+        assert len(held) == 1 and sum(next(iter(held))) == row["cached_tokens"]
+    crossover = report["crossover"]
+    assert {"verdict", "resolved_points", "resolved_switches", "measured_switches", "auto_switches",
+            "auto_agrees_with_measurement", "auto_worst_cost"} <= set(crossover)
+    assert set(crossover["resolved_points"]) <= set(rates)
+    assert crossover["auto_worst_cost"]["picked_variant_over_best_variant"] >= 1.0
+    assert "crossover" in miss_rate.table(report)
+
+
+@pytest.mark.timeout(300)
+def test_overlap_quick_runs_ring_overlap_benchmark(tmp_path):
+    from cp_megatron.bench import overlap
+
+    opts = BenchOptions(tmp_path, quick=True)
+    overlap.run(opts)
+    report = _load(opts, "ring_overlap")
+    assert report["suite"] == "overlap"
+    got = {(r["cp_size"], r["strategy"]) for r in report["results"]}
+    assert got == {(1, "local"), (2, "pass-kv"), (2, "pass-q")}
+    for r in report["results"]:
+        assert r["ring_s"] > 0 and r["compute_s"] > 0
+        for rank in r["per_rank"]:
+            assert rank["exposed_comm_s"] == pytest.approx(rank["ring_s"] - rank["compute_s"])
+    assert "pass-kv" in overlap.table(report)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers (test extra) missing")
+def test_peers_quick_compares_with_transformers(tmp_path):
+    from cp_megatron.bench import peers
+
+    repo = Path(__file__).resolve().parents[1]
+    opts = BenchOptions(tmp_path, quick=True, config=str(repo / "configs/default.yaml"))
+    peers.run(opts)
+    report = _load(opts, "peers")
+    r = report["results"]
+    assert r["prompt_tokens"] == len(report["config"]["token_ids"]) == 128
+    for side in ("ours", "transformers"):
+        _positive_summary(r[side]["ttft_s"], report["config"]["repeats"])
+        assert r[side]["threads"] == 1
+    assert r["ratio_ours_over_transformers"] == pytest.approx(
+        r["ours"]["ttft_s"]["median"] / r["transformers"]["ttft_s"]["median"])
+    # same weights, same tokens: the same next token (float32 rounding apart)
+    assert r["same_next_token"] and r["logits_max_abs_diff"] < 1e-2
