@@ -135,20 +135,22 @@ class InferenceEngine:
         stats = RingStats()
 
         # Rows of the logits everyone needs: the last token of each sequence, or all.
-        ends = torch.cumsum(torch.tensor(lengths), 0) - 1
+        ends = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - 1
         wanted = torch.arange(t_total) if all_logits else ends
-        row_of = {int(t): r for r, t in enumerate(wanted)}
-        mine = [(i, row_of[int(t)]) for i, t in enumerate(place.flat_index) if int(t) in row_of]
+        row_of = torch.full((t_total,), -1, dtype=torch.long)
+        row_of[wanted] = torch.arange(len(wanted))
+        rows = row_of[place.flat_index]                       # [n_local]: logits row or -1
+        local_idx = torch.nonzero(rows >= 0).flatten()        # this rank's tokens that have one
+        local_rows = rows[local_idx]
 
         inputs = self._stage_input(flat, place)
         out = self.stage(inputs, place.positions.to(device), place.seq_ids.to(device), self.kv_cache,
                          strategy=decision.strategy, cp_group=self.cp_group, hardware=self.hardware,
-                         stats=stats,
-                         logits_index=torch.tensor([i for i, _ in mine], dtype=torch.long, device=device))
+                         stats=stats, logits_index=local_idx.to(device))
         logits = torch.zeros(len(wanted), self.stage.config.vocab_size, dtype=torch.float32, device=device)
         if self.stage.layout.is_last:
-            if self.topo.tp_rank == 0 and mine:
-                logits[torch.tensor([r for _, r in mine], device=device)] = out
+            if self.topo.tp_rank == 0 and len(local_rows):
+                logits[local_rows.to(device)] = out
         elif len(place.flat_index):
             dist.send(out.contiguous(), self._next_stage)
         if self.topo.world_size > 1:
@@ -171,6 +173,15 @@ class InferenceEngine:
         if len(place.flat_index):
             dist.recv(hidden, self._prev_stage)
         return hidden
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep only the first ``length`` tokens of sequence ``seq_id`` (on every rank), e.g.
+        to roll back a round or to branch a conversation; ``length`` 0 forgets it."""
+        self.kv_cache.truncate(seq_id, length)
+        if length:
+            self.cached_lengths[seq_id] = min(length, self.cached_lengths.get(seq_id, 0))
+        else:
+            self.cached_lengths.pop(seq_id, None)
 
     def reset(self) -> None:
         """Forget every sequence (empty the cache)."""

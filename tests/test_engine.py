@@ -144,3 +144,31 @@ def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
     for pid in ranks:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def truncate_job(cp: int):
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.weights import DummyReader
+
+    topo = parallel_state.initialize(1, cp, 1)
+    reader = DummyReader(get_preset("tiny"), seed=3)
+    stage = LlamaStage(reader.config, StageLayout())
+    load_weights(stage, reader)
+    engine = InferenceEngine(stage, topo)
+    ids = torch.randint(0, 512, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.forward({0: ids[:300], 1: ids[:50]})
+    held = engine.kv_cache.num_tokens
+    first, _ = engine.forward({0: ids[300:340]}, all_logits=True)
+    engine.truncate(0, 300)                     # roll the partial prefill back
+    assert engine.kv_cache.num_tokens == held and engine.cached_lengths[0] == 300
+    again, metrics = engine.forward({0: ids[300:340]}, all_logits=True)
+    assert metrics.cached_tokens == 300
+    engine.truncate(1, 0)                       # forget sequence 1 entirely
+    assert 1 not in engine.cached_lengths and engine.kv_cache.tokens_of(1) == 0
+    return first, again
+
+
+@pytest.mark.timeout(300)
+def test_truncate_rolls_back_a_round_exactly_cp2():
+    first, again = spawn(truncate_job, 2, (2,), timeout_s=200)[0]
+    assert torch.equal(first, again)

@@ -39,16 +39,6 @@ def points(cfg: dict) -> list[dict]:
     return sorted(out, key=lambda p: p["cached_tokens"])
 
 
-def _rollback(engine, kv_tokens: int, cached: int) -> None:
-    """Drop the last round from this rank's cache: it only appended, so truncating the
-    cache to ``kv_tokens`` entries and the sequence to ``cached`` tokens restores it."""
-    engine.kv_cache.num_tokens = kv_tokens
-    if cached:
-        engine.cached_lengths[0] = cached
-    else:
-        engine.cached_lengths.pop(0, None)
-
-
 def _job(cfg: dict) -> dict:
     import torch.distributed as dist
 
@@ -77,7 +67,7 @@ def _job(cfg: dict) -> dict:
                 cpu_start = time.process_time()
                 _, metrics = engine.forward({0: ids[p: p + t]})
                 cpu_s = time.process_time() - cpu_start
-                _rollback(engine, held, p)
+                engine.truncate(0, p)  # roll the round back: the cache holds P tokens again
                 rounds.append({"variant": variant, "repeat": r, "cpu_s": cpu_s,
                                "kv_tokens_held": held, **metrics.to_dict()})
     return {"cp_rank": topo.cp_rank, "rounds": rounds}

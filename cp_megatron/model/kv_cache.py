@@ -84,6 +84,22 @@ class KVCache:
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
         return self.num_tokens * per_token
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Drop the tokens of sequence ``seq_id`` at positions >= ``length`` (compacting)."""
+        n = self.num_tokens
+        keep = (self.seq_ids[:n] != seq_id) | (self.positions[:n] < length)
+        if bool(keep.all()):
+            return
+        idx = torch.nonzero(keep).flatten()
+        m = int(idx.numel())
+        for layer in range(self.num_layers):
+            self.k[layer][:m] = self.k[layer][:n].index_select(0, idx)
+            self.v[layer][:m] = self.v[layer][:n].index_select(0, idx)
+        self.positions[:m] = self.positions[:n].index_select(0, idx)
+        self.seq_ids[:m] = self.seq_ids[:n].index_select(0, idx)
+        self.seq_ids[m:n] = -1
+        self.num_tokens = self._round_start = m
+
     def clear(self) -> None:
         self.num_tokens = 0
         self._round_start = 0
