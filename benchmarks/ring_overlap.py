@@ -30,12 +30,10 @@ Source: arXiv 2411.01783 §3.5 (Alg. 2 pass-KV, Alg. 3 pass-Q), §4.2 (ring over
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import torch.distributed as dist
 from cp_megatron import parallel_state
 from cp_megatron.attention import context_parallel_attention
 from cp_megatron.attention.ring import RingStats
+from cp_megatron.bench.common import write_atomic, write_json
 from cp_megatron.launcher import spawn
 from cp_megatron.sharding import shard_new_tokens
 
@@ -184,19 +183,6 @@ def _notes(cfg: dict, cp_sizes: list[int], diffs: dict) -> list[str]:
     return notes
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _plot(results: list[dict], path: Path, cfg: dict) -> None:
     """Stacked bars of the slowest rank's medians: compute + exposed communication = ring_s."""
     import matplotlib
@@ -225,7 +211,7 @@ def _plot(results: list[dict], path: Path, cfg: dict) -> None:
     ax.legend(fontsize=8)
     ax.margins(y=0.12)
     fig.tight_layout()
-    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -305,7 +291,7 @@ def run(args: argparse.Namespace, extra: dict | None = None) -> dict:
               "notes": _notes(cfg, args.cp, diffs),
               "variant_max_abs_diff": diffs, "elapsed_s": round(time.perf_counter() - started, 1),
               "results": results}
-    _write_atomic(args.output, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    write_json(args.output, report)
     _plot(results, args.plot, cfg)
     log(f"wrote {args.output} and {args.plot}")
     return report

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 import sys
-import tempfile
 
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS = {
@@ -38,18 +35,6 @@ def _add_run_parser(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _run(args) -> int:
     from cp_megatron.config import ConfigError, load_config
     from cp_megatron.launcher import RankFailure
@@ -67,7 +52,11 @@ def _run(args) -> int:
     if result is not None:  # global rank 0
         print(format_summary(result))
         if args.output:
-            _write_json_atomic(args.output, result)
+            from pathlib import Path
+
+            from cp_megatron.bench.common import write_json
+
+            write_json(Path(args.output), result)
     return 0
 
 
