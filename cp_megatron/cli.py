@@ -17,7 +17,7 @@ import sys
 
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS = {
-    "plan": "cp_megatron.planner",
+    "plan": "cp_megatron.plan_cli",
     "convert": "cp_megatron.checkpoint.convert",
     "bench": "cp_megatron.bench",
 }

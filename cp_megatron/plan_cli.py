@@ -1,0 +1,194 @@
+"""The ``cp-megatron plan`` subcommand: arguments, tables, the sweep plot.
+
+The cost model itself is :mod:`cp_megatron.planner` (pure); this module only parses the
+flags, formats the result and draws the curve.  Bad input is one line naming the flag and
+exit code 2.
+
+Source: docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, plan, sweep_cp
+
+_PROG = "cp-megatron plan"
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _secs(value: float) -> str:
+    if value >= 1.0:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.1f} us"
+
+
+def format_plan(p: dict) -> str:
+    """The readable table printed by ``cp-megatron plan``."""
+    kind = ("full prefill" if p["cached_tokens"] == 0 else
+            "decode step" if p["new_tokens"] == 1 else "partial prefill")
+    layers = p["attention_flops"] / p["attention_flops_per_layer"] if p["attention_flops_per_layer"] else 0
+    rows = [
+        f"plan      {p['model']} on {p['hardware']}: TP{p['tp']} x CP{p['cp']} = {p['gpus']} GPUs "
+        f"({p['nodes']} node{'s' if p['nodes'] > 1 else ''})",
+        f"round     {kind}: T = {p['new_tokens']:,} new on P = {p['cached_tokens']:,} cached tokens, "
+        f"batch {p['batch']} (miss rate {p['miss_rate']:.2%})",
+        f"dtypes    weights {p['dtype']}, attention and KV cache {p['kv_dtype']}",
+        f"variant   {p['strategy']}  (Alg. 1/5: T*B = {p['heuristic']['new_tokens']:,} vs KV-hidden "
+        f"threshold {p['kv_hidden_threshold_tokens']:,.0f}; miss rate {p['miss_rate']:.4f} vs "
+        f"{p['miss_rate_threshold']:.4f})",
+        "",
+        f"{'':34}{'per layer':>14}{f'x {layers:.0f} layers':>16}",
+        f"{'attention FLOPs':34}{_si(p['attention_flops_per_layer'], 'FLOP'):>14}"
+        f"{_si(p['attention_flops'], 'FLOP'):>16}",
+        f"{'linear FLOPs':34}{_si(p['linear_flops_per_layer'], 'FLOP'):>14}"
+        f"{_si(p['linear_flops'], 'FLOP'):>16}",
+        f"{'CP bytes sent per GPU':34}{_si(p['cp_comm_bytes_per_layer'], 'B'):>14}"
+        f"{_si(p['cp_comm_bytes_per_layer'] * layers, 'B'):>16}",
+        f"{'TP bytes sent per GPU':34}{_si(p['tp_comm_bytes_per_layer'], 'B'):>14}"
+        f"{_si(p['tp_comm_bytes_per_layer'] * layers, 'B'):>16}",
+        "",
+        "time on the slowest GPU",
+        f"  {'attention (ring compute)':32}{_secs(p['attention_s']):>14}",
+        f"  {'linear layers':32}{_secs(p['linear_s']):>14}",
+        f"  {'CP communication, exposed':32}{_secs(p['cp_comm_exposed_s']):>14}",
+        f"  {'TP all-reduce':32}{_secs(p['tp_comm_s']):>14}",
+        f"  {'LM head':32}{_secs(p['lm_head_s']):>14}",
+        f"{'TTFT':34}{_secs(p['ttft_s']):>14}   ({_si(p['achieved_flops_per_gpu'], 'FLOP/s')} per GPU)",
+        f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{_secs(p['ttit_s']):>14}",
+        "",
+        f"memory    weights {_si(p['weight_bytes_per_gpu'], 'B')} + KV cache "
+        f"{_si(p['kv_cache_bytes_per_gpu'], 'B')} per GPU of {_si(p['memory_bytes_per_gpu'], 'B')}: "
+        f"{'fits' if p['fits_in_memory'] else 'DOES NOT FIT'} (activations not counted)",
+    ]
+    rows += [f"warning   {w}" for w in p["warnings"]]
+    return "\n".join(rows)
+
+
+def format_sweep(points: list[dict]) -> str:
+    """The scaling table printed by ``cp-megatron plan --sweep cp=...``."""
+    first = points[0]
+    rows = [f"sweep     {first['model']} on {first['hardware']}, TP{first['tp']}, context "
+            f"{first['context_tokens']:,} (cached {first['cached_tokens']:,}), batch {first['batch']}",
+            f"{'cp':>5}{'gpus':>6}  {'variant':8}{'TTFT':>12}{'speedup':>10}{'efficiency':>12}{'TTIT':>12}"
+            f"{'memory':>9}"]
+    for p in points:
+        rows.append(f"{p['cp']:>5}{p['gpus']:>6}  {p['strategy']:8}{_secs(p['ttft_s']):>12}"
+                    f"{p['speedup']:>9.2f}x{p['efficiency']:>12.1%}{_secs(p['ttit_s']):>12}"
+                    f"{'fits' if p['fits_in_memory'] else 'no fit':>9}")
+    return "\n".join(rows)
+
+
+def plot_sweep(points: list[dict], path: str) -> None:
+    """Write the TTFT-vs-CP curve (with ideal linear scaling) and the efficiency to a PNG."""
+    import matplotlib  # optional dependency, only for --plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cps = [p["cp"] for p in points]
+    ttft = [p["ttft_s"] for p in points]
+    ideal = [ttft[0] * cps[0] / c for c in cps]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.loglog(cps, ttft, "o-", label="planner")
+    ax1.loglog(cps, ideal, "--", color="gray", label="ideal linear scaling")
+    ax1.set_xlabel("CP size (nodes of TP%d)" % points[0]["tp"])
+    ax1.set_ylabel("TTFT (s)")
+    ax1.set_xticks(cps, [str(c) for c in cps])
+    ax1.legend()
+    ax2.semilogx(cps, [100 * p["efficiency"] for p in points], "o-")
+    ax2.set_xticks(cps, [str(c) for c in cps])
+    ax2.set_ylim(0, 105)
+    ax2.set_xlabel("CP size")
+    ax2.set_ylabel("parallel efficiency (%)")
+    fig.suptitle(f"{points[0]['model']} on {points[0]['hardware']}, "
+                 f"context {points[0]['context_tokens']:,} tokens (predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_sweep(text: str) -> list[int]:
+    key, _, values = text.partition("=")
+    if key.strip() != "cp" or not values:
+        raise PlanInputError("--sweep", f"expected cp=N1,N2,..., got {text!r}")
+    try:
+        sizes = [int(v) for v in values.split(",")]
+    except ValueError:
+        raise PlanInputError("--sweep", f"expected integers after cp=, got {values!r}") from None
+    if any(c < 1 for c in sizes):
+        raise PlanInputError("--sweep", f"CP sizes must be >= 1, got {values!r}")
+    return sizes
+
+
+def _one_line_error(message: str) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``cp-megatron plan`` (sets ``func=run_plan``)."""
+    p = subparsers.add_parser(
+        "plan", help="predict TTFT / TTIT / memory of a TP x CP deployment (analytic model)",
+        description="Analytic cost model of context-parallel prefill and decode "
+                    "(arXiv 2411.01783); see docs/planner.md.")
+    p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
+    p.add_argument("--hardware", required=True, help="hardware profile, e.g. h100-rdma")
+    p.add_argument("--tp", type=int, required=True, help="TP degree (GPUs per CP rank)")
+    p.add_argument("--cp", type=int, default=None, help="CP degree (required unless --sweep)")
+    p.add_argument("--context", type=int, required=True, help="context tokens per sequence, T + P")
+    p.add_argument("--cached", type=int, default=0, help="P, tokens already cached (default 0)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per round (default 1)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None,
+                   help="weight dtype (default fp8 for llama3.1-405b as in the paper, else bf16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16", help="scaling curve over CP sizes")
+    p.add_argument("--plot", default=None, metavar="PATH.png", help="with --sweep: write the curve")
+    p.error = _one_line_error  # one line naming the flag, exit code 2
+    p.set_defaults(func=run_plan)
+    return p
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Run ``cp-megatron plan``; returns the exit code (2 on bad input)."""
+    kwargs = dict(model=args.model, hardware=args.hardware, tp=args.tp, context_tokens=args.context,
+                  cached_tokens=args.cached, batch=args.batch, dtype=args.dtype)
+    try:
+        if args.sweep is None:
+            if args.cp is None:
+                raise PlanInputError("--cp", "required unless --sweep cp=... is given")
+            if args.plot:
+                raise PlanInputError("--plot", "needs --sweep cp=...")
+            result = plan(cp=args.cp, **kwargs).to_dict()
+        else:
+            if args.plot and not args.plot.lower().endswith(".png"):
+                raise PlanInputError("--plot", f"expected a .png path, got {args.plot!r}")
+            points = sweep_cp(_parse_sweep(args.sweep), **kwargs)
+            if args.plot:
+                try:
+                    plot_sweep(points, args.plot)
+                except OSError as err:
+                    raise PlanInputError("--plot", f"cannot write {args.plot!r}: {err}") from None
+            result = {"sweep": "cp", "points": points, "plot": args.plot}
+    except PlanInputError as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.sweep is None:
+        print(format_plan(result))
+    else:
+        print(format_sweep(result["points"]))
+        if args.plot:
+            print(f"plot      {args.plot}")
+    return 0
