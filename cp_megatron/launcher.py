@@ -45,9 +45,15 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: 
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = Path(result_dir) / f"rank{rank}.pkl"
     try:
+        import threading
+
         import torch
+        from tqdm import tqdm
 
         torch.set_num_threads(threads)
+        # A rank leaves with os._exit; tqdm's default multiprocessing lock would then be
+        # reported as a leaked semaphore. One process, one thread-level lock is enough.
+        tqdm.set_lock(threading.RLock())
         from cp_megatron import parallel_state
 
         if backend is not None:
