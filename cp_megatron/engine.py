@@ -92,9 +92,10 @@ class InferenceEngine:
                                               else (None, None))
 
     # -- placement ---------------------------------------------------------------------
-    def _place(self, new_lengths: list[int], cached: list[int], seq_ids: list[int]) -> _Placement:
+    def _place(self, new_lengths: list[int], cached: list[int], seq_ids: list[int],
+               decode: bool) -> _Placement:
         cp, rank = self.topo.cp_size, self.topo.cp_rank
-        if all(t == 1 for t in new_lengths) and all(p > 0 for p in cached):  # decode step
+        if decode:  # one token per sequence on its round-robin owner
             mine = [b for b, s in enumerate(seq_ids) if decode_owner(self.decode_steps, s, cp) == rank]
             self.decode_steps += 1
             idx = torch.tensor(mine, dtype=torch.long)
@@ -125,12 +126,12 @@ class InferenceEngine:
         cached = [self.cached_lengths.get(s, 0) for s in seq_ids]
         flat = torch.tensor([t for s in seq_ids for t in new_tokens[s]], dtype=torch.long)
         t_total, p_total = sum(lengths), sum(cached)
-        kind = ("decode" if all(t == 1 for t in lengths) and all(p > 0 for p in cached)
-                else "partial-prefill" if p_total > 0 else "prefill")
+        decode = all(t == 1 for t in lengths) and all(p > 0 for p in cached)
+        kind = "decode" if decode else "partial-prefill" if p_total > 0 else "prefill"
         decision = decide_strategy(t_total, p_total, self.topo.cp_size,
                                    self.stage.config.num_heads, self.stage.config.num_kv_heads,
                                    self.stage.dtype, self.hardware, self.strategy)
-        place = self._place(lengths, cached, seq_ids)
+        place = self._place(lengths, cached, seq_ids, decode)
         device = self.stage.device
         stats = RingStats()
 

@@ -44,6 +44,17 @@ def tiny_llama(seed=0, heads=4, kv_heads=2, intermediate=96, tie=False, rope_sca
     return model
 
 
+def meta_twin_model():
+    """The tiny model of the Meta tests (8 heads, 4 KV heads, Meta's FFN, Llama 3.1 RoPE) with
+    weights scaled to 0.05: unit-variance weights overflow a stack, trained ones do not."""
+    model = tiny_llama(seed=11, heads=8, kv_heads=4, intermediate=META_FFN, rope_scaling=LLAMA31).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(0.05)
+    return model
+
+
 def expected_names(layers, tied):
     names = ["model.embed_tokens.weight"]
     for i in range(layers):

@@ -33,7 +33,7 @@ from cp_megatron.launcher import spawn
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.llama import LlamaStage, StageLayout
 from cp_megatron.model.weights import DummyReader, load_weights
-from test_checkpoint import EXACT, LLAMA31, META_FFN, assert_reads_match, tiny_llama, write_meta
+from test_checkpoint import EXACT, LLAMA31, assert_reads_match, meta_twin_model, tiny_llama, write_meta
 
 REPO = Path(__file__).resolve().parents[1]
 LOGITS_ATOL = 1e-5  # float32; source and converted weights are bit-identical, only the file differs
@@ -176,11 +176,7 @@ def test_sharded_reader_reslices_stored_tp2_for_tp_1_2_4(tmp_path):
 # --------------------------------------------------------------------------- Meta and GGUF logits
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_meta_mp2_to_sharded_tp4_logits_equal_source(tmp_path):
-    model = tiny_llama(seed=11, heads=8, kv_heads=4, intermediate=META_FFN, rope_scaling=LLAMA31).eval()
-    with torch.no_grad():  # unit-variance weights overflow a deep stack; scale like a trained model
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.mul_(0.05)
+    model = meta_twin_model()
     meta = tmp_path / "meta"
     write_meta(meta, {k: v.clone() for k, v in model.state_dict().items()}, mp=2, embed_dim=0)
     (meta / "tokenizer.model").write_bytes(  # 256 single-byte ranks (see test_checkpoint)
