@@ -3,7 +3,7 @@
     cp-megatron run CONFIG.yaml [--set key.path=value ...] [--output result.json]
     cp-megatron plan --model PRESET --hardware PROFILE --tp N --cp N --context TOKENS ...
     cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST [--tp N] ...
-    cp-megatron bench scaling|miss-rate|overlap|peers
+    cp-megatron bench scaling|miss-rate|overlap|peers|hardware
 
 Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
 starts), 1 a rank failed or the job timed out.
@@ -60,6 +60,14 @@ def _run(args) -> int:
     return 0
 
 
+def _one_line_error(parser: argparse.ArgumentParser):
+    """``parser.error`` that prints ``PROG: error: MESSAGE`` (one line, no usage) and exits 2."""
+    def error(message: str) -> None:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cp-megatron",
@@ -71,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).add_parser(subparsers)
+    for sub in subparsers.choices.values():  # a bad flag: one line naming it, exit code 2
+        sub.error = _one_line_error(sub)
     return parser
 
 

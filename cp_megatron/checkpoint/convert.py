@@ -419,11 +419,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def _one_line_error(message: str) -> None:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``cp-megatron convert`` (sets ``func=run_convert``)."""
     p = subparsers.add_parser(
@@ -445,7 +440,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"--to hf: bytes per safetensors file (default {DEFAULT_MAX_SHARD})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.error = _one_line_error
     p.set_defaults(func=run_convert)
     return p
 
@@ -459,7 +453,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from cp_megatron.launcher import RankFailure
 
     if args.tp is not None and (args.dst_format != "sharded" or args.tp < 1):
-        _one_line_error(f"--tp {args.tp}: needs --to sharded and a value >= 1")
+        print(f"{_PROG}: error: --tp {args.tp}: needs --to sharded and a value >= 1", file=sys.stderr)
+        return 2
     parent, base = os.path.split(os.path.abspath(args.dst))
     stale = sorted(f for f in os.listdir(parent) if f.startswith(base + ".tmp-")) if os.path.isdir(parent) else []
     if stale:
