@@ -11,14 +11,16 @@ al., arXiv 2407.08608, §4.1: BF16 forward on H100 SXM5 reaches ~648 TF/s of the
 65%, for head dim 128 at 16K tokens, and up to 740 TF/s, 75%, for head dim 256).
 Achieved rates are fractions of the peak chosen from those sources, never fitted to the
 paper's TTFTs.  Latencies are orders of magnitude for small NCCL / gloo messages (not from
-the paper); only decode (TTIT) is sensitive to them.  The "cpu-gloo" values are rough
-figures for one CPU thread per rank and loopback gloo transport on a small box.
+the paper); only decode (TTIT) is sensitive to them.  The "cpu-gloo" values are measured
+(``cp-megatron bench hardware``, one thread per rank, loopback gloo, 2-core CI machine).
 docs/planner.md tabulates each constant.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,19 @@ PROFILES: dict[str, HardwareProfile] = {
         linear_flops_per_s=700e12, cp_bandwidth_bytes_per_s=400e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=4.8e12,
         memory_bytes=141 * GB, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
-    # One CPU thread per rank, gloo over loopback (order-of-magnitude figures).
+    # One CPU thread per rank, gloo over loopback: `cp-megatron bench hardware` on the 2-core
+    # Xeon CI machine (docs/bench/hardware.json), rounded down to two figures.  Measure your
+    # own machine the same way and pass the JSON where a profile name is accepted.
     "cpu-gloo": HardwareProfile(
-        name="cpu-gloo", peak_flops_per_s=100e9, attn_flops_per_s=30e9,
-        linear_flops_per_s=50e9, cp_bandwidth_bytes_per_s=2 * GB,
-        tp_bandwidth_bytes_per_s=2 * GB, memory_bandwidth_bytes_per_s=10 * GB,
-        memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=50e-6, tp_latency_s=100e-6),
+        name="cpu-gloo", peak_flops_per_s=125e9, attn_flops_per_s=100e9,
+        linear_flops_per_s=125e9, cp_bandwidth_bytes_per_s=1.5 * GB,
+        tp_bandwidth_bytes_per_s=1.6 * GB, memory_bandwidth_bytes_per_s=10 * GB,
+        memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=150e-6, tp_latency_s=250e-6),
 }
+
+
+class ProfileError(ValueError):
+    """A hardware profile that cannot be used: unknown name, unreadable or invalid JSON file."""
 
 
 def get_profile(name: str) -> HardwareProfile:
@@ -98,3 +106,48 @@ def get_profile(name: str) -> HardwareProfile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+def load_profile(spec: str) -> HardwareProfile:
+    """A profile by name (``h100-rdma`` ...) or from a JSON file (a path ending in ``.json``).
+
+    The file holds the :class:`HardwareProfile` fields as one object, or a report whose
+    ``"profile"`` key holds them -- what ``cp-megatron bench hardware`` writes
+    (docs/bench/hardware.json).  Rates are FLOP/s, bandwidths bytes/s, latencies seconds.
+
+    Raises:
+        ProfileError: unknown name; unreadable file or not JSON; a missing, unknown or
+            non-positive field (the message names the file and the field).
+    """
+    if not spec.endswith(".json"):
+        try:
+            return get_profile(spec)
+        except ValueError as err:
+            raise ProfileError(f"{err}, or a path to a profile .json") from None
+    try:
+        data = json.loads(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProfileError(f"hardware profile {spec}: cannot read JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("profile"), dict):
+        data = data["profile"]
+    if not isinstance(data, dict):
+        raise ProfileError(f"hardware profile {spec}: expected a JSON object of profile fields")
+    known = {f.name: f for f in fields(HardwareProfile)}
+    unknown = sorted(set(data) - set(known))
+    missing = sorted(name for name, f in known.items() if name not in data and f.default is MISSING)
+    if unknown or missing:
+        raise ProfileError(f"hardware profile {spec}: unknown fields {unknown}, missing fields {missing}")
+    values = {}
+    for name, value in data.items():
+        if name == "name":
+            if not isinstance(value, str) or not value:
+                raise ProfileError(f"hardware profile {spec}: name: expected a non-empty string")
+            values[name] = value
+            continue
+        integral = name == "gpus_per_node"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or (integral and int(value) != value):
+            kind = "a positive integer" if integral else "a positive number"
+            raise ProfileError(f"hardware profile {spec}: {name}: expected {kind}, got {value!r}")
+        values[name] = int(value) if integral else float(value)
+    return HardwareProfile(**values)

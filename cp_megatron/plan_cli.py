@@ -61,6 +61,7 @@ def format_plan(p: dict) -> str:
         "time on the slowest GPU",
         f"  {'attention (ring compute)':32}{_secs(p['attention_s']):>14}",
         f"  {'linear layers':32}{_secs(p['linear_s']):>14}",
+        f"  {'element-wise (HBM-bound)':32}{_secs(p['elementwise_s']):>14}",
         f"  {'CP communication, exposed':32}{_secs(p['cp_comm_exposed_s']):>14}",
         f"  {'TP all-reduce':32}{_secs(p['tp_comm_s']):>14}",
         f"  {'LM head':32}{_secs(p['lm_head_s']):>14}",
@@ -131,11 +132,6 @@ def _parse_sweep(text: str) -> list[int]:
     return sizes
 
 
-def _one_line_error(message: str) -> None:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``cp-megatron plan`` (sets ``func=run_plan``)."""
     p = subparsers.add_parser(
@@ -143,7 +139,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Analytic cost model of context-parallel prefill and decode "
                     "(arXiv 2411.01783); see docs/planner.md.")
     p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
-    p.add_argument("--hardware", required=True, help="hardware profile, e.g. h100-rdma")
+    p.add_argument("--hardware", required=True, help="hardware profile (h100-rdma, h100-tcp, h200, cpu-gloo) or a profile "
+                        ".json, e.g. docs/bench/hardware.json from `cp-megatron bench hardware`")
     p.add_argument("--tp", type=int, required=True, help="TP degree (GPUs per CP rank)")
     p.add_argument("--cp", type=int, default=None, help="CP degree (required unless --sweep)")
     p.add_argument("--context", type=int, required=True, help="context tokens per sequence, T + P")
@@ -154,7 +151,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16", help="scaling curve over CP sizes")
     p.add_argument("--plot", default=None, metavar="PATH.png", help="with --sweep: write the curve")
-    p.error = _one_line_error  # one line naming the flag, exit code 2
     p.set_defaults(func=run_plan)
     return p
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from cp_megatron.attention.heuristic import PASS_KV, choose_strategy
-from cp_megatron.hardware import HardwareProfile, get_profile
+from cp_megatron.hardware import HardwareProfile, load_profile
 from cp_megatron.model.config import ModelConfig, get_preset
 
 WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
@@ -105,6 +105,40 @@ def kv_cache_bytes_per_gpu(cfg: ModelConfig, tp: int, cp: int, context_tokens: i
                  * math.ceil(context_tokens / cp) * batch)
 
 
+def elementwise_bytes(cfg: ModelConfig, tp: int, tokens: float, e: int, ring_steps: int,
+                      fp8_ffn_fraction: float) -> float:
+    """HBM bytes one GPU moves in one block's memory-bound (element-wise) kernels.
+
+    Counted unfused, one read of every input and one write of every output, for ``tokens``
+    tokens on the GPU; H hidden size (norms and residuals are replicated over TP), F/tp FFN
+    width, q = NH/tp*DH and k = NKV/tp*DH widths, e bytes per activation element:
+
+        2 RMSNorms                    2 * 2*tokens*H*e
+        2 residual adds               2 * 3*tokens*H*e
+        RoPE on q and k               2*tokens*(q + k)*e
+        SwiGLU silu(gate) * up        3*tokens*(F/tp)*e
+        FP8 activation quantisation   tokens*(H + F/tp)*(e + 1)   (row-wise, FFN inputs;
+                                      times the fraction of blocks with FP8 FFN weights)
+        ring merges (Eq. 4)           (ring_steps - 1)*tokens*q*(4 + e + 4)
+                                      (read the float32 accumulator and a partial, write back)
+
+    Args:
+        ring_steps: partial results merged per query (CP size; 1 = no merge).
+        fp8_ffn_fraction: share of blocks whose FFN runs in FP8 (0 for bf16 / fp32 weights).
+
+    Returns:
+        bytes (float).
+
+    Source: the Llama block (arXiv 2407.21783 §2: RMSNorm, RoPE, SwiGLU; §6.2: FP8 row-wise
+    recipe); merge of arXiv 2411.01783 Eq. 4 (DESIGN §5).
+    """
+    h, ffn = cfg.hidden_size, cfg.intermediate_size / tp
+    q, k = cfg.num_heads // tp * cfg.head_dim, kv_heads_per_rank(cfg, tp) * cfg.head_dim
+    per_token = (4 * h * e + 6 * h * e + 2 * (q + k) * e + 3 * ffn * e
+                 + fp8_ffn_fraction * (h + ffn) * (e + 1) + (ring_steps - 1) * q * (8 + e))
+    return float(tokens * per_token)
+
+
 def ring_time(steps: int, compute_step_s: float, message_s: float) -> float:
     """One ring loop: N steps of compute, N-1 messages each overlapped with one step (s)."""
     return (steps - 1) * max(compute_step_s, message_s) + compute_step_s
@@ -126,6 +160,8 @@ class RoundCost:
     Attributes:
         strategy: ring variant of the round ("pass-kv" / "pass-q").
         attention_s / linear_s: compute time over all layers (roofline, s).
+        elementwise_s: memory-bound norms, residuals, RoPE, SwiGLU, FP8 activation
+            quantisation and ring merges over all layers (HBM bytes / bandwidth, s).
         cp_comm_exposed_s: ring and all_to_all time not hidden under attention (s).
         tp_comm_s: TP all-reduce time (s), never overlapped.
         lm_head_s: LM head for the last token of each sequence (s).
@@ -137,6 +173,7 @@ class RoundCost:
     strategy: str
     attention_s: float
     linear_s: float
+    elementwise_s: float
     cp_comm_exposed_s: float
     tp_comm_s: float
     lm_head_s: float
@@ -203,14 +240,17 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     payload = tokens_rank * cfg.hidden_size * e
     t_tp = 2 * allreduce_time(payload, tp, tp_bw, tp_lat)
 
+    fp8_fraction = max(layers - 2, 0) / layers if dtype == "fp8" else 0.0
+    elementwise_s = layers * elementwise_bytes(cfg, tp, tokens_rank, e, cp, fp8_fraction) / hbm
+
     lm_head_s = max(2.0 * batch * head_params / tp / hw.linear_flops_per_s, head_bytes / tp / hbm)
     attention_s = layers * cp * step_s
     exposed = layers * (ring_s - cp * step_s + a2a_s)
     linear_s, tp_s = layers * t_linear, layers * t_tp
     return RoundCost(
-        strategy=strategy, attention_s=attention_s, linear_s=linear_s, cp_comm_exposed_s=exposed,
-        tp_comm_s=tp_s, lm_head_s=lm_head_s,
-        total_s=attention_s + exposed + linear_s + tp_s + lm_head_s,
+        strategy=strategy, attention_s=attention_s, linear_s=linear_s, elementwise_s=elementwise_s,
+        cp_comm_exposed_s=exposed, tp_comm_s=tp_s, lm_head_s=lm_head_s,
+        total_s=attention_s + exposed + linear_s + elementwise_s + tp_s + lm_head_s,
         cp_comm_bytes_per_layer=(cp - 1) * message + a2a_bytes, cp_message_bytes=message,
         tp_comm_bytes_per_layer=2 * 2.0 * (tp - 1) / tp * payload)
 
@@ -254,6 +294,7 @@ class Plan:
     tp_comm_bytes_per_layer: float
     attention_s: float
     linear_s: float
+    elementwise_s: float
     cp_comm_exposed_s: float
     tp_comm_s: float
     lm_head_s: float
@@ -289,7 +330,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
 
     Args:
         model: preset name or ModelConfig.
-        hardware: profile name or HardwareProfile.
+        hardware: profile name, path to a profile .json (``cp-megatron bench hardware``),
+            or HardwareProfile.
         tp / cp: TP and CP degrees (GPUs = tp * cp).
         context_tokens: T + P per sequence after the round (tokens).
         cached_tokens: P, already in the KV cache (0 = full prefill; context - 1 = decode).
@@ -310,7 +352,7 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     except ValueError as err:
         raise PlanInputError("--model", str(err)) from None
     try:
-        hw = hardware if isinstance(hardware, HardwareProfile) else get_profile(hardware)
+        hw = hardware if isinstance(hardware, HardwareProfile) else load_profile(hardware)
     except ValueError as err:
         raise PlanInputError("--hardware", str(err)) from None
     for flag, value in (("--tp", tp), ("--cp", cp), ("--context", context_tokens), ("--batch", batch)):
@@ -367,6 +409,7 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         cp_message_bytes=prefill.cp_message_bytes,
         tp_comm_bytes_per_layer=prefill.tp_comm_bytes_per_layer,
         attention_s=prefill.attention_s, linear_s=prefill.linear_s,
+        elementwise_s=prefill.elementwise_s,
         cp_comm_exposed_s=prefill.cp_comm_exposed_s, tp_comm_s=prefill.tp_comm_s,
         lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
         achieved_flops_per_gpu=total_flops / gpus / prefill.total_s,

@@ -36,6 +36,7 @@ class Prepared:
     first_turn: list[int]           # token ids of the first (or only) prompt
     turn_texts: list[str]           # user turns after the first (prompt.turns)
     messages: Optional[list[dict]]  # chat so far (None for raw text / random prompts)
+    hardware: object = None         # HardwareProfile for the heuristic (None: by device)
 
 
 # -- model and tokenizer --------------------------------------------------------------------
@@ -122,7 +123,36 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
         raise ConfigError(f"prompt: {len(ids)} tokens + generation.max_new_tokens "
                           f"{cfg.generation.max_new_tokens} exceed the model's context of "
                           f"{config.max_position_embeddings} tokens")
-    return Prepared(config, ids, turns, messages)
+    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg))
+
+
+def heuristic_hardware(cfg: RunConfig):
+    """C and BW for the heuristic: ``attention.hardware`` (a profile name or a profile
+    .json), then the ``attn_flops_per_s`` / ``bandwidth_bytes_per_s`` overrides on top of
+    it (or of the device's default profile).  None when nothing is configured.
+
+    Raises:
+        ConfigError: an unknown profile or an unusable profile file (names the key).
+    """
+    from dataclasses import replace
+
+    from cp_megatron.attention.api import default_hardware
+    from cp_megatron.hardware import ProfileError, load_profile
+
+    att = cfg.attention
+    if not (att.hardware or att.attn_flops_per_s or att.bandwidth_bytes_per_s):
+        return None
+    try:
+        if att.hardware is None:
+            hw = default_hardware(torch.device(cfg.runtime.device))
+        elif att.hardware.endswith(".json"):  # a file: relative to the config like other paths
+            hw = load_profile(cfg.resolve_path(att.hardware))
+        else:
+            hw = load_profile(att.hardware)
+    except ProfileError as exc:
+        raise ConfigError(f"attention.hardware: {exc}") from None
+    return replace(hw, attn_flops_per_s=att.attn_flops_per_s or hw.attn_flops_per_s,
+                   cp_bandwidth_bytes_per_s=att.bandwidth_bytes_per_s or hw.cp_bandwidth_bytes_per_s)
 
 
 # -- on every rank ------------------------------------------------------------------------------
@@ -137,7 +167,6 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
 
     from cp_megatron import parallel_state
     from cp_megatron.engine import InferenceEngine, SamplingParams, generate
-    from cp_megatron.hardware import get_profile
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import load_weights
 
@@ -158,15 +187,7 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")
 
-    att = cfg.attention
-    hardware = get_profile(att.hardware) if att.hardware else None
-    engine = InferenceEngine(stage, topo, strategy=att.strategy, hardware=hardware)
-    if att.attn_flops_per_s or att.bandwidth_bytes_per_s:
-        from dataclasses import replace
-        engine.hardware = replace(engine.hardware,
-                                  attn_flops_per_s=att.attn_flops_per_s or engine.hardware.attn_flops_per_s,
-                                  cp_bandwidth_bytes_per_s=att.bandwidth_bytes_per_s
-                                  or engine.hardware.cp_bandwidth_bytes_per_s)
+    engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware)
     gen = cfg.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
     eos = tok.eos_ids if tok is not None else ()

@@ -169,3 +169,38 @@ def test_peers_quick_compares_with_transformers(tmp_path):
         r["ours"]["ttft_s"]["median"] / r["transformers"]["ttft_s"]["median"])
     # same weights, same tokens: the same next token (float32 rounding apart)
     assert r["same_next_token"] and r["logits_max_abs_diff"] < 1e-2
+
+
+@pytest.mark.timeout(300)
+def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
+    import statistics
+
+    from cp_megatron import planner
+    from cp_megatron.bench import hardware
+    from cp_megatron.hardware import load_profile
+
+    opts = BenchOptions(tmp_path, quick=True)
+    hardware.run(opts)
+    report = _load(opts, "hardware")
+    cfg, results, samples = report["config"], report["results"], report["samples"]
+    assert len(samples) == cfg["ranks"] == 2
+    # Every figure is the median over repeats of the slowest rank, recomputed from the raw samples.
+    largest = str(max(cfg["attention_tokens"]))
+    per_repeat = [max(times) for times in zip(*(rank["attention"][largest] for rank in samples))]
+    row = results["attention"][largest]
+    assert row["seconds"] == statistics.median(per_repeat) > 0
+    assert row["flops"] == 4 * cfg["num_heads"] * cfg["head_dim"] * int(largest) ** 2 / 2
+    m, k, n = cfg["linear_mkn"]
+    assert results["linear"]["flops_per_s"] == pytest.approx(2 * m * k * n / results["linear"]["seconds"])
+    # The profile is those measurements, and it loads where a profile name is accepted.
+    profile = load_profile(str(opts.path("hardware", "json")))
+    assert profile.attn_flops_per_s == pytest.approx(row["flops"] / row["seconds"])
+    assert profile.cp_bandwidth_bytes_per_s == pytest.approx(
+        cfg["message_mib"] * 2**20 / results["ring_step"]["seconds"])
+    assert profile.memory_bandwidth_bytes_per_s == pytest.approx(
+        2 * cfg["copy_mib"] * 2**20 / results["copy"]["seconds"])
+    assert 0 < profile.cp_latency_s < results["ring_step"]["seconds"] * 100
+    p = planner.plan("tiny-long", str(opts.path("hardware", "json")), tp=1, cp=2, context_tokens=4096,
+                     dtype="fp32")
+    assert p.hardware == profile.name and p.ttft_s > 0
+    assert "GFLOP/s" in hardware.table(report)

@@ -93,6 +93,7 @@ BAD_CONFIGS = {
     "unknown key": (["--set", "model.formt=hf"], "model.formt"),
     "wrong type": (["--set", "parallel.cp=two"], "parallel.cp"),
     "missing checkpoint": (["--set", "model.path=/nonexistent/model.gguf"], "model.path"),
+    "unknown hardware profile": (["--set", "attention.hardware=tpu-v9"], "attention.hardware"),
     "prompt too long": (["--set", "prompt.file=null", "--set", "prompt.question=null",
                          "--set", "prompt.random_tokens=9000"], "prompt"),
 }
@@ -172,3 +173,29 @@ def truncate_job(cp: int):
 def test_truncate_rolls_back_a_round_exactly_cp2():
     first, again = spawn(truncate_job, 2, (2,), timeout_s=200)[0]
     assert torch.equal(first, again)
+
+
+def test_heuristic_hardware_from_profile_file_with_overrides(tmp_path):
+    from cp_megatron.config import ConfigError, load_config
+    from cp_megatron.hardware import get_profile
+    from cp_megatron.run import heuristic_hardware
+
+    profile = {**get_profile("cpu-gloo").to_dict(), "name": "mine", "attn_flops_per_s": 7e10}
+    (tmp_path / "hw.json").write_text(json.dumps({"profile": profile}))
+    base = "model: {format: dummy, preset: tiny}\nprompt: {random_tokens: 10}\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(base + "attention: {hardware: hw.json}\n")  # relative to the config
+    hw = heuristic_hardware(load_config(str(path)))
+    assert (hw.name, hw.attn_flops_per_s) == ("mine", 7e10)
+    hw = heuristic_hardware(load_config(str(path), ["attention.bandwidth_bytes_per_s=5e9"]))
+    assert (hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s) == (7e10, 5e9)
+    # No hardware key: the device's default profile under the overrides, or None (engine default).
+    path.write_text(base + "attention: {attn_flops_per_s: 1e9}\n")
+    hw = heuristic_hardware(load_config(str(path)))
+    assert (hw.name, hw.attn_flops_per_s) == ("cpu-gloo", 1e9)
+    path.write_text(base)
+    assert heuristic_hardware(load_config(str(path))) is None
+    (tmp_path / "hw.json").write_text("{}")
+    path.write_text(base + "attention: {hardware: hw.json}\n")
+    with pytest.raises(ConfigError, match="attention.hardware.*missing fields"):
+        heuristic_hardware(load_config(str(path)))

@@ -62,6 +62,24 @@ def test_linear_flops_and_block_params_hand_counted_tiny():
     assert layers * (w + 2 * h) + h + 2 * tiny.vocab_size * h == tiny.num_parameters()
 
 
+def test_elementwise_bytes_hand_counted_tiny():
+    # tiny on TP2: H 64, FFN 128/2 = 64, q 2*16 = 32, k 1*16 = 16; bf16 (e = 2), CP 3 ring.
+    # Per token: norms 4*64*2 = 512, residual adds 6*64*2 = 768, RoPE 2*48*2 = 192,
+    # SwiGLU 3*64*2 = 384, merges (3-1)*32*(8+2) = 640; FP8 quantisation (64+64)*(2+1) = 384.
+    tiny = get_preset("tiny")
+    assert planner.elementwise_bytes(tiny, 2, 10, 2, 3, 0.0) == 10 * (512 + 768 + 192 + 384 + 640)
+    assert planner.elementwise_bytes(tiny, 2, 10, 2, 3, 1.0) == 10 * (2496 + 384)
+    assert planner.elementwise_bytes(tiny, 2, 10, 2, 1, 0.0) == 10 * (2496 - 640)  # CP1: no merge
+
+
+def test_round_total_is_the_sum_of_its_parts():
+    p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
+    parts = (p.attention_s + p.linear_s + p.elementwise_s + p.cp_comm_exposed_s + p.tp_comm_s
+             + p.lm_head_s)
+    assert p.ttft_s == pytest.approx(parts, rel=REL_EXACT)
+    assert p.elementwise_s > 0
+
+
 def test_405b_attention_flops_per_layer_at_1m():
     cfg = get_preset("llama3.1-405b")
     assert planner.attention_flops(cfg.num_heads, cfg.head_dim, 10**6, 0) == 4 * 16384 * 10**12 / 2
@@ -177,8 +195,8 @@ def test_predictions_pinned():
     # Regression guard for docs/planner.md's table (change both together).
     one_m = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=1_000_000)
     k128 = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
-    assert one_m.ttft_s == pytest.approx(72.20, rel=1e-3)
-    assert k128.ttft_s == pytest.approx(2.58, rel=5e-3)
+    assert one_m.ttft_s == pytest.approx(73.97, rel=1e-3)
+    assert k128.ttft_s == pytest.approx(2.80, rel=5e-3)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -236,6 +254,54 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(extra, flag, capsys
     assert run_cli(ARGS_405B + extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def _profile_file(tmp_path, **changes) -> str:
+    fields = {**get_profile("cpu-gloo").to_dict(), **changes}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"suite": "hardware", "profile": {k: v for k, v in fields.items()
+                                                                 if v is not None}}))
+    return str(path)
+
+
+def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
+    # What `cp-megatron bench hardware` writes: {"profile": {...}}; C doubled halves attention.
+    path = _profile_file(tmp_path, name="mine", attn_flops_per_s=2 * get_profile("cpu-gloo").attn_flops_per_s)
+    mine = planner.plan("tiny-long", path, tp=1, cp=2, context_tokens=32768, dtype="fp32")
+    base = planner.plan("tiny-long", "cpu-gloo", tp=1, cp=2, context_tokens=32768, dtype="fp32")
+    assert mine.hardware == "mine"
+    assert mine.attention_s == pytest.approx(base.attention_s / 2, rel=REL_EXACT)
+    assert run_cli(["plan", "--model", "tiny-long", "--hardware", path, "--tp", "1", "--cp", "2",
+                    "--context", "4096", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hardware_profile"]["name"] == "mine"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"attn_flops_per_s": -1.0}, "attn_flops_per_s"),
+    ({"gpus_per_node": 1.5}, "gpus_per_node"),
+    ({"memory_bytes": "lots"}, "memory_bytes"),
+    ({"warp_speed": 9.0}, "warp_speed"),
+    ({"cp_bandwidth_bytes_per_s": None}, "cp_bandwidth_bytes_per_s"),   # missing
+])
+def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, capsys):
+    path = _profile_file(tmp_path, **changes)
+    with pytest.raises(ValueError, match=field) as err:
+        planner.plan("tiny", path, tp=1, cp=2, context_tokens=100)
+    assert path in str(err.value)
+    assert run_cli(["plan", "--model", "tiny", "--hardware", path, "--tp", "1", "--cp", "2",
+                    "--context", "100"]) == 2
+    out = capsys.readouterr().err.strip()
+    assert len(out.splitlines()) == 1 and "--hardware" in out and field in out, out
+
+
+def test_unreadable_profile_file_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    for path in (str(bad), str(tmp_path / "missing.json")):
+        assert run_cli(["plan", "--model", "tiny", "--hardware", path, "--tp", "1", "--cp", "2",
+                        "--context", "100"]) == 2
+        out = capsys.readouterr().err.strip()
+        assert len(out.splitlines()) == 1 and path in out, out
 
 
 def test_cli_missing_required_flag_exits_2(capsys):

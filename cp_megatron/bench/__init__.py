@@ -4,6 +4,7 @@
     cp-megatron bench miss-rate  ...                                   # pass-KV vs pass-Q vs miss rate
     cp-megatron bench overlap    ...                                   # benchmarks/ring_overlap.py
     cp-megatron bench peers      ...                                   # vs Hugging Face transformers
+    cp-megatron bench hardware   ...                                   # measure a hardware profile
 
 Every suite records the machine (cores, versions, load average before and after), its
 config, every raw sample and the medians, writes ``<suite>.json`` atomically and a plot
@@ -28,6 +29,7 @@ SUITES = {
     "miss-rate": "cp_megatron.bench.miss_rate",
     "overlap": "cp_megatron.bench.overlap",
     "peers": "cp_megatron.bench.peers",
+    "hardware": "cp_megatron.bench.hardware",
 }
 
 
@@ -47,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "bench", help="run a benchmark suite (JSON + PNG into docs/bench, table on stdout)",
         description="Benchmark suites: scaling (CP1 vs CP2 full prefill TTFT), miss-rate (pass-KV vs "
                     "pass-Q partial prefill), overlap (exposed ring communication), peers (vs Hugging "
-                    "Face transformers). See docs/performance.md.")
+                    "Face transformers), hardware (measure this machine's profile for the planner "
+                    "and the heuristic). See docs/performance.md.")
     p.add_argument("suite", choices=list(SUITES), help="which suite to run")
     p.add_argument("--output-dir", default="docs/bench", help="folder for the JSON and PNG (default docs/bench)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test); writes <suite>-quick.*")
