@@ -74,7 +74,7 @@ class RuntimeSection(_Strict):
 class AttentionSection(_Strict):
     strategy: Literal["auto", "pass-kv", "pass-q"] = Field(
         "auto", description="ring variant; auto = the paper's heuristic each round (Alg. 1/5)")
-    hardware: Optional[str] = Field(None, description="hardware profile for C and BW: a name or a "
+    hardware: Optional[str] = Field(None, min_length=1, description="hardware profile for C and BW: a name or a "
                                                       "profile .json from `cp-megatron bench hardware` "
                                                       "(default cpu-gloo on cpu, h100-rdma on cuda)")
     attn_flops_per_s: Optional[float] = Field(None, gt=0, description="override C (FLOP/s per rank)")

@@ -19,6 +19,7 @@ docs/planner.md tabulates each constant.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -82,7 +83,8 @@ PROFILES: dict[str, HardwareProfile] = {
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=4.8e12,
         memory_bytes=141 * GB, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
     # One CPU thread per rank, gloo over loopback: `cp-megatron bench hardware` on the 2-core
-    # Xeon CI machine (docs/bench/hardware.json), rounded down to two figures.  Measure your
+    # Xeon CI machine (docs/bench/hardware.json) in round numbers (rates and bandwidths rounded
+    # down by at most 7%, latencies and RAM to the nearest round value).  Measure your
     # own machine the same way and pass the JSON where a profile name is accepted.
     "cpu-gloo": HardwareProfile(
         name="cpu-gloo", peak_flops_per_s=125e9, attn_flops_per_s=100e9,
@@ -109,24 +111,26 @@ def get_profile(name: str) -> HardwareProfile:
 
 
 def load_profile(spec: str) -> HardwareProfile:
-    """A profile by name (``h100-rdma`` ...) or from a JSON file (a path ending in ``.json``).
+    """A profile by name (``h100-rdma`` ...) or from a JSON file (a path ending in ``.json``,
+    or any existing file that is not a profile name).
 
     The file holds the :class:`HardwareProfile` fields as one object, or a report whose
     ``"profile"`` key holds them -- what ``cp-megatron bench hardware`` writes
-    (docs/bench/hardware.json).  Rates are FLOP/s, bandwidths bytes/s, latencies seconds.
+    (docs/bench/hardware.json).  Rates are FLOP/s, bandwidths bytes/s, latencies seconds;
+    every number must be finite and positive (``gpus_per_node`` an integer).
 
     Raises:
-        ProfileError: unknown name; unreadable file or not JSON; a missing, unknown or
-            non-positive field (the message names the file and the field).
+        ProfileError: unknown name; unreadable file or not JSON; a missing, unknown,
+            non-finite or non-positive field (the message names the file and the field).
     """
-    if not spec.endswith(".json"):
-        try:
-            return get_profile(spec)
-        except ValueError as err:
-            raise ProfileError(f"{err}, or a path to a profile .json") from None
+    if spec in PROFILES:
+        return PROFILES[spec]
+    if not (spec.lower().endswith(".json") or Path(spec).is_file()):
+        raise ProfileError(f"unknown hardware profile {spec!r}; known: {', '.join(sorted(PROFILES))}, "
+                           "or a path to a profile .json")
     try:
         data = json.loads(Path(spec).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON
         raise ProfileError(f"hardware profile {spec}: cannot read JSON: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("profile"), dict):
         data = data["profile"]
@@ -137,17 +141,23 @@ def load_profile(spec: str) -> HardwareProfile:
     missing = sorted(name for name, f in known.items() if name not in data and f.default is MISSING)
     if unknown or missing:
         raise ProfileError(f"hardware profile {spec}: unknown fields {unknown}, missing fields {missing}")
-    values = {}
-    for name, value in data.items():
-        if name == "name":
-            if not isinstance(value, str) or not value:
-                raise ProfileError(f"hardware profile {spec}: name: expected a non-empty string")
-            values[name] = value
-            continue
-        integral = name == "gpus_per_node"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                or (integral and int(value) != value):
-            kind = "a positive integer" if integral else "a positive number"
-            raise ProfileError(f"hardware profile {spec}: {name}: expected {kind}, got {value!r}")
-        values[name] = int(value) if integral else float(value)
+    values = {name: _profile_value(spec, name, value) for name, value in data.items()}
     return HardwareProfile(**values)
+
+
+def _profile_value(spec: str, name: str, value):
+    """One field of a profile file, checked: a printable name, else a finite positive number."""
+    if name == "name":
+        if not isinstance(value, str) or not value.strip() or not value.isprintable():
+            raise ProfileError(f"hardware profile {spec}: name: expected a non-empty one-line string")
+        return value
+    integral = name == "gpus_per_node"
+    kind = "a positive integer" if integral else "a finite positive number"
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer too large for a float
+        number = None
+    if number is None or not math.isfinite(number) or number <= 0 or (integral and number != int(number)):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ProfileError(f"hardware profile {spec}: {name}: expected {kind}, got {shown}")
+    return int(number) if integral else number

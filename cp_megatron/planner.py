@@ -342,8 +342,9 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         Plan.
 
     Raises:
-        PlanInputError (a ValueError naming the CLI flag): unknown preset or profile, a
-        non-positive count, tp not dividing the heads, cached >= context, unknown dtype.
+        PlanInputError (a ValueError naming the CLI flag): unknown preset or profile, an
+        invalid profile file, a non-positive count, tp not dividing the heads, cached >=
+        context, unknown dtype, a profile whose rates give non-finite times.
 
     Source: arXiv 2411.01783 §3-4; DESIGN §7-8.
     """
@@ -382,6 +383,10 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     prefill = round_cost(cfg, hw, tp, cp, t, p, batch, dtype, prefill_decision.strategy)
     decode = round_cost(cfg, hw, tp, cp, 1, context_tokens, batch, dtype, decode_decision.strategy)
 
+    if not (prefill.total_s > 0 and decode.total_s > 0):
+        raise PlanInputError("--hardware", f"profile {hw.name!r} gives TTFT {prefill.total_s} s and TTIT "
+                                           f"{decode.total_s} s: its rates or latencies are too small "
+                                           "or too large")
     attn_layer = batch * attention_flops(cfg.num_heads, cfg.head_dim, t, p)
     lin_layer = batch * linear_flops(cfg, t)
     gpus = tp * cp
@@ -396,7 +401,7 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     if cp > 1 and gpus <= hw.gpus_per_node:
         warnings.append("the CP ring fits in one node; costed at the inter-node bandwidth (pessimistic)")
     total_flops = cfg.num_layers * (attn_layer + lin_layer)
-    return Plan(
+    result = Plan(
         model=cfg.name, hardware=hw.name, tp=tp, cp=cp, gpus=gpus,
         nodes=math.ceil(gpus / hw.gpus_per_node), context_tokens=context_tokens,
         cached_tokens=p, new_tokens=t, batch=batch, dtype=dtype, kv_dtype="fp32" if e == 4 else "bf16",
@@ -419,6 +424,20 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         heuristic=prefill_decision.to_dict(),
         decode={**asdict(decode), "heuristic": decode_decision.to_dict()},
         hardware_profile=hw.to_dict(), warnings=warnings)
+    bad = _non_finite(result.to_dict())
+    if bad:
+        raise PlanInputError("--hardware", f"profile {hw.name!r} gives non-finite {', '.join(bad[:3])}: "
+                                           "its rates or latencies are too small or too large")
+    return result
+
+
+def _non_finite(value, key: str = "") -> list[str]:
+    """Keys of the float values in a (nested) plan dict that are inf or NaN."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [key]
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _non_finite(v, f"{key}.{name}".lstrip("."))]
+    return []
 
 
 def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:

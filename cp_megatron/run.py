@@ -145,11 +145,11 @@ def heuristic_hardware(cfg: RunConfig):
     try:
         if att.hardware is None:
             hw = default_hardware(torch.device(cfg.runtime.device))
-        elif att.hardware.endswith(".json"):  # a file: relative to the config like other paths
+        elif att.hardware.lower().endswith(".json"):  # a file: relative to the config like other paths
             hw = load_profile(cfg.resolve_path(att.hardware))
         else:
             hw = load_profile(att.hardware)
-    except ProfileError as exc:
+    except (ProfileError, ConfigError) as exc:
         raise ConfigError(f"attention.hardware: {exc}") from None
     return replace(hw, attn_flops_per_s=att.attn_flops_per_s or hw.attn_flops_per_s,
                    cp_bandwidth_bytes_per_s=att.bandwidth_bytes_per_s or hw.cp_bandwidth_bytes_per_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def _load(opts: BenchOptions, stem: str) -> dict:
     assert len(report["machine"]["load_average_before"]) == 3
     assert report["quick"] is True
     assert not list(json_path.parent.glob(".*.tmp")), "atomic write left a temporary file"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert json_path.stat().st_mode & 0o777 == 0o666 & ~umask, "results must be readable like any file"
     return report
 
 
@@ -48,6 +52,20 @@ def test_bench_is_registered_as_a_cli_subcommand():
     assert (args.suite, args.quick, args.output_dir, args.func) == ("miss-rate", True, "x", bench.run_bench)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "no-such-suite"])
+
+
+@pytest.mark.parametrize("flags", [["--output-dir", "A_FILE"], ["--timeout", "-1"], ["--timeout", "nan"]])
+def test_bad_output_dir_or_timeout_is_exit_2_before_measuring(tmp_path, capsys, flags):
+    from cp_megatron import cli
+
+    (tmp_path / "A_FILE").write_text("")
+    flags = [str(tmp_path / f) if f == "A_FILE" else f for f in flags]
+    try:
+        code = cli.main(["bench", "hardware", "--quick"] + flags)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and flags[0] in err, err
 
 
 def test_turns_run_concurrent_jobs_in_schedule_order(tmp_path):

@@ -282,6 +282,10 @@ def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
     ({"memory_bytes": "lots"}, "memory_bytes"),
     ({"warp_speed": 9.0}, "warp_speed"),
     ({"cp_bandwidth_bytes_per_s": None}, "cp_bandwidth_bytes_per_s"),   # missing
+    ({"gpus_per_node": float("inf")}, "gpus_per_node"),                 # JSON Infinity
+    ({"cp_latency_s": float("nan")}, "cp_latency_s"),                   # JSON NaN
+    ({"memory_bytes": 10**400}, "memory_bytes"),                        # too large for a float
+    ({"name": "two\nlines"}, "name"),
 ])
 def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, capsys):
     path = _profile_file(tmp_path, **changes)
@@ -295,13 +299,16 @@ def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, cap
 
 
 def test_unreadable_profile_file_is_a_one_line_error(tmp_path, capsys):
-    bad = tmp_path / "broken.json"
+    bad, deep = tmp_path / "broken.json", tmp_path / "deep.json"
     bad.write_text("{not json")
-    for path in (str(bad), str(tmp_path / "missing.json")):
+    deep.write_text("[" * 100_000)
+    subnormal = _profile_file(tmp_path, attn_flops_per_s=1e-320)  # finite, but 1/C is not
+    for path in (str(bad), str(deep), str(tmp_path / "missing.json"), subnormal):
         assert run_cli(["plan", "--model", "tiny", "--hardware", path, "--tp", "1", "--cp", "2",
                         "--context", "100"]) == 2
         out = capsys.readouterr().err.strip()
-        assert len(out.splitlines()) == 1 and path in out, out
+        assert len(out.splitlines()) == 1 and "--hardware" in out, out
+        assert path in out or "too small or too large" in out, out
 
 
 def test_cli_missing_required_flag_exits_2(capsys):

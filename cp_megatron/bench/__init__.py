@@ -21,6 +21,7 @@ import argparse
 import importlib
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 # suite -> module providing run(BenchOptions) -> report and table(report) -> str
@@ -43,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``cp-megatron bench`` (sets ``func=run_bench``)."""
     p = subparsers.add_parser(
@@ -55,10 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="docs/bench", help="folder for the JSON and PNG (default docs/bench)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test); writes <suite>-quick.*")
     p.add_argument("--repeats", type=_positive_int, default=None,
-                   help="timed rounds per configuration (default: the suite's, >= 3)")
+                   help="timed rounds per configuration (default: the suite's; fewer with --quick)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads per rank / per process (default 1)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="limit of each job in seconds")
+    p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="limit of each job in seconds")
     p.add_argument("--config", default="configs/default.yaml",
                    help="peers: the run config of our side (default configs/default.yaml)")
     p.set_defaults(func=run_bench)
@@ -71,6 +82,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from cp_megatron.config import ConfigError
     from cp_megatron.launcher import RankFailure
 
+    out = Path(args.output_dir)
+    try:  # a folder we cannot write: say so now, not after minutes of measuring
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        print(f"cp-megatron bench {args.suite}: --output-dir {args.output_dir}: cannot write there: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     module = importlib.import_module(SUITES[args.suite])
     command = "cp-megatron bench " + " ".join(shlex.quote(a) for a in _argv_after_bench())
     opts = BenchOptions(output_dir=Path(args.output_dir), quick=args.quick, repeats=args.repeats,

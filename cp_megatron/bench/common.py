@@ -125,12 +125,15 @@ def summary(samples: Sequence[float]) -> dict:
 
 # -- output ------------------------------------------------------------------------------------
 def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace``."""
+    """Write through a temporary file in the same folder, then ``os.replace`` (mode 0666 & ~umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -155,7 +155,8 @@ def table(report: dict) -> str:
         "",
         f"profile {p['name']}: C = {p['attn_flops_per_s'] / 1e9:.1f} GFLOP/s, "
         f"BW = {p['cp_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s "
-        f"(use: cp-megatron plan --hardware {report.get('json_path', 'hardware.json')} ...)",
+        + ("(--quick: tiny blocks, a smoke test, not a profile to plan with)" if report["quick"] else
+           f"(use: cp-megatron plan --hardware {report.get('json_path', 'hardware.json')} ...)"),
     ]
     return "\n".join(lines)
 
