@@ -1,9 +1,10 @@
 """Ring pass-Q: query blocks rotate, KV stays (Alg. 3).
 
 Each rank keeps its KV and, over N steps, attends every rank's query block to it.  After
-the loop rank r holds partial (O, LSE) for every rank's queries: one all_to_all of O
-and one of LSE returns them to their owners, which merge them (Eq. 4).  The all_to_all
-is on the critical path; pass-Q wins when few new tokens meet a large cache.
+the loop rank r holds partial (O, LSE) for every rank's queries: one all_to_all returns
+them to their owners (the LSE rides as one extra float32 column next to each row's O),
+which merge them (Eq. 4).  The all_to_all is on the critical path; pass-Q wins when few
+new tokens meet a large cache.
 
 Source: arXiv 2411.01783 §3.5.2, Alg. 3.
 """
@@ -37,27 +38,26 @@ def ring_pass_q(q: torch.Tensor, q_pos: torch.Tensor, q_seq: torch.Tensor,
         (out ``[Tq, NH, DH]`` float32, lse ``[Tq, NH]`` float32) for this rank's queries.
     """
     size = dist.get_world_size(group)
-    # Partials stay float32 until merged (DESIGN §5), whatever q's dtype.
-    partial_out = torch.empty((size, *q.shape), dtype=torch.float32, device=q.device)  # [N, Tq, NH, DH]
-    partial_lse = torch.empty((size, *q.shape[:2]), dtype=torch.float32, device=q.device)
+    dh = q.shape[2]
+    # Partials stay float32 until merged (DESIGN §5), whatever q's dtype.  Column dh of
+    # each row holds its LSE, so one all_to_all carries both.
+    partials = torch.empty((size, *q.shape[:2], dh + 1), dtype=torch.float32, device=q.device)
     meta = torch.stack([q_pos, q_seq]).to(device=q.device, dtype=torch.long)       # [2, Tq]
 
     def step(src: int, blocks) -> None:
         q_block, meta_block = blocks
         attn = LocalAttention(q_block, meta_block[0], meta_block[1], scale=scale, causal=causal)
         attn.add(k, v, kv_pos, kv_seq)
-        partial_out[src] = attn.out
-        partial_lse[src] = attn.lse
+        partials[src, ..., :dh] = attn.out
+        partials[src, ..., dh] = attn.lse
 
     ring_loop(group, (q, meta), step, stats)
-    # Return partials to their owners: slot s of partial_* goes to rank s.
+    # Return partials to their owners: slot s goes to rank s.
     start = time.perf_counter()
-    owned_out, owned_lse = torch.empty_like(partial_out), torch.empty_like(partial_lse)
-    dist.all_to_all_single(owned_out, partial_out, group=group)
-    dist.all_to_all_single(owned_lse, partial_lse, group=group)
+    owned = torch.empty_like(partials)                                 # [N, Tq, NH, DH + 1]
+    dist.all_to_all_single(owned, partials, group=group)
     if stats is not None:
         stats.all_to_all_s += time.perf_counter() - start
         stats.ring_s += time.perf_counter() - start
-        stats.sent_bytes += (partial_out.numel() * partial_out.element_size()
-                             + partial_lse.numel() * 4) * (size - 1) // size
-    return merge_partials(owned_out, owned_lse)
+        stats.sent_bytes += partials.numel() * 4 * (size - 1) // size
+    return merge_partials(owned[..., :dh], owned[..., dh])
