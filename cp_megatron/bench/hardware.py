@@ -17,6 +17,8 @@ The result is written as ``hardware.json`` whose ``"profile"`` object loads with
 and ``attention.hardware: docs/bench/hardware.json`` in a run config use it.  ``hardware.png``
 plots the attention rate against the block size.  ``gpus_per_node`` is 1 (every rank is costed
 as its own node: CP and TP both go over loopback) and ``memory_bytes`` is the machine's RAM.
+It measures CPU ranks on gloo only; for GPUs use a shipped profile (``h100-rdma``, ``h200``
+...) or write the JSON by hand (CUDA / NCCL measurement is not implemented).
 
 Source: DESIGN §7 (C and BW are configuration, defaults measured or given per profile), §8.
 """
