@@ -123,11 +123,11 @@ def load_profile(spec: str) -> HardwareProfile:
         ProfileError: unknown name; unreadable file or not JSON; a missing, unknown,
             non-finite or non-positive field (the message names the file and the field).
     """
-    if spec in PROFILES:
-        return PROFILES[spec]
-    if not (spec.lower().endswith(".json") or Path(spec).is_file()):
-        raise ProfileError(f"unknown hardware profile {spec!r}; known: {', '.join(sorted(PROFILES))}, "
-                           "or a path to a profile .json")
+    if spec in PROFILES or not (spec.lower().endswith(".json") or Path(spec).is_file()):
+        try:
+            return get_profile(spec)
+        except ValueError as err:
+            raise ProfileError(f"{err}, or a path to a profile .json") from None
     try:
         data = json.loads(Path(spec).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON
