@@ -84,7 +84,7 @@ PROFILES: dict[str, HardwareProfile] = {
         memory_bytes=141 * GB, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
     # One CPU thread per rank, gloo over loopback: `cp-megatron bench hardware` on the 2-core
     # Xeon CI machine (docs/bench/hardware.json) in round numbers (rates and bandwidths rounded
-    # down by at most 7%, latencies and RAM to the nearest round value).  Measure your
+    # down by at most 8%, latencies and RAM to the nearest round value).  Measure your
     # own machine the same way and pass the JSON where a profile name is accepted.
     "cpu-gloo": HardwareProfile(
         name="cpu-gloo", peak_flops_per_s=125e9, attn_flops_per_s=100e9,
