@@ -92,7 +92,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     module = importlib.import_module(SUITES[args.suite])
     command = "cp-megatron bench " + " ".join(shlex.quote(a) for a in _argv_after_bench())
-    opts = BenchOptions(output_dir=Path(args.output_dir), quick=args.quick, repeats=args.repeats,
+    opts = BenchOptions(output_dir=out, quick=args.quick, repeats=args.repeats,
                         threads=args.threads, timeout_s=args.timeout, config=args.config,
                         command=command.strip())
     try:
