@@ -58,6 +58,15 @@ class BenchOptions:
     def path(self, stem: str, suffix: str) -> Path:
         return self.output_dir / f"{stem}{'-quick' if self.quick else ''}.{suffix}"
 
+    def suite_config(self, full: dict, quick: dict) -> dict:
+        """A suite's sizes (``quick`` with --quick, else ``full``) with this command's
+        ``repeats`` (when given) and ``threads_per_rank``."""
+        cfg = dict(quick if self.quick else full)
+        if self.repeats is not None:
+            cfg["repeats"] = self.repeats
+        cfg["threads_per_rank"] = self.threads
+        return cfg
+
 
 # -- machine and log -------------------------------------------------------------------------
 def load_average() -> list[float]:

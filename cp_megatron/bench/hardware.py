@@ -190,10 +190,7 @@ def run(opts: BenchOptions) -> dict:
     from cp_megatron.launcher import spawn
 
     log = Log("hardware")
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.repeats is not None:
-        cfg["repeats"] = opts.repeats
-    cfg["threads_per_rank"] = opts.threads
+    cfg = opts.suite_config(FULL, QUICK)
     load_before = log.load_check()
     log(f"{cfg['ranks']} ranks, {opts.threads} thread(s) each: attention at {cfg['attention_tokens']} "
         f"tokens, linear, copy, ring step, all_reduce; {cfg['repeats']} repeats")

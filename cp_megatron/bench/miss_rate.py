@@ -206,10 +206,7 @@ def run(opts: BenchOptions) -> dict:
     from cp_megatron.launcher import spawn
 
     log = Log("miss-rate")
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.repeats is not None:
-        cfg["repeats"] = opts.repeats
-    cfg["threads_per_rank"] = opts.threads
+    cfg = opts.suite_config(FULL, QUICK)
     load_before = log.load_check()
     log(f"{cfg['preset']}, T + P = {cfg['context_tokens']} at CP{cfg['cp']}, miss rates "
         f"{cfg['miss_rates']}, variants {VARIANTS}, {cfg['repeats']} repeats")

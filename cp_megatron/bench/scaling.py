@@ -167,10 +167,7 @@ def plot(report: dict, path) -> None:
 def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``scaling.json`` / ``scaling.png``; return the report."""
     log = Log("scaling")
-    cfg = dict(QUICK if opts.quick else FULL)
-    if opts.repeats is not None:
-        cfg["repeats"] = opts.repeats
-    cfg["threads_per_rank"] = opts.threads
+    cfg = opts.suite_config(FULL, QUICK)
     load_before = log.load_check()
     log(f"{cfg['preset']}, lengths {cfg['lengths']}, CP {cfg['cp_sizes']} interleaved, "
         f"{cfg['repeats']} repeats each")
