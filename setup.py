@@ -25,9 +25,13 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30", "deepspeed>=0.14"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30", "deepspeed>=0.14",
+                 "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["cp-megatron=cp_megatron.cli:main"]},
 )

@@ -4,6 +4,7 @@
     cp-megatron plan --model PRESET --hardware PROFILE --tp N --cp N --context TOKENS ...
     cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST [--tp N] ...
     cp-megatron bench scaling|miss-rate|overlap|peers|hardware
+    cp-megatron serve CONFIG.yaml [--host 127.0.0.1] [--port 8000] [--set ...]
 
 Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
 starts), 1 a rank failed or the job timed out.
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "plan": "cp_megatron.plan_cli",
     "convert": "cp_megatron.checkpoint.convert",
     "bench": "cp_megatron.bench",
+    "serve": "cp_megatron.serve",
 }
 
 

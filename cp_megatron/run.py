@@ -73,12 +73,11 @@ def _chat(cfg: RunConfig, first_user: str) -> list[dict]:
     return messages + [{"role": "user", "content": first_user}]
 
 
-def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
-    """Pre-flight checks and the first turn's token ids.
+def check_model(cfg: RunConfig, world_size: Optional[int] = None):
+    """Pre-flight of the model and grid: (checkpoint reader, tokenizer or None).
 
     Raises:
-        ConfigError: one line naming the key: world size, TP vs heads, missing files,
-            a prompt (plus max_new_tokens) longer than the model's context.
+        ConfigError: world size vs the launcher's, TP vs heads, PP vs layers, missing files.
     """
     from cp_megatron.model.llama import check_tp
 
@@ -94,8 +93,21 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
         raise ConfigError(f"parallel.tp: {exc}") from None
     if par.pp > config.num_layers:
         raise ConfigError(f"parallel.pp={par.pp} exceeds the model's {config.num_layers} layers")
-    tok = open_tokenizer(cfg, reader)
+    return reader, open_tokenizer(cfg, reader)
+
+
+def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
+    """Pre-flight checks and the first turn's token ids.
+
+    Raises:
+        ConfigError: one line naming the key: world size, TP vs heads, missing files,
+            a prompt (plus max_new_tokens) longer than the model's context.
+    """
+    reader, tok = check_model(cfg, world_size)
+    config = reader.config
     p = cfg.prompt
+    if p is None:
+        raise ConfigError("prompt: missing (give one of text, file, messages, turns, random_tokens)")
     messages, turns = None, []
     if p.random_tokens is not None:
         g = torch.Generator().manual_seed(cfg.runtime.seed)
@@ -161,12 +173,14 @@ def _log(topo, *parts) -> None:
         print(*parts, file=sys.stderr, flush=True)
 
 
-def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
-    """Build this rank's stage, run every turn; return the result on global rank 0."""
-    from tqdm import tqdm
+def build_engine(cfg: RunConfig, prep: Prepared):
+    """On every rank: process groups, this rank's stage and weight slice, the engine.
 
+    Returns:
+        (topology, :class:`~cp_megatron.engine.InferenceEngine`, tokenizer or None).
+    """
     from cp_megatron import parallel_state
-    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+    from cp_megatron.engine import InferenceEngine
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import load_weights
 
@@ -186,8 +200,18 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     load_weights(stage, reader, progress=topo.rank == 0)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")
-
     engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware)
+    return topo, engine, tok
+
+
+def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
+    """Build this rank's stage, run every turn; return the result on global rank 0."""
+    from tqdm import tqdm
+
+    from cp_megatron.engine import SamplingParams, generate
+
+    topo, engine, tok = build_engine(cfg, prep)
+    stage, par, rt = engine.stage, cfg.parallel, cfg.runtime
     gen = cfg.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
     eos = tok.eos_ids if tok is not None else ()

@@ -100,6 +100,21 @@ class KVCache:
         self.seq_ids[m:n] = -1
         self.num_tokens = self._round_start = m
 
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Copy this rank's tokens of sequence ``src`` at positions < ``length`` under the new
+        id ``dst`` (appended; ``src`` is untouched), e.g. to branch a cached conversation."""
+        n = self.num_tokens
+        idx = torch.nonzero((self.seq_ids[:n] == src) & (self.positions[:n] < length)).flatten()
+        m = int(idx.numel())
+        if n + m > self.capacity:
+            self._alloc(max(n + m, 2 * self.capacity))
+        for layer in range(self.num_layers):
+            self.k[layer][n:n + m] = self.k[layer][:n].index_select(0, idx)
+            self.v[layer][n:n + m] = self.v[layer][:n].index_select(0, idx)
+        self.positions[n:n + m] = self.positions[:n].index_select(0, idx)
+        self.seq_ids[n:n + m] = dst
+        self.num_tokens = self._round_start = n + m
+
     def clear(self) -> None:
         self.num_tokens = 0
         self._round_start = 0

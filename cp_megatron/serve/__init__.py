@@ -1,0 +1,107 @@
+"""``cp-megatron serve``: an OpenAI-compatible server whose sequences keep their KV
+sharded over the CP ranks.
+
+    scheduler.py  rounds: admission, fused prefill, batched decode, prefix reuse, KV budget
+    protocol.py   OpenAI request bodies (strict) and error / usage objects
+    app.py        the FastAPI app on global rank 0
+    metrics.py    Prometheus metrics
+    ranks.py      every rank's loop (rank 0 leads, the others run the broadcast rounds)
+
+Start-up is ``run``'s: pre-flight in one process (exit code 2 on a bad config), then the
+ranks are spawned here, or this process joins as one rank under torchrun / the deepspeed
+launcher.  Rank 0 serves HTTP on ``serve.host:serve.port``.
+
+Source: arXiv 2411.01783 §3 (CP inference over a persistent, sharded KV cache).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from cp_megatron.config import ConfigError, RunConfig
+
+# After one rank fails, the others get this long to answer clients and exit (s).
+RANK_FAILURE_GRACE_S = 10.0
+
+
+def _check_port(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"serve.port: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def serve(cfg: RunConfig) -> int:
+    """Pre-flight, then start (or join) the ranks and serve until SIGTERM / SIGINT.
+
+    Returns:
+        0 after a drained shutdown.
+
+    Raises:
+        ConfigError: pre-flight failures (before any rank starts).
+        RankFailure: a rank failed (every rank is stopped).
+    """
+    from cp_megatron.launcher import spawn
+    from cp_megatron.run import Prepared, check_model, heuristic_hardware, under_launcher
+    from cp_megatron.serve.ranks import rank_main
+
+    def prepare(world_size=None) -> Prepared:
+        reader, _ = check_model(cfg, world_size)
+        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg))
+
+    if under_launcher():
+        from cp_megatron import parallel_state
+
+        prep = prepare(int(os.environ["WORLD_SIZE"]))
+        if int(os.environ["RANK"]) == 0:
+            _check_port(cfg.serve.host, cfg.serve.port)
+        try:
+            rank_main(cfg, prep)
+        finally:
+            parallel_state.destroy()
+        return 0
+    prep = prepare()
+    _check_port(cfg.serve.host, cfg.serve.port)
+    spawn(rank_main, cfg.parallel.world_size, (cfg, prep), timeout_s=float("inf"),
+          threads_per_rank=cfg.runtime.threads_per_rank, backend=None, forward_signals=True,
+          grace_s=RANK_FAILURE_GRACE_S)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """The ``serve`` subcommand."""
+    p = subparsers.add_parser("serve", help="serve the OpenAI API (chat, completions) from CP ranks",
+                              description="OpenAI-compatible HTTP server on global rank 0; every "
+                              "sequence's KV stays sharded over the CP ranks. Ranks start as for "
+                              "`run` (spawned here, or joined under torchrun / deepspeed).")
+    p.add_argument("config", help="YAML config (model, parallel, runtime, attention, serve; prompt unused)")
+    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (serve.port, default 8000; 0 = any free port)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config field, e.g. --set serve.kv_cache_tokens=32768 (repeatable)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    """``cp-megatron serve``: exit 0 after a drained stop, 2 bad config, 1 a rank failed."""
+    import sys
+
+    from cp_megatron.config import load_config
+    from cp_megatron.launcher import RankFailure
+
+    overrides = list(args.overrides)
+    overrides += [f"serve.host={args.host}"] if args.host is not None else []
+    overrides += [f"serve.port={args.port}"] if args.port is not None else []
+    try:
+        return serve(load_config(args.config, overrides))
+    except ConfigError as exc:
+        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
+        return 2
+    except RankFailure as exc:
+        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
+        return 1

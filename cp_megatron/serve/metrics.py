@@ -1,0 +1,64 @@
+"""Prometheus metrics of ``cp-megatron serve`` (``GET /metrics``, text exposition format).
+
+    cp_megatron_ttft_seconds            histogram  submit -> first token, per request
+    cp_megatron_ttit_seconds            histogram  time between a request's tokens
+    cp_megatron_round_miss_rate         histogram  T / (T + P) of each prefill round
+    cp_megatron_rounds_total            counter    rounds by kind and ring variant
+    cp_megatron_round_sequences         histogram  sequences per round
+    cp_megatron_kv_cache_bytes          gauge      K/V bytes held, per global rank
+    cp_megatron_requests_in_flight      gauge      queued + generating requests
+    cp_megatron_requests_total          counter    finished requests by finish_reason
+
+Source: Prometheus exposition format (prometheus_client); TTFT / TTIT as in arXiv
+2411.01783 §4.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServeMetrics:
+    """One registry per server (not the process-global one)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("cp_megatron_ttft_seconds", "Time to first token (s)", registry=r,
+                              buckets=_TIME_BUCKETS)
+        self.ttit = Histogram("cp_megatron_ttit_seconds", "Time between tokens of a request (s)",
+                              registry=r, buckets=_TIME_BUCKETS)
+        self.miss_rate = Histogram("cp_megatron_round_miss_rate", "Miss rate T/(T+P) of prefill rounds",
+                                   registry=r, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0))
+        self.rounds = Counter("cp_megatron_rounds", "Rounds run, by kind and ring variant",
+                              ["kind", "variant"], registry=r)
+        self.round_seqs = Histogram("cp_megatron_round_sequences", "Sequences per round", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.kv_bytes = Gauge("cp_megatron_kv_cache_bytes", "K/V bytes held by each rank", ["rank"],
+                              registry=r)
+        self.in_flight = Gauge("cp_megatron_requests_in_flight", "Requests queued or generating", registry=r)
+        self.requests = Counter("cp_megatron_requests", "Finished requests by finish reason",
+                                ["finish_reason"], registry=r)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def on_token(self, ttit_s: float) -> None:
+        self.ttit.observe(ttit_s)
+
+    def on_round(self, kind: str, metrics, num_seqs: int) -> None:
+        self.rounds.labels(kind, metrics.strategy).inc()
+        self.round_seqs.observe(num_seqs)
+        if kind == "prefill":
+            self.miss_rate.observe(metrics.miss_rate)
+
+    def on_finish(self, finish_reason: str) -> None:
+        self.requests.labels(finish_reason).inc()
+
+    def kv_cache_bytes(self, per_rank: list[int]) -> None:
+        for rank, nbytes in enumerate(per_rank):
+            self.kv_bytes.labels(str(rank)).set(nbytes)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

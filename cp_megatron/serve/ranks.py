@@ -1,0 +1,157 @@
+"""What every rank runs under ``cp-megatron serve``.
+
+Global rank 0 runs the HTTP server (uvicorn, in a thread) and the scheduler loop (main
+thread): it plans a round, broadcasts it to every rank, runs its own share and samples.
+The other ranks loop on the broadcast: receive a round, run it, repeat.  All ranks
+therefore run the same rounds in the same order, and sampling happens only on rank 0
+(each request's own ``torch.Generator``): the ids it picks reach the others as the next
+round's tokens, so per-request temperature / top_p / seed never need to agree across
+ranks.  While idle, rank 0 broadcasts a heartbeat every ``serve.heartbeat_s`` seconds:
+the ranks never sit in a collective long enough to time out, and a dead rank breaks the
+next broadcast, after which rank 0 answers 503 and exits non-zero.
+
+Source: arXiv 2411.01783 §3.5 (rounds of partial prefill / decode over persistent KV).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# How long rank 0 keeps answering 503 after a rank failed, before it exits (s).
+FAIL_LINGER_S = 2.0
+
+
+def engine_round(engine, message: dict, gather_kv_bytes: bool = False):
+    """THE adapter between the server and :class:`~cp_megatron.engine.InferenceEngine`:
+    every engine call of the server is here.
+
+    Applies ``message`` on this rank: frees sequences, forks (copies a prefix of a cached
+    sequence under a new id), then runs one forward round over ``message["feed"]``.
+
+    Returns:
+        (logits float32 ``[B, vocab]`` in feed order or None when nothing was fed,
+        :class:`~cp_megatron.engine.RoundMetrics` or None,
+        KV-cache bytes of every rank ``[world]`` (list) when ``gather_kv_bytes`` else None).
+    """
+    for seq in message["free"]:
+        engine.truncate(seq, 0)
+    for src, dst, length in message["fork"]:
+        engine.fork(src, dst, length)
+    logits, metrics = engine.forward(message["feed"]) if message["feed"] else (None, None)
+    kv_bytes = None
+    if gather_kv_bytes:
+        mine = torch.tensor([engine.kv_cache.nbytes()], dtype=torch.long, device=engine.stage.device)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        kv_bytes = [int(x) for x in torch.cat(every).tolist()]
+    return logits, metrics, kv_bytes
+
+
+def _broadcast(message: Optional[dict]) -> dict:
+    """Rank 0 sends ``message`` to every rank; others pass None and get it."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_main(cfg, prep) -> Optional[int]:
+    """Entry of every rank: build the engine, then lead (rank 0) or follow."""
+    from cp_megatron.run import build_engine
+
+    topo, engine, tok = build_engine(cfg, prep)
+    if topo.rank == 0:
+        return _lead(cfg, prep, engine, tok)
+    # SIGTERM / Ctrl-C reach every rank (torchrun forwards them, so does our spawner):
+    # followers keep running until rank 0, which drains, tells them to stop.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        message = _broadcast(None)
+        if message["op"] == "stop":
+            return None
+        if message["op"] == "round":
+            engine_round(engine, message, message.get("gather_kv_bytes", False))
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _lead(cfg, prep, engine, tok) -> int:
+    import uvicorn
+
+    from cp_megatron.serve.app import create_app
+    from cp_megatron.serve.metrics import ServeMetrics
+    from cp_megatron.serve.scheduler import Scheduler
+
+    sv = cfg.serve
+    metrics = ServeMetrics()
+    sched = Scheduler(kv_cache_tokens=sv.kv_cache_tokens, max_num_seqs=sv.max_num_seqs,
+                      max_prefill_tokens=sv.max_prefill_tokens, max_queue=sv.max_queue,
+                      prefix_caching=sv.prefix_caching,
+                      eos_ids=tok.eos_ids if tok is not None else prep.model_config.eos_token_ids,
+                      decode_text=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else None,
+                      metrics=metrics, log=_log)
+    model_name = sv.model_name or prep.model_config.name
+    app = create_app(sched, metrics, model_name=model_name, tokenizer=tok,
+                     max_context=prep.model_config.max_position_embeddings,
+                     vocab_size=prep.model_config.vocab_size,
+                     default_max_tokens=sv.default_max_tokens)
+    server = uvicorn.Server(uvicorn.Config(app, host=sv.host, port=sv.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the HTTP server did not start on {sv.host}:{sv.port}")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    _log(f"[serve] {model_name} on http://{sv.host}:{port}/v1 (cp={cfg.parallel.cp}, "
+         f"kv_cache_tokens={sv.kv_cache_tokens})")
+
+    def on_signal(signum, _frame) -> None:
+        _log(f"[serve] {signal.Signals(signum).name}: draining {sched.in_flight} request(s)")
+        sched.begin_drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    drain_started = None
+    try:
+        while True:
+            if sched.draining:
+                drain_started = drain_started or time.monotonic()
+                if time.monotonic() - drain_started > sv.drain_timeout_s and sched.in_flight:
+                    sched.abort_all("server is shutting down")
+            rnd = sched.plan()
+            if rnd is None:
+                if sched.done_draining():
+                    break
+                if not sched.wait(sv.heartbeat_s):
+                    _broadcast({"op": "idle"})            # keep the ranks' collectives alive
+                continue
+            gather = rnd.kind == "free" or sched.rounds % 16 == 0
+            message = {"op": "round", "gather_kv_bytes": gather, **rnd.message}
+            _broadcast(message)
+            logits, round_metrics, kv_bytes = engine_round(engine, message, gather)
+            if kv_bytes is not None:
+                metrics.kv_cache_bytes(kv_bytes)
+            sched.complete(rnd, logits, round_metrics)
+        _broadcast({"op": "stop"})
+        _log("[serve] drained; stopping every rank")
+        return 0
+    except Exception as exc:
+        sched.fail(f"a rank failed ({type(exc).__name__}); the server is stopping")
+        _log(f"[serve] rank failure: {exc}")
+        time.sleep(FAIL_LINGER_S)      # answer 503 meanwhile, then fail this rank
+        raise
+    finally:
+        server.should_exit = True
+        thread.join(10)

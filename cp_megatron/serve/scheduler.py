@@ -1,0 +1,436 @@
+"""Round scheduling on global rank 0: admission, fused prefill, batched decode, prefix reuse.
+
+The scheduler owns no tensors and calls no collective: it turns requests into *rounds*
+(:class:`Round`: the new token ids of each sequence, plus the sequences to fork or free
+first), which rank 0 broadcasts and every rank runs, and it turns each round's logits into
+sampled tokens, text and events for the waiting HTTP handlers.
+
+* **Fused prefill** (§3.3): the requests admitted together are prefilled in ONE round,
+  each sequence load-balanced over the CP ranks by the engine; at most
+  ``max_prefill_tokens`` new tokens per round (a longer prompt runs alone).
+* **Batched decode** (§3.5.3, Alg. 4): one round feeds the last sampled token of every
+  generating sequence (round-robin placement in the engine).  Prefill and decode rounds
+  alternate while both have work, so admissions never stall running streams for long.
+* **Prefix reuse**: a prompt that shares a prefix with a cached sequence (a previous turn
+  of the chat, the same document with another question) only prefills the rest -- a
+  partial prefill with P > 0, which the paper's heuristic sends to pass-Q when the miss
+  rate is low (Alg. 1).  An idle sequence the prompt fully extends is taken over; any
+  other match is *forked* (its first tokens copied under a new id), so a branch never
+  changes the original.
+* **KV budget**: ``kv_cache_tokens`` tokens for the whole CP group.  A running request
+  reserves prompt + max_tokens; idle cached sequences are evicted least recently used
+  first; a request that does not fit yet waits (FIFO) and one that can never fit is
+  refused at submission.
+
+Thread model: :meth:`Scheduler.submit` / :meth:`Scheduler.cancel` are called from the
+HTTP thread; everything else runs in rank 0's scheduler loop.
+
+Source: arXiv 2411.01783 §3.3 (load-balanced sharding), §3.5 (partial prefill, decode),
+Alg. 1 / Alg. 4; prefix caching as in vLLM / SGLang (radix / LRU).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from cp_megatron.engine import SamplingParams, sample_next
+
+
+class AdmissionError(Exception):
+    """A request refused at submission; ``status`` is the HTTP status (400, 429, 503)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+# -- events sent to the HTTP handler of a request ------------------------------------------------
+@dataclass
+class Delta:
+    """New output of a request: text (may be empty while held back) and token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """The request is done: finish_reason "stop" or "length", and its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request cannot complete (server failure or shutdown): HTTP ``status``."""
+
+    status: int
+    message: str
+
+
+# -- requests, sequences, rounds ---------------------------------------------------------------
+@dataclass
+class GenParams:
+    """Per-request decoding settings (OpenAI names): temperature 0 = greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple = ()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request.  ``sink(event)`` is called from the scheduler thread with
+    :class:`Delta`, :class:`Finished` or :class:`Failed` events (it must not block)."""
+
+    prompt: list[int]
+    params: GenParams
+    sink: Callable[[object], None]
+    request_id: str = ""
+    # scheduler state
+    seq: Optional[int] = None
+    cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    pending: Optional[int] = None
+    finish_reason: str = ""
+    cancelled: bool = False
+    generator: Optional[torch.Generator] = None
+    submitted_at: float = 0.0
+    last_token_at: float = 0.0
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this request may come to hold (prompt + max_tokens)."""
+        return len(self.prompt) + self.params.max_tokens
+
+
+@dataclass
+class _Seq:
+    tokens: list[int]                  # token ids whose K/V the ranks hold, in order
+    owner: Optional[Request] = None    # the request generating on it (None: idle cache entry)
+    last_used: int = 0
+
+
+@dataclass
+class Round:
+    """One round for every rank.  ``message`` is what rank 0 broadcasts:
+    ``{"free": [seq], "fork": [(src, dst, length)], "feed": {seq: [token ids]}}``, applied in
+    that order; ``requests`` are the requests of ``feed``'s sequences, in its order."""
+
+    kind: str                          # "prefill", "decode" or "free" (no forward)
+    message: dict
+    requests: list[Request]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 1, n          # a[:lo] == b[:lo], a[:hi] != b[:hi]: binary search on slices (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class Scheduler:
+    """Rank 0's request queue, sequence table and round planner.
+
+    Args:
+        kv_cache_tokens: KV budget of the CP group (tokens, all sequences together).
+        max_num_seqs: sequences generating at once.
+        max_prefill_tokens: new tokens per fused prefill round.
+        max_queue: waiting requests before 429.
+        prefix_caching: reuse cached sequences' K/V for matching prompt prefixes.
+        eos_ids: token ids that end generation (finish_reason "stop").
+        decode_text: ``ids -> str`` (special tokens skipped) for text and stop strings;
+            None for a model without tokenizer (text stays empty).
+        metrics: optional :class:`~cp_megatron.serve.metrics.ServeMetrics`-like object
+            (``on_first_token``, ``on_token``, ``on_round``, ``on_finish``); None for none.
+        log: ``str -> None`` for one line per round; None for silence.
+    """
+
+    def __init__(self, *, kv_cache_tokens: int, max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
+                 max_queue: int = 256, prefix_caching: bool = True, eos_ids: tuple = (),
+                 decode_text: Optional[Callable[[list[int]], str]] = None, metrics=None,
+                 log: Optional[Callable[[str], None]] = None) -> None:
+        self.kv_cache_tokens, self.max_num_seqs = kv_cache_tokens, max_num_seqs
+        self.max_prefill_tokens, self.max_queue = max_prefill_tokens, max_queue
+        self.prefix_caching, self.eos_ids, self.decode_text = prefix_caching, tuple(eos_ids), decode_text
+        self.metrics, self.log = metrics, log
+        self.seqs: dict[int, _Seq] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.rounds = 0
+        self._next_seq = itertools.count()
+        self._clock = itertools.count(1)
+        self._to_free: list[int] = []
+        self._last_kind = ""
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, Request]] = []
+        self._wake = threading.Event()
+        self.draining = False
+        self.failed: Optional[str] = None
+
+    # -- HTTP thread -----------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue ``req`` (thread-safe).
+
+        Raises:
+            AdmissionError: 503 while draining or failed, 400 if prompt + max_tokens exceeds
+                the KV budget, 429 when ``max_queue`` requests already wait.
+        """
+        with self._lock:
+            if self.failed is not None:
+                raise AdmissionError(503, f"server unavailable: {self.failed}", "server_unavailable")
+            if self.draining:
+                raise AdmissionError(503, "server is shutting down", "server_shutting_down")
+            if req.reserve > self.kv_cache_tokens:
+                raise AdmissionError(400, f"prompt ({len(req.prompt)} tokens) + max_tokens "
+                                     f"({req.params.max_tokens}) exceed the server's KV budget of "
+                                     f"{self.kv_cache_tokens} tokens (serve.kv_cache_tokens)",
+                                     "kv_budget_exceeded")
+            queued = sum(1 for kind, _ in self._inbox if kind == "submit") + len(self.waiting)
+            if queued >= self.max_queue:
+                raise AdmissionError(429, f"server busy: {queued} requests already queued", "queue_full")
+            req.submitted_at = time.perf_counter()
+            self._inbox.append(("submit", req))
+        self._wake.set()
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: stop generating for ``req`` and free its sequence (thread-safe)."""
+        with self._lock:
+            self._inbox.append(("cancel", req))
+        self._wake.set()
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (503); the loop stops once in-flight ones finish."""
+        with self._lock:
+            self.draining = True
+        self._wake.set()
+
+    # -- scheduler thread --------------------------------------------------------------------------
+    def wait(self, timeout: float) -> bool:
+        """Block until something arrives (True) or ``timeout`` seconds pass (False)."""
+        return self._wake.wait(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def cached_tokens_total(self) -> int:
+        return sum(len(s.tokens) for s in self.seqs.values())
+
+    def done_draining(self) -> bool:
+        """Draining and nothing left to run."""
+        with self._lock:
+            pending = bool(self._inbox)
+        return self.draining and not pending and not self.waiting and not self.running and not self._to_free
+
+    def fail(self, message: str, status: int = 503) -> None:
+        """Answer every queued and running request with :class:`Failed` and refuse new ones."""
+        with self._lock:
+            self.failed = message
+            inbox, self._inbox = self._inbox, []
+        reqs = list(self.waiting) + self.running + [r for kind, r in inbox if kind == "submit"]
+        self.waiting.clear()
+        self.running.clear()
+        for r in reqs:
+            if not r.cancelled and not r.finish_reason:
+                r.sink(Failed(status, message))
+
+    def abort_all(self, message: str) -> None:
+        """Drain timeout: end every in-flight request with a 503 event (sequences freed)."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for r in [r for kind, r in inbox if kind == "submit"] + list(self.waiting) + list(self.running):
+            r.sink(Failed(503, message))
+            self._drop(r)
+        self.waiting.clear()
+
+    def _take_inbox(self) -> None:
+        self._wake.clear()              # set again by anything that arrives after this
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, req in inbox:
+            if kind == "submit":
+                if req.cancelled:
+                    continue
+                if req.params.temperature > 0:
+                    seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
+                    req.generator = torch.Generator().manual_seed(seed)
+                self.waiting.append(req)
+            elif not req.cancelled and not req.finish_reason:
+                req.cancelled = True
+                self._drop(req)
+
+    def _drop(self, req: Request) -> None:
+        """Forget a request that will not finish normally; free its sequence."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req.seq is not None and req.seq in self.seqs:
+            del self.seqs[req.seq]
+            self._to_free.append(req.seq)
+        req.seq = None
+
+    def _used(self) -> int:
+        return sum(s.owner.reserve if s.owner is not None else len(s.tokens) for s in self.seqs.values())
+
+    def _evict_for(self, need: int, keep: Optional[int]) -> bool:
+        """Free idle sequences (LRU first, never ``keep``) until ``need`` tokens fit."""
+        free = self.kv_cache_tokens - self._used()
+        idle = sorted((s.last_used, sid) for sid, s in self.seqs.items() if s.owner is None and sid != keep)
+        for _, sid in idle:
+            if free >= need:
+                break
+            free += len(self.seqs.pop(sid).tokens)
+            self._to_free.append(sid)
+        return free >= need
+
+    def _best_match(self, prompt: list[int]) -> tuple[Optional[int], int]:
+        if not self.prefix_caching:
+            return None, 0
+        best, best_len = None, 0
+        for sid, s in self.seqs.items():
+            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)  # >= 1 new token for logits
+            if n > best_len:
+                best, best_len = sid, n
+        return best, best_len
+
+    def _admit(self) -> tuple[dict, list[tuple[int, int, int]], list[Request]]:
+        feed, forks, admitted, new_tokens = {}, [], [], 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            src, n = self._best_match(req.prompt)
+            if admitted and new_tokens + len(req.prompt) - n > self.max_prefill_tokens:
+                break
+            s = self.seqs.get(src) if src is not None else None
+            take_over = s is not None and s.owner is None and n == len(s.tokens)
+            if not self._evict_for(req.reserve - (n if take_over else 0), src):
+                if src is None or not self._evict_for(req.reserve, None):
+                    break                                  # wait for running requests to finish
+                src, n, take_over = None, 0, False         # the match was evicted to make room
+            self.waiting.popleft()
+            if take_over:
+                seq = src                                  # extends an idle sequence: take it over
+            else:
+                seq = next(self._next_seq)
+                if n:
+                    forks.append((src, seq, n))            # branch: copy the shared prefix
+                self.seqs[seq] = _Seq(list(req.prompt[:n]))
+            self.seqs[seq].owner, self.seqs[seq].last_used = req, next(self._clock)
+            if src is not None and src in self.seqs:
+                self.seqs[src].last_used = next(self._clock)
+            req.seq, req.cached_tokens = seq, n
+            feed[seq] = req.prompt[n:]
+            new_tokens += len(feed[seq])
+            admitted.append(req)
+            self.running.append(req)
+        return feed, forks, admitted
+
+    def plan(self) -> Optional[Round]:
+        """The next round, or None when there is nothing to run."""
+        self._take_inbox()
+        decodable = [r for r in self.running if r.pending is not None]
+        feed, forks, reqs, kind = {}, [], [], ""
+        if not (decodable and self._last_kind == "prefill"):
+            feed, forks, reqs = self._admit()
+            kind = "prefill" if feed else ""
+        if not feed and decodable:
+            feed, reqs, kind = {r.seq: [r.pending] for r in decodable}, decodable, "decode"
+        if not feed and not self._to_free:
+            return None
+        free, self._to_free = self._to_free, []
+        self._last_kind = kind
+        return Round(kind or "free", {"free": free, "fork": forks, "feed": feed}, reqs)
+
+    def complete(self, rnd: Round, logits: Optional[torch.Tensor], metrics=None) -> None:
+        """Sample each sequence's next token from ``logits`` (float32 ``[B, vocab]``, rows in
+        ``rnd.message["feed"]`` order) and send the requests their events."""
+        self.rounds += 1
+        if metrics is not None:
+            if self.metrics is not None:
+                self.metrics.on_round(rnd.kind, metrics, len(rnd.requests))
+            if self.log is not None:
+                self.log(f"[serve] round {self.rounds} {rnd.kind}: seqs={len(rnd.requests)} "
+                         f"T={metrics.new_tokens} P={metrics.cached_tokens} miss_rate={metrics.miss_rate:.3f} "
+                         f"-> {metrics.strategy} in {metrics.time_s:.3f} s")
+        if logits is None:
+            return
+        greedy = logits.argmax(dim=-1).tolist()
+        now = time.perf_counter()
+        for row, (req, (seq, fed)) in enumerate(zip(rnd.requests, rnd.message["feed"].items())):
+            if req.cancelled or req.seq != seq:
+                continue                                    # dropped while the round ran
+            s = self.seqs[seq]
+            s.tokens.extend(fed)
+            s.last_used = next(self._clock)
+            p = req.params
+            token = greedy[row] if p.temperature == 0 else sample_next(
+                logits[row:row + 1], SamplingParams(temperature=p.temperature, top_p=p.top_p), req.generator)[0]
+            if self.metrics is not None:
+                if req.generated:
+                    self.metrics.on_token(now - req.last_token_at)
+                else:
+                    self.metrics.on_first_token(now - req.submitted_at)
+            req.last_token_at = now
+            req.generated.append(token)
+            req.pending = token
+            self._emit(req, token)
+        for req in [r for r in self.running if r.finish_reason]:
+            self.running.remove(req)
+            s = self.seqs[req.seq]
+            s.owner = None
+            if not self.prefix_caching:
+                del self.seqs[req.seq]
+                self._to_free.append(req.seq)
+            if self.metrics is not None:
+                self.metrics.on_finish(req.finish_reason)
+            req.sink(Finished(req.finish_reason, len(req.prompt), len(req.generated), req.cached_tokens))
+
+    def _emit(self, req: Request, token: int) -> None:
+        """Stop checks (EOS, stop strings, max_tokens) and the request's next Delta."""
+        p = req.params
+        text = self.decode_text(req.generated) if self.decode_text is not None else ""
+        if token in self.eos_ids:
+            req.finish_reason = "stop"
+        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, req.finish_reason = text[:cut], "stop"
+        elif not req.finish_reason and len(req.generated) >= p.max_tokens:
+            req.finish_reason = "length"
+        safe = len(text)
+        if not req.finish_reason:  # hold back a partial character or a possible stop-string start
+            if text.endswith("\ufffd"):
+                safe = len(text.rstrip("\ufffd"))
+            for s in p.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        new_text = text[req.emitted_chars:safe] if safe > req.emitted_chars else ""
+        req.emitted_chars = max(req.emitted_chars, safe)
+        req.sink(Delta(new_text, [token]))
