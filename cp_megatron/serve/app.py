@@ -5,6 +5,7 @@
     GET  /v1/models             the one served model
     GET  /health                200 while serving, 503 when draining or failed
     GET  /metrics               Prometheus text format (see :mod:`cp_megatron.serve.metrics`)
+    POST /reset_prefix_cache    evict every idle cached sequence (as vLLM's; tests, benchmarks)
 
 Handlers tokenize, validate and hand a :class:`~cp_megatron.serve.scheduler.Request` to
 the scheduler, then wait on an asyncio queue that the scheduler thread fills with
@@ -85,6 +86,11 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        sched.reset_prefix_cache()
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():

@@ -187,7 +187,7 @@ class Scheduler:
         self._to_free: list[int] = []
         self._last_kind = ""
         self._lock = threading.Lock()
-        self._inbox: list[tuple[str, Request]] = []
+        self._inbox: list[tuple[str, Optional[Request]]] = []
         self._wake = threading.Event()
         self.draining = False
         self.failed: Optional[str] = None
@@ -221,6 +221,13 @@ class Scheduler:
         """The client went away: stop generating for ``req`` and free its sequence (thread-safe)."""
         with self._lock:
             self._inbox.append(("cancel", req))
+        self._wake.set()
+
+    def reset_prefix_cache(self) -> None:
+        """Evict every idle cached sequence before the next request is admitted (thread-safe;
+        vLLM's ``/reset_prefix_cache``): later requests start cold."""
+        with self._lock:
+            self._inbox.append(("reset", None))
         self._wake.set()
 
     def begin_drain(self) -> None:
@@ -281,6 +288,8 @@ class Scheduler:
                     seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                     req.generator = torch.Generator().manual_seed(seed)
                 self.waiting.append(req)
+            elif kind == "reset":
+                self._evict_for(self.kv_cache_tokens + 1, None)
             elif not req.cancelled and not req.finish_reason:
                 req.cancelled = True
                 self._drop(req)

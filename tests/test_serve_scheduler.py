@@ -1,0 +1,234 @@
+"""The serve scheduler against a fake engine whose logits depend on each sequence's whole
+token history (as a real model's do): any wrong reuse, fork, free or batching changes
+the tokens.  Oracle: the same request run alone in a fresh scheduler (cold cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_megatron.serve.scheduler import (AdmissionError, Delta, Failed, Finished, GenParams, Request, Scheduler,
+                                         common_prefix)
+
+pytestmark = pytest.mark.unit
+VOCAB = 97
+
+
+class FakeEngine:
+    """Applies a round message like the ranks do and returns one logits row per fed sequence."""
+
+    def __init__(self) -> None:
+        self.history: dict[int, list[int]] = {}
+        self.fed_tokens = 0
+
+    def run(self, message: dict):
+        for seq in message["free"]:
+            del self.history[seq]                       # KeyError: freeing an unknown sequence
+        for src, dst, n in message["fork"]:
+            assert dst not in self.history and len(self.history[src]) >= n
+            self.history[dst] = self.history[src][:n]
+        rows = []
+        for seq, tokens in message["feed"].items():
+            assert tokens, "a sequence fed no token"
+            h = self.history.setdefault(seq, [])
+            h.extend(tokens)
+            self.fed_tokens += len(tokens)
+            g = torch.Generator().manual_seed(hash(tuple(h)) % (2 ** 31))
+            rows.append(torch.randn(VOCAB, generator=g))
+        return torch.stack(rows) if rows else None
+
+
+def make(**kw) -> Scheduler:
+    kw.setdefault("kv_cache_tokens", 100_000)
+    return Scheduler(**kw)
+
+
+def submit(sched, prompt, max_tokens=5, **params) -> tuple[Request, list]:
+    events = []
+    params.setdefault("temperature", 0.0)
+    req = Request(list(prompt), GenParams(max_tokens, **params), events.append)
+    sched.submit(req)
+    return req, events
+
+
+def drive(sched, engine, max_rounds=2000) -> list:
+    rounds = []
+    for _ in range(max_rounds):
+        rnd = sched.plan()
+        if rnd is None:
+            return rounds
+        sched.complete(rnd, engine.run(rnd.message))
+        rounds.append(rnd)
+    raise AssertionError("scheduler did not finish")
+
+
+def tokens(events) -> list[int]:
+    assert sum(isinstance(e, Finished) for e in events) == 1 and isinstance(events[-1], Finished)
+    return [t for e in events if isinstance(e, Delta) for t in e.token_ids]
+
+
+def solo(prompt, **kw) -> list[int]:
+    sched, engine = make(), FakeEngine()
+    _, events = submit(sched, prompt, **kw)
+    drive(sched, engine)
+    return tokens(events)
+
+
+def prompts(n, max_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lengths]
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([7], [1]) == 0 and common_prefix([], [1]) == 0
+    a = list(range(1000))
+    assert common_prefix(a, a[:637] + [-1] + a[638:]) == 637
+
+
+def test_concurrent_requests_get_their_solo_outputs_in_fused_rounds():
+    ps = prompts(12, 300)
+    sched, engine = make(max_prefill_tokens=600, prefix_caching=False), FakeEngine()
+    handles = [submit(sched, p) for p in ps]
+    rounds = drive(sched, engine)
+    for p, (_, events) in zip(ps, handles):
+        assert tokens(events) == solo(p)
+    assert max(len(r.requests) for r in rounds if r.kind == "prefill") > 1
+    assert max(len(r.requests) for r in rounds if r.kind == "decode") > 1
+    assert all(sum(len(t) for t in r.message["feed"].values()) <= 600 or len(r.requests) == 1
+               for r in rounds if r.kind == "prefill")
+    assert engine.history == {}                          # no caching: every sequence freed
+
+
+def test_next_turn_takes_over_the_cached_sequence_and_matches_cold():
+    sched, engine = make(), FakeEngine()
+    first = prompts(1, 50, seed=1)[0]
+    _, ev1 = submit(sched, first)
+    drive(sched, engine)
+    out1 = tokens(ev1)
+    second = first + out1 + [3, 1, 4, 1, 5]
+    fed_before = engine.fed_tokens
+    req, ev2 = submit(sched, second)
+    rounds = drive(sched, engine)
+    assert req.cached_tokens == len(first) + len(out1) - 1       # all but the unfed last token
+    assert rounds[0].message["fork"] == [] and engine.fed_tokens - fed_before == 6 + 4
+    assert tokens(ev2) == solo(second)
+    assert ev2[-1].cached_tokens == req.cached_tokens
+
+
+def test_branch_forks_and_leaves_the_original_intact():
+    sched, engine = make(), FakeEngine()
+    doc = prompts(1, 80, seed=2)[0] + [1] * 20
+    q1, q2 = doc + [5, 6], doc + [7, 8, 9]
+    _, e1 = submit(sched, q1)
+    drive(sched, engine)
+    r2, e2 = submit(sched, q2)
+    rounds = drive(sched, engine)
+    assert r2.cached_tokens == len(doc) and len(rounds[0].message["fork"]) == 1
+    assert tokens(e2) == solo(q2)
+    follow = q1 + tokens(e1) + [2]                          # continue the first branch
+    r3, e3 = submit(sched, follow)
+    drive(sched, engine)
+    assert r3.cached_tokens == len(q1) + len(tokens(e1)) - 1
+    assert tokens(e3) == solo(follow)
+
+
+def test_fork_of_a_running_sequence_while_it_decodes():
+    sched, engine = make(), FakeEngine()
+    doc = prompts(1, 60, seed=3)[0] + [2] * 10
+    _, e1 = submit(sched, doc + [1], max_tokens=8)
+    sched.complete(r := sched.plan(), engine.run(r.message))      # prefill of the first request
+    _, e2 = submit(sched, doc + [4, 4], max_tokens=8)               # shares doc with a running one
+    drive(sched, engine)
+    assert tokens(e1) == solo(doc + [1], max_tokens=8)
+    assert tokens(e2) == solo(doc + [4, 4], max_tokens=8)
+
+
+def test_kv_budget_evicts_least_recently_used_and_refuses_what_never_fits():
+    sched, engine = make(kv_cache_tokens=100), FakeEngine()
+    a, b, c = ([k] * 30 for k in (1, 2, 3))
+    for p in (a, b):
+        submit(sched, p)
+        drive(sched, engine)
+    assert len(engine.history) == 2                     # both cached (34 tokens each)
+    _, ec = submit(sched, c)
+    rounds = drive(sched, engine)
+    assert rounds[0].message["free"] == [0]              # a, least recently used, made room
+    assert tokens(ec) == solo(c)
+    with pytest.raises(AdmissionError) as err:
+        submit(sched, [1] * 98, max_tokens=5)
+    assert err.value.status == 400
+    full = make(max_queue=1)
+    submit(full, [1])
+    with pytest.raises(AdmissionError) as err:
+        submit(full, [2])
+    assert err.value.status == 429
+
+
+def test_requests_wait_for_budget_instead_of_overcommitting():
+    sched, engine = make(kv_cache_tokens=80, prefix_caching=False), FakeEngine()
+    ps = [[k] * 30 for k in range(1, 5)]                 # 35 tokens reserved each: 2 fit at once
+    handles = [submit(sched, p) for p in ps]
+    rounds = drive(sched, engine)
+    assert max(len(r.requests) for r in rounds) == 2
+    assert [tokens(e) for _, e in handles] == [solo(p) for p in ps]
+
+
+def test_cancel_frees_the_sequence():
+    sched, engine = make(), FakeEngine()
+    req, events = submit(sched, [5] * 40, max_tokens=50)
+    for _ in range(3):
+        sched.complete(r := sched.plan(), engine.run(r.message))
+    seq = req.seq
+    assert seq in engine.history
+    sched.cancel(req)
+    rnd = sched.plan()
+    assert rnd.kind == "free" and rnd.message["free"] == [seq]
+    engine.run(rnd.message)
+    assert engine.history == {} and sched.in_flight == 0 and sched.plan() is None
+    assert not any(isinstance(e, Finished) for e in events)
+
+
+def test_stop_strings_eos_and_held_back_text():
+    letters = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)     # noqa: E731
+    prompt = [3] * 10
+    ref = solo(prompt, max_tokens=12)
+    text = letters(ref)
+    stop = text[5:7]
+    cut = text.find(stop)
+    sched, engine = make(decode_text=letters), FakeEngine()
+    _, events = submit(sched, prompt, max_tokens=12, stop=(stop,))
+    drive(sched, engine)
+    streamed = "".join(e.text for e in events if isinstance(e, Delta))
+    assert streamed == text[:cut] and events[-1].finish_reason == "stop"
+    sched, engine = make(eos_ids=(ref[3],)), FakeEngine()
+    _, events = submit(sched, prompt, max_tokens=12)
+    drive(sched, engine)
+    assert tokens(events) == ref[:ref.index(ref[3]) + 1] and events[-1].finish_reason == "stop"
+    assert solo(prompt, max_tokens=4) == ref[:4]
+
+
+def test_sampling_is_seeded_per_request_whatever_the_batch():
+    p = [9] * 12
+    alone = solo(p, max_tokens=8, temperature=1.0, seed=7)
+    sched, engine = make(), FakeEngine()
+    others = [submit(sched, q, max_tokens=8, temperature=0.7, seed=i) for i, q in enumerate(prompts(5, 40))]
+    _, events = submit(sched, p, max_tokens=8, temperature=1.0, seed=7)
+    drive(sched, engine)
+    assert tokens(events) == alone
+    assert solo(p, max_tokens=8, temperature=1.0, seed=8) != alone
+    assert all(len(tokens(e)) == 8 for _, e in others)
+
+
+def test_failure_answers_everyone_and_refuses_new_requests():
+    sched, engine = make(), FakeEngine()
+    _, e1 = submit(sched, [1] * 5)
+    sched.complete(r := sched.plan(), engine.run(r.message))
+    _, e2 = submit(sched, [2] * 5)
+    sched.fail("rank 1 died")
+    assert isinstance(e1[-1], Failed) and isinstance(e2[-1], Failed) and e1[-1].status == 503
+    with pytest.raises(AdmissionError) as err:
+        submit(sched, [3])
+    assert err.value.status == 503
