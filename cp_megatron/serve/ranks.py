@@ -15,6 +15,7 @@ Source: arXiv 2411.01783 §3.5 (rounds of partial prefill / decode over persiste
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -115,7 +116,7 @@ def _lead(cfg, prep, engine, tok) -> int:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     _log(f"[serve] {model_name} on http://{sv.host}:{port}/v1 (cp={cfg.parallel.cp}, "
-         f"kv_cache_tokens={sv.kv_cache_tokens})")
+         f"kv_cache_tokens={sv.kv_cache_tokens}, rank 0 pid {os.getpid()})")
 
     def on_signal(signum, _frame) -> None:
         _log(f"[serve] {signal.Signals(signum).name}: draining {sched.in_flight} request(s)")
