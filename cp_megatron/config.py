@@ -119,7 +119,8 @@ class ServeSection(_Strict):
 
     host: str = Field("127.0.0.1", min_length=1, description="address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port)")
-    model_name: Optional[str] = Field(None, min_length=1, description="model id in the API (default: the model's name)")
+    model_name: Optional[str] = Field(None, min_length=1, description="model id in the API (default: the checkpoint's "
+                                       "name, or its file / folder name)")
     kv_cache_tokens: int = Field(65536, ge=1, description="KV budget: tokens the CP group may cache in all "
                                  "(each CP rank holds about 1/cp of them); admission control and LRU "
                                  "eviction keep below it")

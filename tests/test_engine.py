@@ -164,15 +164,20 @@ def truncate_job(cp: int):
     assert engine.kv_cache.num_tokens == held and engine.cached_lengths[0] == 300
     again, metrics = engine.forward({0: ids[300:340]}, all_logits=True)
     assert metrics.cached_tokens == 300
+    engine.truncate(0, 300)
+    engine.fork(0, 7, 250)                      # branch: a copy of the first 250 tokens
+    assert engine.cached_lengths[7] == 250 and engine.cached_lengths[0] == 300
+    branch, _ = engine.forward({7: ids[250:340]}, all_logits=True)
     engine.truncate(1, 0)                       # forget sequence 1 entirely
     assert 1 not in engine.cached_lengths and engine.kv_cache.tokens_of(1) == 0
-    return first, again
+    return first, again, branch[50:]
 
 
 @pytest.mark.timeout(300)
-def test_truncate_rolls_back_a_round_exactly_cp2():
-    first, again = spawn(truncate_job, 2, (2,), timeout_s=200)[0]
+def test_truncate_rolls_back_a_round_exactly_and_fork_branches_cp2():
+    first, again, branch = spawn(truncate_job, 2, (2,), timeout_s=200)[0]
     assert torch.equal(first, again)
+    torch.testing.assert_close(branch, first, rtol=1e-5, atol=1e-5)   # the fork continues like the original
 
 
 def test_heuristic_hardware_from_profile_file_with_overrides(tmp_path):

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -100,7 +101,8 @@ def _lead(cfg, prep, engine, tok) -> int:
                       eos_ids=tok.eos_ids if tok is not None else prep.model_config.eos_token_ids,
                       decode_text=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else None,
                       metrics=metrics, log=_log)
-    model_name = sv.model_name or prep.model_config.name
+    # A checkpoint's name may be its path: the API id is then the file or folder name.
+    model_name = sv.model_name or Path(prep.model_config.name).name.removesuffix(".gguf")
     app = create_app(sched, metrics, model_name=model_name, tokenizer=tok,
                      max_context=prep.model_config.max_position_embeddings,
                      vocab_size=prep.model_config.vocab_size,
