@@ -38,19 +38,13 @@ def _add_run_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from cp_megatron.config import ConfigError, load_config
-    from cp_megatron.launcher import RankFailure
+    from cp_megatron.config import load_config
+    from cp_megatron.launcher import cli_job
     from cp_megatron.run import format_summary, run
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = run(cfg)
-    except ConfigError as exc:
-        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
-        return 2
-    except RankFailure as exc:
-        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
-        return 1
+    code, result = cli_job(lambda: run(load_config(args.config, args.overrides)))
+    if code:
+        return code
     if result is not None:  # global rank 0
         print(format_summary(result))
         if args.output:

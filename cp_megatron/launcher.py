@@ -34,6 +34,24 @@ class RankFailure(RuntimeError):
         self.rank = rank
 
 
+def cli_job(job: Callable[[], Any]) -> tuple[int, Any]:
+    """Run a CLI job (pre-flight, then ranks) and map its failures to exit codes, each with
+    one line on stderr: ``(2, None)`` for a :class:`~cp_megatron.config.ConfigError`,
+    ``(1, None)`` for a :class:`RankFailure`, else ``(0, job's result)``."""
+    import sys
+
+    from cp_megatron.config import ConfigError
+
+    try:
+        return 0, job()
+    except ConfigError as exc:
+        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
+        return 2, None
+    except RankFailure as exc:
+        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
+        return 1, None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -89,19 +89,10 @@ def add_parser(subparsers) -> None:
 
 def main(args) -> int:
     """``cp-megatron serve``: exit 0 after a drained stop, 2 bad config, 1 a rank failed."""
-    import sys
-
     from cp_megatron.config import load_config
-    from cp_megatron.launcher import RankFailure
+    from cp_megatron.launcher import cli_job
 
     overrides = list(args.overrides)
     overrides += [f"serve.host={args.host}"] if args.host is not None else []
     overrides += [f"serve.port={args.port}"] if args.port is not None else []
-    try:
-        return serve(load_config(args.config, overrides))
-    except ConfigError as exc:
-        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
-        return 2
-    except RankFailure as exc:
-        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
-        return 1
+    return cli_job(lambda: serve(load_config(args.config, overrides)))[0]
