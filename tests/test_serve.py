@@ -116,6 +116,8 @@ BAD = {
     "token id out of vocab": ({"model": "tiny", "prompt": [1, 512]}, "invalid_token_id"),
     "text prompt, no tokenizer": ({"model": "tiny", "prompt": "hello"}, None),
     "empty prompt": ({"model": "tiny", "prompt": []}, None),
+    "seed out of range": ({"model": "tiny", "prompt": [1], "temperature": 1, "seed": 2 ** 70}, "less_than"),
+    "n > 1": ({"model": "tiny", "prompt": [1], "n": 2}, None),
 }
 
 

@@ -33,7 +33,7 @@ class _Sampling(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), lt=2 ** 64, description="sampling seed (torch.Generator)")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

@@ -120,8 +120,12 @@ def _lead(cfg, prep, engine, tok) -> int:
     _log(f"[serve] {model_name} on http://{sv.host}:{port}/v1 (cp={cfg.parallel.cp}, "
          f"kv_cache_tokens={sv.kv_cache_tokens}, rank 0 pid {os.getpid()})")
 
+    signals = []
+
     def on_signal(signum, _frame) -> None:
-        _log(f"[serve] {signal.Signals(signum).name}: draining {sched.in_flight} request(s)")
+        signals.append(signum)
+        _log(f"[serve] {signal.Signals(signum).name}: " + (f"draining {sched.in_flight} request(s)"
+             if len(signals) == 1 else "second signal, ending in-flight requests now"))
         sched.begin_drain()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -131,7 +135,7 @@ def _lead(cfg, prep, engine, tok) -> int:
         while True:
             if sched.draining:
                 drain_started = drain_started or time.monotonic()
-                if time.monotonic() - drain_started > sv.drain_timeout_s and sched.in_flight:
+                if (time.monotonic() - drain_started > sv.drain_timeout_s or len(signals) > 1) and sched.in_flight:
                     sched.abort_all("server is shutting down")
             rnd = sched.plan()
             if rnd is None:
