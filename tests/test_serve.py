@@ -229,3 +229,20 @@ def test_killed_rank_gives_503_and_ends_the_server(tmp_path):
         assert "rank 1" in "".join(server.lines)
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(120)
+def test_port_in_use_is_a_config_error_before_any_rank(tmp_path):
+    import socket
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "cp_megatron.cli", "serve", str(cfg), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
+    assert len(lines) == 1 and "serve.port" in lines[0] and "weights loaded" not in proc.stderr
