@@ -124,7 +124,10 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
                                "token-id prompt", "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+        try:
+            prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+        except Exception as exc:   # the checkpoint's jinja template may raise (e.g. role order)
+            return _error(400, f"messages: the chat template rejected them: {exc}", "messages")
         max_tokens, err = check(body, prompt, body.max_completion_tokens or body.max_tokens,
                                 default_max_tokens, "messages")
         return err or await _generate(request, body, prompt, max_tokens, chat=True)
