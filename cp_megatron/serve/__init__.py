@@ -22,7 +22,7 @@ import socket
 from cp_megatron.config import ConfigError, RunConfig
 
 # After one rank fails, the others get this long to answer clients and exit (s).
-RANK_FAILURE_GRACE_S = 10.0
+RANK_FAILURE_GRACE_S = 15.0
 
 
 def _check_port(host: str, port: int) -> None:

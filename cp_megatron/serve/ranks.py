@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 # How long rank 0 keeps answering 503 after a rank failed, before it exits (s).
-FAIL_LINGER_S = 2.0
+FAIL_LINGER_S = 5.0
 
 
 def engine_round(engine, message: dict, gather_kv_bytes: bool = False):
