@@ -232,3 +232,15 @@ def test_failure_answers_everyone_and_refuses_new_requests():
     with pytest.raises(AdmissionError) as err:
         submit(sched, [3])
     assert err.value.status == 503
+
+
+def test_a_fork_source_is_not_evicted_in_the_round_that_copies_it():
+    sched, engine = make(kv_cache_tokens=100), FakeEngine()
+    doc = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    submit(sched, doc)
+    drive(sched, engine)                                  # idle: doc + 4 generated = 44 tokens
+    a, b = doc[:30] + [9] * 5, [7] * 20                   # a forks 30 tokens of it; b needs room
+    (ra, ea), (rb, eb) = submit(sched, a), submit(sched, b)
+    drive(sched, engine)
+    assert ra.cached_tokens == 30
+    assert tokens(ea) == solo(a) and tokens(eb) == solo(b)

@@ -289,7 +289,7 @@ class Scheduler:
                     req.generator = torch.Generator().manual_seed(seed)
                 self.waiting.append(req)
             elif kind == "reset":
-                self._evict_for(self.kv_cache_tokens + 1, None)
+                self._evict_for(self.kv_cache_tokens + 1)
             elif not req.cancelled and not req.finish_reason:
                 req.cancelled = True
                 self._drop(req)
@@ -308,10 +308,10 @@ class Scheduler:
     def _used(self) -> int:
         return sum(s.owner.reserve if s.owner is not None else len(s.tokens) for s in self.seqs.values())
 
-    def _evict_for(self, need: int, keep: Optional[int]) -> bool:
-        """Free idle sequences (LRU first, never ``keep``) until ``need`` tokens fit."""
+    def _evict_for(self, need: int, keep=frozenset()) -> bool:
+        """Free idle sequences (LRU first, none in ``keep``) until ``need`` tokens fit."""
         free = self.kv_cache_tokens - self._used()
-        idle = sorted((s.last_used, sid) for sid, s in self.seqs.items() if s.owner is None and sid != keep)
+        idle = sorted((s.last_used, sid) for sid, s in self.seqs.items() if s.owner is None and sid not in keep)
         for _, sid in idle:
             if free >= need:
                 break
@@ -331,6 +331,7 @@ class Scheduler:
 
     def _admit(self) -> tuple[dict, list[tuple[int, int, int]], list[Request]]:
         feed, forks, admitted, new_tokens = {}, [], [], 0
+        sources = set()          # fork sources of this round: the ranks copy them after the frees
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             src, n = self._best_match(req.prompt)
@@ -338,8 +339,8 @@ class Scheduler:
                 break
             s = self.seqs.get(src) if src is not None else None
             take_over = s is not None and s.owner is None and n == len(s.tokens)
-            if not self._evict_for(req.reserve - (n if take_over else 0), src):
-                if src is None or not self._evict_for(req.reserve, None):
+            if not self._evict_for(req.reserve - (n if take_over else 0), sources | {src}):
+                if src is None or not self._evict_for(req.reserve, sources):
                     break                                  # wait for running requests to finish
                 src, n, take_over = None, 0, False         # the match was evicted to make room
             self.waiting.popleft()
@@ -349,6 +350,7 @@ class Scheduler:
                 seq = next(self._next_seq)
                 if n:
                     forks.append((src, seq, n))            # branch: copy the shared prefix
+                    sources.add(src)
                 self.seqs[seq] = _Seq(list(req.prompt[:n]))
             self.seqs[seq].owner, self.seqs[seq].last_used = req, next(self._clock)
             if src is not None and src in self.seqs:
