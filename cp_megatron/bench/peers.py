@@ -55,7 +55,8 @@ def _ours_job(turns, cfg, prep, ids: list[int], repeats: int) -> dict:
     with turn(turns, "ours/setup"):
         stage = LlamaStage(prep.model_config, StageLayout(), dtype=getattr(torch, cfg.model.dtype))
         load_weights(stage, open_reader(cfg))
-        engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, kv_capacity=len(ids))
+        engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, kv_capacity=len(ids),
+                                 profile=True)
     samples, logits = [], None
     for key in ["warmup"] + list(range(repeats)):
         with turn(turns, f"ours/{key}"):
