@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cp_megatron.engine import Generation, RoundMetrics, SamplingParams, generate, sample_next
+
+pytestmark = pytest.mark.unit
 
 
 def test_greedy_is_argmax():
