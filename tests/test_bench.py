@@ -119,7 +119,7 @@ def test_scaling_quick_writes_medians_speedup_and_efficiency(tmp_path):
         cp2 = row["cp"]["2"]
         assert cp2["speedup"] == pytest.approx(row["cp"]["1"]["ttft_s"]["median"] / cp2["ttft_s"]["median"])
         assert cp2["efficiency"] == pytest.approx(cp2["speedup"] / 2)
-        assert cp2["strategy"] == "pass-kv"  # full prefill with NH > 2 NKV (DESIGN §7)
+        assert cp2["strategy"] == "pass-kv"  # full prefill with NH > 2 NKV (docs/design.md §8)
         assert row["same_next_token"]
         # float32 rounding of a 4-layer random model; a wrong shard would differ by O(1)
         assert row["logits_max_abs_diff_vs_cp1"]["2"] < 1e-3

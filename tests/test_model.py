@@ -1,5 +1,5 @@
 """The Llama 3 model against Hugging Face transformers on the same weights, and its
-invariance across CP x TP x PP layouts (DESIGN §10)."""
+invariance across CP x TP x PP layouts (docs/design.md §14)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ One call = one attention layer of one round.  Steps:
 3. pad the rotating block to the longest on any rank (padding has sequence id -1);
 4. run ring pass-KV or ring pass-Q; a CP group of size 1 does no communication.
 
-Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); DESIGN §3–§7.
+Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); docs/design.md §2–§8.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Local attention of a query block against a KV block, planned from global positions.
 
-Visibility comes from positions and sequence ids alone (DESIGN §3):
+Visibility comes from positions and sequence ids alone (docs/design.md §2):
 
     kv token j is visible to query token i  <=>  seq(j) == seq(i) and pos(j) <= pos(i)
 

@@ -11,7 +11,7 @@ kernel does it:
 
 Optional imports (flash-attn) are guarded here and nowhere else.
 
-Source: DESIGN §4; flash-attn ``flash_attn_interface.py``; PyTorch ``aten/native/transformers``.
+Source: docs/design.md §5; flash-attn ``flash_attn_interface.py``; PyTorch ``aten/native/transformers``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def ring_pass_q(q: torch.Tensor, q_pos: torch.Tensor, q_seq: torch.Tensor,
     """
     size = dist.get_world_size(group)
     dh = q.shape[2]
-    # Partials stay float32 until merged (DESIGN §5), whatever q's dtype.  Column dh of
+    # Partials stay float32 until merged (docs/design.md §6), whatever q's dtype.  Column dh of
     # each row holds its LSE, so one all_to_all carries both.
     partials = torch.empty((size, *q.shape[:2], dh + 1), dtype=torch.float32, device=q.device)
     meta = torch.stack([q_pos, q_seq]).to(device=q.device, dtype=torch.long)       # [2, Tq]
