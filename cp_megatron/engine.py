@@ -5,7 +5,7 @@ cached), a partial prefill (a new turn on top of the cached conversation) or a d
 step (one token per sequence).  Placement follows the paper: load-balanced 2N chunks of
 the new tokens for prefill, round-robin ranks for decode tokens (§3.3, §3.5).
 
-A round is planned once, on the host, with no collective (docs/design.md §6): placement
+A round is planned once, on the host, with no collective (docs/design.md §9): placement
 is a deterministic function of the lengths, the cached lengths and the decode step, so
 every rank knows where every token of every rank goes.  The engine keeps the host-side
 layout of every CP rank's cache, decides the ring variant by Alg. 1 / Alg. 5 on the global

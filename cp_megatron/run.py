@@ -10,7 +10,7 @@ Order of work:
    prefill, decode, and for ``prompt.turns`` one partial prefill per later turn;
 4. rank 0 prints the summary and returns the result (written as JSON by the CLI).
 
-Source: arXiv 2411.01783 §3 (what runs), DESIGN §2 (groups).
+Source: arXiv 2411.01783 §3 (what runs), docs/design.md §11 (groups).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Load-balanced sharding of sequences over CP ranks, and decode placement.
 
 Pure: no torch.distributed, no megatron.  Every token a rank holds carries its global
-position and sequence id (DESIGN §3); these functions say which tokens go where.
+position and sequence id (docs/design.md §2); these functions say which tokens go where.
 
 * Full prefill (§3.3): a sequence of T tokens is cut into 2N chunks whose sizes differ by
   at most one; rank r takes chunks r and 2N-1-r, so every rank gets the same share of

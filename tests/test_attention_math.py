@@ -16,6 +16,8 @@ from cp_megatron.attention.merge import merge_into, merge_partials
 from cp_megatron.attention.reference import reference_attention
 from cp_megatron.sharding import chunk_bounds, decode_owner, load_balanced_ranges, shard_new_tokens
 
+pytestmark = pytest.mark.unit
+
 
 # -- merge (Eq. 4) -------------------------------------------------------------------------
 def test_merge_of_split_keys_matches_reference_attention():

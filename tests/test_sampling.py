@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cp_megatron.engine import (Generation, RoundMetrics, SamplingParams, draw_seed, generate, sample_next,
                                 sample_rows)
+
+pytestmark = pytest.mark.unit
 
 
 def test_greedy_is_argmax():

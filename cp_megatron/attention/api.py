@@ -13,7 +13,7 @@ Two entry points:
 
 A CP group of size 1 does no communication.
 
-Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); docs/design.md §2–§6.
+Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); docs/design.md §2, §4–§9.
 """
 
 from __future__ import annotations

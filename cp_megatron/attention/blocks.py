@@ -6,7 +6,7 @@ each block is one kernel call (kernels.py) and one in-place merge (Eq. 4) into f
 accumulators.  Only device work: slices are views, index tensors are already on the
 device, nothing is read back to the host.
 
-Source: arXiv 2411.01783 §3.4 (Eq. 4); docs/design.md §4, §6.
+Source: arXiv 2411.01783 §3.4 (Eq. 4); docs/design.md §4–§6.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ asserted); inputs are made contiguous in the last dimension; the efficient kerne
 is padded to a multiple of 32 rows and is sliced back.  On CUDA the aten kernels have
 not yet been run by this project on a GPU (see docs/performance.md, "GPU status").
 
-Source: docs/design.md §4; flash-attn ``flash_attn_interface.py``; PyTorch
+Source: docs/design.md §5; flash-attn ``flash_attn_interface.py``; PyTorch
 ``aten/src/ATen/native/transformers/attention.cpp`` and ``sdp_utils.cpp``.
 """
 

@@ -40,7 +40,7 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
     """
     size = dist.get_world_size(group)
     dh = q.shape[2]
-    # Partials stay float32 until merged (docs/design.md §3), whatever q's dtype.  Column
+    # Partials stay float32 until merged (docs/design.md §6), whatever q's dtype.  Column
     # dh of each row holds its LSE, so one all_to_all carries both.
     partials = torch.zeros((size, *q.shape[:2], dh + 1), dtype=torch.float32, device=q.device)
     partials[..., dh] = float("-inf")

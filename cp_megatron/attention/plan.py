@@ -2,7 +2,7 @@
 
 Every layer of a round attends the same query tokens to the same KV slots (only the
 values differ), so everything that depends on positions alone is decided once per round
-(docs/design.md §6): the ring variant, the padded length of the rotating block, and for
+(docs/design.md §9): the ring variant, the padded length of the rotating block, and for
 each ring step the list of kernel calls (*blocks*) that attend the queries in hand to the
 KV in hand.  A layer then does device work and the ring's P2P only: no host transfer,
 no shape exchange, no mask built.  This is vLLM's per-step ``AttentionMetadata`` idea.
@@ -25,7 +25,7 @@ round-robin decode tokens, uneven caches, several sequences): kernels see only p
 square causal blocks.  A decode token is a run of one query: one plain block over the
 KV slots of its sequence.  Padding slots (sequence id < 0) are in no block.
 
-Source: arXiv 2411.01783 §3.3–3.5 (sharding, ring variants, decode); docs/design.md §2, §6.
+Source: arXiv 2411.01783 §3.3–3.5 (sharding, ring variants, decode); docs/design.md §2, §4, §9.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class AttentionPlan:
     """What every layer of one round needs to run ring attention, decided once.
 
     Attributes:
-        strategy: "pass-kv" or "pass-q" (docs/design.md §5).
+        strategy: "pass-kv" or "pass-q" (docs/design.md §7).
         cp_rank, cp_size: this rank and N.
         num_queries: this rank's query rows (Tq).
         q_len: pass-Q's rotating query block length: max Tq over ranks (padding rows

@@ -12,7 +12,7 @@ the two compute the same thing.
 
 transformers (and accelerate) are test extras: imported lazily, with a clear error.
 
-Source: arXiv 2411.01783 §4 (TTFT); DESIGN §10 (transformers is the model oracle).
+Source: arXiv 2411.01783 §4 (TTFT); docs/design.md §14 (transformers is the model oracle).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ its TP rank.  The cache stays sharded across turns: a new turn's partial prefill
 appends (§3.5.1); nothing is ever gathered.  Token order inside the cache is arbitrary;
 positions say everything.
 
-Two halves (docs/design.md §7):
+Two halves (docs/design.md §10):
 
 * :class:`KVLayout` -- host-side bookkeeping: the global position and sequence id of
   every slot.  The engine keeps one per CP rank (placement is deterministic), so it plans
