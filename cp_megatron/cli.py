@@ -34,6 +34,8 @@ def _add_run_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config field, e.g. --set parallel.cp=4 (repeatable)")
     p.add_argument("--output", help="write the result (text, token_ids, rounds) as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="time ring attention per round (same as --set runtime.profile=true)")
     p.set_defaults(func=_run)
 
 
@@ -42,7 +44,8 @@ def _run(args) -> int:
     from cp_megatron.launcher import cli_job
     from cp_megatron.run import format_summary, run
 
-    code, result = cli_job(lambda: run(load_config(args.config, args.overrides)))
+    overrides = args.overrides + (["runtime.profile=true"] if args.profile else [])
+    code, result = cli_job(lambda: run(load_config(args.config, overrides)))
     if code:
         return code
     if result is not None:  # global rank 0

@@ -10,7 +10,7 @@ Order of work:
    prefill, decode, and for ``prompt.turns`` one partial prefill per later turn;
 4. rank 0 prints the summary and returns the result (written as JSON by the CLI).
 
-Source: arXiv 2411.01783 §3 (what runs), DESIGN §2 (groups).
+Source: arXiv 2411.01783 §3 (what runs), docs/design.md §11 (groups).
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ def _log(topo, *parts) -> None:
         print(*parts, file=sys.stderr, flush=True)
 
 
-def build_engine(cfg: RunConfig, prep: Prepared):
-    """On every rank: process groups, this rank's stage and weight slice, the engine.
+def build_engine(cfg: RunConfig, prep: Prepared, kv_capacity: int = 0):
+    """On every rank: process groups, this rank's stage and weight slice, the engine
+    (``kv_capacity``: cache slots to reserve on this rank up front, tokens).
 
     Returns:
         (topology, :class:`~cp_megatron.engine.InferenceEngine`, tokenizer or None).
@@ -200,7 +201,8 @@ def build_engine(cfg: RunConfig, prep: Prepared):
     load_weights(stage, reader, progress=topo.rank == 0)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")
-    engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware)
+    engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware,
+                             kv_capacity=kv_capacity, profile=rt.profile)
     return topo, engine, tok
 
 
@@ -209,10 +211,11 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     from tqdm import tqdm
 
     from cp_megatron.engine import SamplingParams, generate
+    from cp_megatron.sharding import kv_slots_per_rank
 
-    topo, engine, tok = build_engine(cfg, prep)
-    stage, par, rt = engine.stage, cfg.parallel, cfg.runtime
-    gen = cfg.generation
+    par, rt, gen = cfg.parallel, cfg.runtime, cfg.generation
+    topo, engine, tok = build_engine(cfg, prep, kv_slots_per_rank(len(prep.first_turn), gen.max_new_tokens, par.cp))
+    stage = engine.stage
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
     eos = tok.eos_ids if tok is not None else ()
     decode_text = tok.decode if tok is not None else None

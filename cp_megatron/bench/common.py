@@ -7,7 +7,7 @@ a job waits (sleeping) until the previous entry of the schedule is marked done, 
 round, and marks it done.  Process start-up, imports and weight loading are never timed,
 and no timed round shares the cores with another job's work.
 
-Source: DESIGN §9 (benchmark results with plots live in docs/).
+Source: docs/design.md §13 (benchmark results with plots live in docs/).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_cap
     config = get_preset(preset)
     stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
     load_weights(stage, DummyReader(config, seed=seed))
-    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity)
+    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity, profile=True)
 
 
 def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:
