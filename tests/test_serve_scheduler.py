@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cp_megatron.engine import sample_rows
 from cp_megatron.serve.scheduler import (AdmissionError, Delta, Failed, Finished, GenParams, Request, Scheduler,
                                          common_prefix)
 
@@ -15,7 +16,8 @@ VOCAB = 97
 
 
 class FakeEngine:
-    """Applies a round message like the ranks do and returns one logits row per fed sequence."""
+    """Applies a round message like the ranks do and returns the next token of each fed
+    sequence, sampled as the engine samples (``sample_rows``: settings and draw count)."""
 
     def __init__(self) -> None:
         self.history: dict[int, list[int]] = {}
@@ -27,7 +29,7 @@ class FakeEngine:
         for src, dst, n in message["fork"]:
             assert dst not in self.history and len(self.history[src]) >= n
             self.history[dst] = self.history[src][:n]
-        rows = []
+        rows, params, draws = [], [], []
         for seq, tokens in message["feed"].items():
             assert tokens, "a sequence fed no token"
             h = self.history.setdefault(seq, [])
@@ -35,7 +37,9 @@ class FakeEngine:
             self.fed_tokens += len(tokens)
             g = torch.Generator().manual_seed(hash(tuple(h)) % (2 ** 31))
             rows.append(torch.randn(VOCAB, generator=g))
-        return torch.stack(rows) if rows else None
+            params.append(message["sampling"][seq])
+            draws.append(message["draws"][seq])
+        return sample_rows(torch.stack(rows), params, draws).tolist() if rows else None
 
 
 def make(**kw) -> Scheduler:

@@ -1,12 +1,13 @@
 """What every rank runs under ``cp-megatron serve``.
 
 Global rank 0 runs the HTTP server (uvicorn, in a thread) and the scheduler loop (main
-thread): it plans a round, broadcasts it to every rank, runs its own share and samples.
+thread): it plans a round, broadcasts it to every rank and runs its share.
 The other ranks loop on the broadcast: receive a round, run it, repeat.  All ranks
-therefore run the same rounds in the same order, and sampling happens only on rank 0
-(each request's own ``torch.Generator``): the ids it picks reach the others as the next
-round's tokens, so per-request temperature / top_p / seed never need to agree across
-ranks.  While idle, rank 0 broadcasts a heartbeat every ``serve.heartbeat_s`` seconds:
+therefore run the same rounds in the same order.  Each round carries every sequence's
+sampling settings (temperature, top_p, seed -- drawn on rank 0 when the request gives
+none -- and how many tokens it has drawn): the engine samples a sequence's next token on
+the rank that holds its last token, with a generator seeded from those two numbers, and
+shares the ids (not logits), so per-request settings need no other agreement.  While idle, rank 0 broadcasts a heartbeat every ``serve.heartbeat_s`` seconds:
 the ranks never sit in a collective long enough to time out, and a dead rank breaks the
 next broadcast, after which rank 0 answers 503 and exits non-zero.
 
@@ -35,10 +36,12 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False):
     every engine call of the server is here.
 
     Applies ``message`` on this rank: frees sequences, forks (copies a prefix of a cached
-    sequence under a new id), then runs one forward round over ``message["feed"]``.
+    sequence under a new id), then runs one round over ``message["feed"]`` and samples
+    each sequence's next token (``message["sampling"]``, ``message["draws"]``).
 
     Returns:
-        (logits float32 ``[B, vocab]`` in feed order or None when nothing was fed,
+        (next token id per fed sequence in feed order, identical on every rank, or None
+        when nothing was fed,
         :class:`~cp_megatron.engine.RoundMetrics` or None,
         KV-cache bytes of every rank ``[world]`` (list) when ``gather_kv_bytes`` else None).
     """
@@ -46,14 +49,15 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False):
         engine.truncate(seq, 0)
     for src, dst, length in message["fork"]:
         engine.fork(src, dst, length)
-    logits, metrics = engine.forward(message["feed"]) if message["feed"] else (None, None)
+    tokens, metrics = (engine.step(message["feed"], message["sampling"], message["draws"])
+                       if message["feed"] else (None, None))
     kv_bytes = None
     if gather_kv_bytes:
         mine = torch.tensor([engine.kv_cache.nbytes()], dtype=torch.long, device=engine.stage.device)
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         kv_bytes = [int(x) for x in torch.cat(every).tolist()]
-    return logits, metrics, kv_bytes
+    return tokens, metrics, kv_bytes
 
 
 def _broadcast(message: Optional[dict]) -> dict:
@@ -147,10 +151,10 @@ def _lead(cfg, prep, engine, tok) -> int:
             gather = rnd.kind == "free" or sched.rounds % 16 == 0
             message = {"op": "round", "gather_kv_bytes": gather, **rnd.message}
             _broadcast(message)
-            logits, round_metrics, kv_bytes = engine_round(engine, message, gather)
+            tokens, round_metrics, kv_bytes = engine_round(engine, message, gather)
             if kv_bytes is not None:
                 metrics.kv_cache_bytes(kv_bytes)
-            sched.complete(rnd, logits, round_metrics)
+            sched.complete(rnd, tokens, round_metrics)
         _broadcast({"op": "stop"})
         _log("[serve] drained; stopping every rank")
         return 0

@@ -2,8 +2,9 @@
 
 The scheduler owns no tensors and calls no collective: it turns requests into *rounds*
 (:class:`Round`: the new token ids of each sequence, plus the sequences to fork or free
-first), which rank 0 broadcasts and every rank runs, and it turns each round's logits into
-sampled tokens, text and events for the waiting HTTP handlers.
+first, and each sequence's sampling settings), which rank 0 broadcasts and every rank
+runs, and it turns each round's sampled token ids into text and events for the waiting
+HTTP handlers.
 
 * **Fused prefill** (§3.3): the requests admitted together are prefilled in ONE round,
   each sequence load-balanced over the CP ranks by the engine; at most
@@ -22,6 +23,10 @@ sampled tokens, text and events for the waiting HTTP handlers.
   first; a request that does not fit yet waits (FIFO) and one that can never fit is
   refused at submission.
 
+Sampling: each round carries the sequences' settings and draw counts; the engine samples
+(see :mod:`cp_megatron.serve.ranks`), so a seeded request gives the same tokens whatever
+else is in its batch.
+
 Thread model: :meth:`Scheduler.submit` / :meth:`Scheduler.cancel` are called from the
 HTTP thread; everything else runs in rank 0's scheduler loop.
 
@@ -39,9 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-
-from cp_megatron.engine import SamplingParams, sample_next
+from cp_megatron.engine import SamplingParams
 
 
 class AdmissionError(Exception):
@@ -108,7 +111,7 @@ class Request:
     pending: Optional[int] = None
     finish_reason: str = ""
     cancelled: bool = False
-    generator: Optional[torch.Generator] = None
+    seed: int = 0                      # the request's seed, or one drawn at admission
     submitted_at: float = 0.0
     last_token_at: float = 0.0
 
@@ -128,8 +131,9 @@ class _Seq:
 @dataclass
 class Round:
     """One round for every rank.  ``message`` is what rank 0 broadcasts:
-    ``{"free": [seq], "fork": [(src, dst, length)], "feed": {seq: [token ids]}}``, applied in
-    that order; ``requests`` are the requests of ``feed``'s sequences, in its order."""
+    ``{"free": [seq], "fork": [(src, dst, length)], "feed": {seq: [token ids]}, "sampling":
+    {seq: SamplingParams}, "draws": {seq: tokens sampled so far}}``, applied in that order;
+    ``requests`` are the requests of ``feed``'s sequences, in its order."""
 
     kind: str                          # "prefill", "decode" or "free" (no forward)
     message: dict
@@ -284,9 +288,7 @@ class Scheduler:
             if kind == "submit":
                 if req.cancelled:
                     continue
-                if req.params.temperature > 0:
-                    seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
-                    req.generator = torch.Generator().manual_seed(seed)
+                req.seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                 self.waiting.append(req)
             elif kind == "reset":
                 self._evict_for(self.kv_cache_tokens + 1)
@@ -376,11 +378,15 @@ class Scheduler:
             return None
         free, self._to_free = self._to_free, []
         self._last_kind = kind
-        return Round(kind or "free", {"free": free, "fork": forks, "feed": feed}, reqs)
+        sampling = {r.seq: SamplingParams(temperature=r.params.temperature, top_p=r.params.top_p, seed=r.seed)
+                    for r in reqs}
+        draws = {r.seq: len(r.generated) for r in reqs}
+        return Round(kind or "free", {"free": free, "fork": forks, "feed": feed, "sampling": sampling,
+                                      "draws": draws}, reqs)
 
-    def complete(self, rnd: Round, logits: Optional[torch.Tensor], metrics=None) -> None:
-        """Sample each sequence's next token from ``logits`` (float32 ``[B, vocab]``, rows in
-        ``rnd.message["feed"]`` order) and send the requests their events."""
+    def complete(self, rnd: Round, tokens: Optional[list[int]], metrics=None) -> None:
+        """Take each sequence's sampled next token (``tokens``, in ``rnd.message["feed"]``
+        order; None for a round without feed) and send the requests their events."""
         self.rounds += 1
         if metrics is not None:
             if self.metrics is not None:
@@ -389,9 +395,8 @@ class Scheduler:
                 self.log(f"[serve] round {self.rounds} {rnd.kind}: seqs={len(rnd.requests)} "
                          f"T={metrics.new_tokens} P={metrics.cached_tokens} miss_rate={metrics.miss_rate:.3f} "
                          f"-> {metrics.strategy} in {metrics.time_s:.3f} s")
-        if logits is None:
+        if tokens is None:
             return
-        greedy = logits.argmax(dim=-1).tolist()
         now = time.perf_counter()
         for row, (req, (seq, fed)) in enumerate(zip(rnd.requests, rnd.message["feed"].items())):
             if req.cancelled or req.seq != seq:
@@ -399,9 +404,7 @@ class Scheduler:
             s = self.seqs[seq]
             s.tokens.extend(fed)
             s.last_used = next(self._clock)
-            p = req.params
-            token = greedy[row] if p.temperature == 0 else sample_next(
-                logits[row:row + 1], SamplingParams(temperature=p.temperature, top_p=p.top_p), req.generator)[0]
+            token = tokens[row]
             if self.metrics is not None:
                 if req.generated:
                     self.metrics.on_token(now - req.last_token_at)
