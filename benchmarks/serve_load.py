@@ -16,7 +16,8 @@ measures through HTTP, as a client sees it:
    ``--prompt-tokens``-token prompts, ``--max-tokens`` each); tokens/s = completion tokens
    of all clients / wall time.  Mean TTFT and time between tokens are reported too.
 
-Output: a table on stdout and a JSON file (``--output``, written atomically).
+Output: a table on stdout and a JSON file (``--output``, written atomically) with the
+machine's 1/5/15-minute load averages before and after (the figures are wall times).
 
 Run (from the repository root)::
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", type=Path, help="JSON results")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()
     cfg = load_config(args.config, args.overrides)
     prompt, source, vocab = prompt_ids(cfg, args.doc_tokens)
     server = Server(Path(args.config), args.overrides, start_timeout_s=600)
@@ -170,7 +173,9 @@ def main(argv=None) -> int:
         server.kill()
     report = {"config": args.config, "overrides": args.overrides, "cp": cfg.parallel.cp, "model": model,
               "prompt_tokens": len(prompt), "prompt_source": source, "ttft_vs_miss_rate": ttft,
-              "throughput": tput, "rounds_logged": len(rounds)}
+              "throughput": tput, "rounds_logged": len(rounds),
+              "machine": {"cpus": os.cpu_count(), "load_average_before": load_before,
+                          "load_average_after": os.getloadavg()}}
     if args.output:
         write_json(args.output, report)
     return 0
