@@ -268,14 +268,15 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
 
 
 # -- the dummy long-context model ----------------------------------------------------------------
-def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
-    """An :class:`InferenceEngine` over seeded random weights of ``preset`` (this rank's stage)."""
+def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
+    """An :class:`InferenceEngine` over seeded random weights of ``preset`` (a preset name or
+    a ``ModelConfig``; this rank's stage)."""
     from cp_megatron.engine import InferenceEngine
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import DummyReader, load_weights
 
-    config = get_preset(preset)
+    config = get_preset(preset) if isinstance(preset, str) else preset
     stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
     load_weights(stage, DummyReader(config, seed=seed))
     return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity)

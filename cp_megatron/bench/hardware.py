@@ -11,8 +11,13 @@ part of what is measured.  Each figure is the median over repeats of the slowest
 | ``memory_bandwidth_bytes_per_s`` | ``dst.copy_(src)`` of 128 MiB float32: 2 x bytes (read + write) |
 | ``cp_bandwidth_bytes_per_s`` / ``cp_latency_s`` | one ring step: every rank sends 16 MiB to the next rank and receives from the previous one (isend / irecv, as :class:`cp_megatron.attention.ring.RingComm`); 4-byte messages for the latency |
 | ``tp_bandwidth_bytes_per_s`` / ``tp_latency_s`` | ``all_reduce`` of 16 MiB: bus bandwidth 2(n-1)/n · bytes / time; 4 bytes for the latency |
+| ``a2a_latency_s`` | ``all_to_all_single`` of one float32 per rank (as pass-Q returns O and LSE) |
+| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1: the step time's growth per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
+| ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's, less one ring message and one all_to_all latency (those the planner costs separately) |
 
-The result is written as ``hardware.json`` whose ``"profile"`` object loads with
+The two decode-overhead jobs run after the others (one rank, then two).  ``memory_efficiency``
+is 1 (the bandwidth is itself a measured copy) and ``net_hop_latency_s`` the ring step's
+latency (unused with one rank per node).  The result is written as ``hardware.json`` whose ``"profile"`` object loads with
 :func:`cp_megatron.hardware.load_profile`: ``cp-megatron plan --hardware docs/bench/hardware.json``
 and ``attention.hardware: docs/bench/hardware.json`` in a run config use it.  ``hardware.png``
 plots the attention rate against the block size.  ``gpus_per_node`` is 1 (every rank is costed
@@ -34,9 +39,11 @@ from cp_megatron.bench.common import (BenchOptions, Log, busy_note, machine_info
                                       write_json)
 
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
-        "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2}
+        "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2,
+        "overhead_preset": "tiny", "overhead_layers": [2, 10], "overhead_prompt_tokens": 64,
+        "overhead_steps": 20}
 QUICK = {**FULL, "attention_tokens": [256, 512], "linear_mkn": [256, 256, 256], "copy_mib": 8,
-         "message_mib": 1, "repeats": 2}
+         "message_mib": 1, "repeats": 2, "overhead_steps": 4}
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -91,6 +98,33 @@ def _measure(cfg: dict) -> dict:
     out["ring_small"] = _timed(ring_step(small, torch.empty_like(small)), max(reps, 20))
     out["allreduce_big"] = _timed(lambda: dist.all_reduce(big), reps)
     out["allreduce_small"] = _timed(lambda: dist.all_reduce(small), max(reps, 20))
+    a2a_in, a2a_out = torch.zeros(world), torch.empty(world)
+    out["all_to_all_small"] = _timed(lambda: dist.all_to_all_single(a2a_out, a2a_in), max(reps, 20))
+    return out
+
+
+def _decode_overhead(cfg: dict) -> dict:
+    """Run on every rank of a CP job (CP = world size): seconds per decode step (this rank's
+    clock) of models with the ``overhead_preset``'s dimensions and each of ``overhead_layers``
+    blocks, one sequence with ``overhead_prompt_tokens`` cached."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from cp_megatron import parallel_state
+    from cp_megatron.bench.common import dummy_engine, random_prompt
+    from cp_megatron.model.config import get_preset
+
+    topo = parallel_state.initialize(tp=1, cp=dist.get_world_size(), pp=1)
+    base = get_preset(cfg["overhead_preset"])
+    steps = max(cfg["overhead_steps"], cfg["repeats"])
+    out = {}
+    for layers in cfg["overhead_layers"]:
+        config = dataclasses.replace(base, name=f"{base.name}-{layers}-blocks", num_layers=layers)
+        engine = dummy_engine(config, 0, topo, kv_capacity=cfg["overhead_prompt_tokens"] + steps + 8)
+        prompt = random_prompt(cfg["overhead_prompt_tokens"], config.vocab_size, 0)
+        engine.forward({0: prompt})
+        out[str(layers)] = _timed(lambda: engine.forward({0: prompt[-1:]}), steps)
     return out
 
 
@@ -100,8 +134,30 @@ def _slowest_median(per_rank: list, key: str, sub: str | None = None) -> float:
     return statistics.median(max(times) for times in zip(*series))
 
 
-def summarise(cfg: dict, per_rank: list[dict]) -> tuple[dict, dict]:
-    """(results, profile): rates per measurement and the HardwareProfile fields (SI units)."""
+def decode_overhead(cfg: dict, cp1: list[dict], cp2: list[dict], ring_latency_s: float,
+                    a2a_latency_s: float) -> dict:
+    """Fixed decode cost per block at CP1 and per extra ring step, from the step times of the
+    ``overhead_layers`` models (slowest rank, median): the growth of the step per block.
+
+    ``ring_step_overhead_s`` = CP2's growth per block - CP1's - one ring message latency - one
+    all_to_all latency (clamped at 0), because the planner costs those two separately.
+    """
+    small, big = (str(n) for n in cfg["overhead_layers"])
+    blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
+    step = {cp: {n: _slowest_median(ranks, n) for n in (small, big)} for cp, ranks in ((1, cp1), (2, cp2))}
+    per_block = {cp: (t[big] - t[small]) / blocks for cp, t in step.items()}
+    return {"step_s": {f"cp{cp}": t for cp, t in step.items()},
+            "per_block_s": {f"cp{cp}": v for cp, v in per_block.items()},
+            "layer_overhead_s": max(per_block[1], 0.0),
+            "ring_step_overhead_s": max(per_block[2] - per_block[1] - ring_latency_s - a2a_latency_s, 0.0)}
+
+
+def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp2: list[dict]
+              ) -> tuple[dict, dict]:
+    """(results, profile): rates per measurement and the HardwareProfile fields (SI units).
+
+    ``per_rank``: :func:`_measure` of each rank; ``decode_cp1`` / ``decode_cp2``:
+    :func:`_decode_overhead` of each rank of the one- and two-rank jobs."""
     nh, dh = cfg["num_heads"], cfg["head_dim"]
     attention = {}
     for t in cfg["attention_tokens"]:
@@ -115,6 +171,7 @@ def summarise(cfg: dict, per_rank: list[dict]) -> tuple[dict, dict]:
     message = cfg["message_mib"] * 2**20
     ring_s, ring_lat = _slowest_median(per_rank, "ring_big"), _slowest_median(per_rank, "ring_small")
     ar_s, ar_lat = _slowest_median(per_rank, "allreduce_big"), _slowest_median(per_rank, "allreduce_small")
+    a2a_lat = _slowest_median(per_rank, "all_to_all_small")
     ranks = cfg["ranks"]
     results = {
         "attention": attention,
@@ -124,7 +181,10 @@ def summarise(cfg: dict, per_rank: list[dict]) -> tuple[dict, dict]:
                       "latency_s": ring_lat},
         "all_reduce": {"seconds": ar_s, "bytes": message,
                        "bus_bytes_per_s": 2.0 * (ranks - 1) / ranks * message / ar_s, "latency_s": ar_lat},
+        "all_to_all": {"latency_s": a2a_lat},
     }
+    overhead = decode_overhead(cfg, decode_cp1, decode_cp2, ring_lat, a2a_lat)
+    results["decode_overhead"] = overhead
     attn_rate = attention[str(max(cfg["attention_tokens"]))]["flops_per_s"]
     profile = {
         "name": f"measured-{platform.node() or 'cpu'}",
@@ -138,6 +198,11 @@ def summarise(cfg: dict, per_rank: list[dict]) -> tuple[dict, dict]:
         "gpus_per_node": 1,
         "cp_latency_s": ring_lat,
         "tp_latency_s": ar_lat,
+        "a2a_latency_s": a2a_lat,
+        "net_hop_latency_s": ring_lat,
+        "memory_efficiency": 1.0,
+        "layer_overhead_s": overhead["layer_overhead_s"],
+        "ring_step_overhead_s": overhead["ring_step_overhead_s"],
     }
     return results, profile
 
@@ -154,6 +219,9 @@ def table(report: dict) -> str:
         f"{'ring step, 4 bytes':44}{r['ring_step']['latency_s'] * 1e6:>18.1f} us",
         f"{'all_reduce (bus bandwidth)':44}{r['all_reduce']['bus_bytes_per_s'] / 1e9:>18.2f} GB/s",
         f"{'all_reduce, 4 bytes':44}{r['all_reduce']['latency_s'] * 1e6:>18.1f} us",
+        f"{'all_to_all, 4 bytes per rank':44}{r['all_to_all']['latency_s'] * 1e6:>18.1f} us",
+        f"{'decode, fixed cost per block (CP1)':44}{p['layer_overhead_s'] * 1e6:>18.1f} us",
+        f"{'decode, fixed cost per extra ring step':44}{p['ring_step_overhead_s'] * 1e6:>18.1f} us",
         "",
         f"profile {p['name']}: C = {p['attn_flops_per_s'] / 1e9:.1f} GFLOP/s, "
         f"BW = {p['cp_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s "
@@ -196,19 +264,27 @@ def run(opts: BenchOptions) -> dict:
         f"tokens, linear, copy, ring step, all_reduce; {cfg['repeats']} repeats")
     per_rank = spawn(_measure, cfg["ranks"], (cfg,), timeout_s=opts.timeout_s,
                      threads_per_rank=opts.threads, backend="gloo")
-    results, profile = summarise(cfg, per_rank)
+    log(f"decode overhead: {cfg['overhead_preset']} dimensions with {cfg['overhead_layers']} blocks, "
+        f"{cfg['overhead_steps']} steps, CP1 then CP2")
+    decode_cp1, decode_cp2 = (spawn(_decode_overhead, n, (cfg,), timeout_s=opts.timeout_s,
+                                    threads_per_rank=opts.threads, backend="gloo") for n in (1, 2))
+    results, profile = summarise(cfg, per_rank, decode_cp1, decode_cp2)
     machine = machine_info(load_before)
     json_path, png_path = opts.path("hardware", "json"), opts.path("hardware", "png")
     report = {
         "suite": "hardware", "command": opts.command, "quick": opts.quick, "machine": machine,
         "config": cfg, "elapsed_s": log.elapsed(), "results": results, "profile": profile,
-        "samples": per_rank, "json_path": str(json_path),
+        "samples": per_rank, "decode_samples": {"cp1": decode_cp1, "cp2": decode_cp2},
+        "json_path": str(json_path),
         "notes": [
             "Every figure: per repeat the slowest rank's time, then the median over repeats.",
             "profile: HardwareProfile fields (FLOP/s, bytes/s, bytes, seconds); load it with "
             "`cp-megatron plan --hardware <this file>` or attention.hardware in a run config.",
             "attn_flops_per_s is the rate of the largest attention block; FLOPs are counted as "
             "the planner counts them (4*D*T^2/2 for a causal block).",
+            "layer_overhead_s / ring_step_overhead_s: growth of a decode step per block of models "
+            "with negligible bytes and FLOPs, at CP1 and CP2 (results.decode_overhead); they "
+            "measure this runtime's fixed cost per block on this machine.",
         ] + busy_note(machine),
     }
     write_json(json_path, report)
