@@ -16,10 +16,15 @@ activation element:
 
 Every ring step costs max(compute, message), the last one has no message; the all_to_all
 and the TP all-reduces are on the critical path.  Linear and attention time is a roofline:
-max(FLOPs / achieved FLOP/s, bytes read / HBM bandwidth), which makes decode memory-bound.
+max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth), which makes decode
+memory-bound.  A decode step (Alg. 4) pads the batch to a multiple of N; its collectives are
+latency-bound (NCCL's cost model: all-reduce in a node, a tree across nodes, P2P and
+all_to_all between nodes), and every block pays a fixed cost (kernel launches; on CPU the
+runtime's measured host work) plus one per extra ring step.
 Equations, constants and the comparison with the paper: docs/planner.md.
 
-Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4.
+Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4
+(§4.3: decode); NVIDIA/nccl src/graph/tuning.cc (collective latencies).
 """
 
 from __future__ import annotations
@@ -220,6 +225,9 @@ class RoundCost:
 def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_tokens: int,
                cached_tokens: int, batch: int, dtype: str, strategy: str) -> RoundCost:
     """Latency of one round of T new tokens on P cached per sequence, on the slowest GPU.
+
+    A decode step (T = 1) places the batch as Alg. 4 does: padded to a multiple of N, B'/N
+    query rows per rank, each ring message carrying the rows' batch ids.
 
     Args:
         cfg / hw: model dimensions and hardware profile.
