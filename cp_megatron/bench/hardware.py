@@ -12,7 +12,7 @@ part of what is measured.  Each figure is the median over repeats of the slowest
 | ``cp_bandwidth_bytes_per_s`` / ``cp_latency_s`` | one ring step: every rank sends 16 MiB to the next rank and receives from the previous one (isend / irecv, as :class:`cp_megatron.attention.ring.RingComm`); 4-byte messages for the latency |
 | ``tp_bandwidth_bytes_per_s`` / ``tp_latency_s`` | ``all_reduce`` of 16 MiB: bus bandwidth 2(n-1)/n · bytes / time; 4 bytes for the latency |
 | ``a2a_latency_s`` | ``all_to_all_single`` of one float32 per rank (as pass-Q returns O and LSE) |
-| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1: the step time's growth per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
+| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the step time's growth per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
 | ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's, less one ring message and one all_to_all latency (those the planner costs separately) |
 
 The two decode-overhead jobs run after the others (one rank, then two).  ``memory_efficiency``
@@ -41,7 +41,7 @@ from cp_megatron.bench.common import (BenchOptions, Log, busy_note, machine_info
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
         "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2,
         "overhead_preset": "tiny", "overhead_layers": [2, 10], "overhead_prompt_tokens": 64,
-        "overhead_steps": 20}
+        "overhead_steps": 30}
 QUICK = {**FULL, "attention_tokens": [256, 512], "linear_mkn": [256, 256, 256], "copy_mib": 8,
          "message_mib": 1, "repeats": 2, "overhead_steps": 4}
 
@@ -106,7 +106,8 @@ def _measure(cfg: dict) -> dict:
 def _decode_overhead(cfg: dict) -> dict:
     """Run on every rank of a CP job (CP = world size): seconds per decode step (this rank's
     clock) of models with the ``overhead_preset``'s dimensions and each of ``overhead_layers``
-    blocks, one sequence with ``overhead_prompt_tokens`` cached."""
+    blocks, one sequence with ``overhead_prompt_tokens`` cached.  The models take turns step by
+    step (after one untimed step each), so a busy machine slows both alike."""
     import dataclasses
 
     import torch.distributed as dist
@@ -118,13 +119,20 @@ def _decode_overhead(cfg: dict) -> dict:
     topo = parallel_state.initialize(tp=1, cp=dist.get_world_size(), pp=1)
     base = get_preset(cfg["overhead_preset"])
     steps = max(cfg["overhead_steps"], cfg["repeats"])
-    out = {}
+    prompt = random_prompt(cfg["overhead_prompt_tokens"], base.vocab_size, 0)
+    engines = {}
     for layers in cfg["overhead_layers"]:
         config = dataclasses.replace(base, name=f"{base.name}-{layers}-blocks", num_layers=layers)
-        engine = dummy_engine(config, 0, topo, kv_capacity=cfg["overhead_prompt_tokens"] + steps + 8)
-        prompt = random_prompt(cfg["overhead_prompt_tokens"], config.vocab_size, 0)
-        engine.forward({0: prompt})
-        out[str(layers)] = _timed(lambda: engine.forward({0: prompt[-1:]}), steps)
+        engines[str(layers)] = dummy_engine(config, 0, topo, kv_capacity=len(prompt) + steps + 8)
+        engines[str(layers)].forward({0: prompt})
+        engines[str(layers)].forward({0: prompt[-1:]})  # warm-up step, untimed
+    out: dict = {name: [] for name in engines}
+    for _ in range(steps):
+        for name, engine in engines.items():
+            dist.barrier()
+            start = time.perf_counter()
+            engine.forward({0: prompt[-1:]})
+            out[name].append(time.perf_counter() - start)
     return out
 
 
