@@ -223,11 +223,13 @@ def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
     # two latencies the planner costs separately, recomputed from the raw step times.
     over = results["decode_overhead"]
     small, big = (str(n) for n in cfg["overhead_layers"])
-    steps = {cp: {n: statistics.median(max(t) for t in zip(*(rank[n] for rank in report["decode_samples"][cp])))
-                  for n in (small, big)} for cp in ("cp1", "cp2")}
     assert len(report["decode_samples"]["cp1"]) == 1 and len(report["decode_samples"]["cp2"]) == 2
     blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
-    per_block = {cp: (t[big] - t[small]) / blocks for cp, t in steps.items()}
+    per_block = {}
+    for cp, ranks in report["decode_samples"].items():   # paired steps, slowest rank of each
+        slow = {n: [max(t) for t in zip(*(rank[n] for rank in ranks))] for n in (small, big)}
+        assert len(slow[small]) == len(slow[big]) == max(cfg["overhead_steps"], cfg["repeats"])
+        per_block[cp] = statistics.median(b - a for a, b in zip(slow[small], slow[big])) / blocks
     assert profile.layer_overhead_s == pytest.approx(max(per_block["cp1"], 0.0))
     assert profile.ring_step_overhead_s == pytest.approx(max(
         per_block["cp2"] - per_block["cp1"] - profile.cp_latency_s - profile.a2a_latency_s, 0.0))

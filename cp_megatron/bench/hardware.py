@@ -145,19 +145,26 @@ def _slowest_median(per_rank: list, key: str, sub: str | None = None) -> float:
 def decode_overhead(cfg: dict, cp1: list[dict], cp2: list[dict], ring_latency_s: float,
                     a2a_latency_s: float) -> dict:
     """Fixed decode cost per block at CP1 and per extra ring step, from the step times of the
-    ``overhead_layers`` models (slowest rank, median): the growth of the step per block.
+    ``overhead_layers`` models: for each pair of consecutive steps (the models take turns) the
+    slowest rank's big-model step minus its small-model step, divided by the extra blocks; the
+    median over the pairs (a disturbance common to both steps of a pair cancels).
 
     ``ring_step_overhead_s`` = CP2's growth per block - CP1's - one ring message latency - one
     all_to_all latency (clamped at 0), because the planner costs those two separately.
     """
     small, big = (str(n) for n in cfg["overhead_layers"])
     blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
-    step = {cp: {n: _slowest_median(ranks, n) for n in (small, big)} for cp, ranks in ((1, cp1), (2, cp2))}
-    per_block = {cp: (t[big] - t[small]) / blocks for cp, t in step.items()}
-    return {"step_s": {f"cp{cp}": t for cp, t in step.items()},
-            "per_block_s": {f"cp{cp}": v for cp, v in per_block.items()},
-            "layer_overhead_s": max(per_block[1], 0.0),
-            "ring_step_overhead_s": max(per_block[2] - per_block[1] - ring_latency_s - a2a_latency_s, 0.0)}
+
+    def per_block(ranks: list[dict]) -> float:
+        slow = {n: [max(t) for t in zip(*(r[n] for r in ranks))] for n in (small, big)}
+        return statistics.median(b - a for a, b in zip(slow[small], slow[big])) / blocks
+
+    grown = {1: per_block(cp1), 2: per_block(cp2)}
+    return {"step_s": {f"cp{cp}": {n: _slowest_median(ranks, n) for n in (small, big)}
+                       for cp, ranks in ((1, cp1), (2, cp2))},
+            "per_block_s": {f"cp{cp}": v for cp, v in grown.items()},
+            "layer_overhead_s": max(grown[1], 0.0),
+            "ring_step_overhead_s": max(grown[2] - grown[1] - ring_latency_s - a2a_latency_s, 0.0)}
 
 
 def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp2: list[dict]
