@@ -32,6 +32,8 @@ def _add_run_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config field, e.g. --set parallel.cp=4 (repeatable)")
     p.add_argument("--output", help="write the result (text, token_ids, rounds) as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="time ring attention per round (same as --set runtime.profile=true)")
     p.set_defaults(func=_run)
 
 
@@ -41,7 +43,7 @@ def _run(args) -> int:
     from cp_megatron.run import format_summary, run
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["runtime.profile=true"] if args.profile else []))
         result = run(cfg)
     except ConfigError as exc:
         print(f"cp-megatron: config error: {exc}", file=sys.stderr)

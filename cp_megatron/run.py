@@ -10,7 +10,7 @@ Order of work:
    prefill, decode, and for ``prompt.turns`` one partial prefill per later turn;
 4. rank 0 prints the summary and returns the result (written as JSON by the CLI).
 
-Source: arXiv 2411.01783 §3 (what runs), DESIGN §2 (groups).
+Source: arXiv 2411.01783 §3 (what runs), docs/design.md §11 (groups).
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     from cp_megatron.engine import InferenceEngine, SamplingParams, generate
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import load_weights
+    from cp_megatron.sharding import kv_slots_per_rank
 
     par, rt = cfg.parallel, cfg.runtime
     torch.set_num_threads(rt.threads_per_rank)
@@ -187,8 +188,10 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")
 
-    engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware)
     gen = cfg.generation
+    engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, hardware=prep.hardware,
+                             kv_capacity=kv_slots_per_rank(len(prep.first_turn), gen.max_new_tokens, par.cp),
+                             profile=rt.profile)
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
     eos = tok.eos_ids if tok is not None else ()
     decode_text = tok.decode if tok is not None else None

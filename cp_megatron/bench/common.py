@@ -7,7 +7,7 @@ a job waits (sleeping) until the previous entry of the schedule is marked done, 
 round, and marks it done.  Process start-up, imports and weight loading are never timed,
 and no timed round shares the cores with another job's work.
 
-Source: DESIGN §9 (benchmark results with plots live in docs/).
+Source: docs/design.md §13 (benchmark results with plots live in docs/).
 """
 
 from __future__ import annotations
@@ -268,9 +268,10 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
 
 
 # -- the dummy long-context model ----------------------------------------------------------------
-def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
+def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0,
+                 profile: bool = True):
     """An :class:`InferenceEngine` over seeded random weights of ``preset`` (a preset name or
-    a ``ModelConfig``; this rank's stage)."""
+    a ``ModelConfig``; this rank's stage); ``profile`` times the ring (``RoundMetrics``)."""
     from cp_megatron.engine import InferenceEngine
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.llama import LlamaStage, StageLayout
@@ -279,7 +280,7 @@ def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity
     config = get_preset(preset) if isinstance(preset, str) else preset
     stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
     load_weights(stage, DummyReader(config, seed=seed))
-    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity)
+    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity, profile=profile)
 
 
 def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:

@@ -25,7 +25,7 @@ as its own node: CP and TP both go over loopback) and ``memory_bytes`` is the ma
 It measures CPU ranks on gloo only; for GPUs use a shipped profile (``h100-rdma``, ``h200``
 ...) or write the JSON by hand (CUDA / NCCL measurement is not implemented).
 
-Source: DESIGN §7 (C and BW are configuration, defaults measured or given per profile), §8.
+Source: docs/design.md §8 (C and BW are configuration, defaults measured or given per profile), §13.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def _decode_overhead(cfg: dict) -> dict:
     engines = {}
     for layers in cfg["overhead_layers"]:
         config = dataclasses.replace(base, name=f"{base.name}-{layers}-blocks", num_layers=layers)
-        engines[str(layers)] = dummy_engine(config, 0, topo, kv_capacity=len(prompt) + steps + 8)
+        # no ring timing, as a run without runtime.profile
+        engines[str(layers)] = dummy_engine(config, 0, topo, kv_capacity=len(prompt) + steps + 8,
+                                            profile=False)
         engines[str(layers)].forward({0: prompt})
         engines[str(layers)].forward({0: prompt[-1:]})  # warm-up step, untimed
     out: dict = {name: [] for name in engines}
