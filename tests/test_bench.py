@@ -235,10 +235,10 @@ def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
     assert len(report["decode_samples"]["cp1"]) == 1 and len(report["decode_samples"]["cp2"]) == 2
     blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
     per_block = {}
-    for cp, ranks in report["decode_samples"].items():   # paired steps, slowest rank of each
+    for cp, ranks in report["decode_samples"].items():   # fastest step (slowest rank) of each model
         slow = {n: [max(t) for t in zip(*(rank[n] for rank in ranks))] for n in (small, big)}
         assert len(slow[small]) == len(slow[big]) == max(cfg["overhead_steps"], cfg["repeats"])
-        per_block[cp] = statistics.median(b - a for a, b in zip(slow[small], slow[big])) / blocks
+        per_block[cp] = (min(slow[big]) - min(slow[small])) / blocks
     assert profile.layer_overhead_s == pytest.approx(max(per_block["cp1"], 0.0))
     assert profile.ring_step_overhead_s == pytest.approx(max(
         per_block["cp2"] - per_block["cp1"] - profile.cp_latency_s - profile.a2a_latency_s, 0.0))

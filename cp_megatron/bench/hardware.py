@@ -12,7 +12,7 @@ part of what is measured.  Each figure is the median over repeats of the slowest
 | ``cp_bandwidth_bytes_per_s`` / ``cp_latency_s`` | one ring step: every rank sends 16 MiB to the next rank and receives from the previous one (isend / irecv, as :class:`cp_megatron.attention.ring.RingComm`); 4-byte messages for the latency |
 | ``tp_bandwidth_bytes_per_s`` / ``tp_latency_s`` | ``all_reduce`` of 16 MiB: bus bandwidth 2(n-1)/n · bytes / time; 4 bytes for the latency |
 | ``a2a_latency_s`` | ``all_to_all_single`` of one float32 per rank (as pass-Q returns O and LSE) |
-| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the step time's growth per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
+| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the growth of the fastest step per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
 | ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's, less one ring message and one all_to_all latency (those the planner costs separately) |
 
 The two decode-overhead jobs run after the others (one rank, then two).  ``memory_efficiency``
@@ -147,9 +147,9 @@ def _slowest_median(per_rank: list, key: str, sub: str | None = None) -> float:
 def decode_overhead(cfg: dict, cp1: list[dict], cp2: list[dict], ring_latency_s: float,
                     a2a_latency_s: float) -> dict:
     """Fixed decode cost per block at CP1 and per extra ring step, from the step times of the
-    ``overhead_layers`` models: for each pair of consecutive steps (the models take turns) the
-    slowest rank's big-model step minus its small-model step, divided by the extra blocks; the
-    median over the pairs (a disturbance common to both steps of a pair cancels).
+    ``overhead_layers`` models (slowest rank of each step): (fastest big-model step - fastest
+    small-model step) / extra blocks.  The fastest step of each is the least disturbed by other
+    work on a shared machine; the medians are kept in ``step_s`` for reference.
 
     ``ring_step_overhead_s`` = CP2's growth per block - CP1's - one ring message latency - one
     all_to_all latency (clamped at 0), because the planner costs those two separately.
@@ -157,13 +157,14 @@ def decode_overhead(cfg: dict, cp1: list[dict], cp2: list[dict], ring_latency_s:
     small, big = (str(n) for n in cfg["overhead_layers"])
     blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
 
-    def per_block(ranks: list[dict]) -> float:
-        slow = {n: [max(t) for t in zip(*(r[n] for r in ranks))] for n in (small, big)}
-        return statistics.median(b - a for a, b in zip(slow[small], slow[big])) / blocks
+    def slowest(ranks: list[dict], name: str) -> list[float]:
+        return [max(t) for t in zip(*(r[name] for r in ranks))]
 
-    grown = {1: per_block(cp1), 2: per_block(cp2)}
-    return {"step_s": {f"cp{cp}": {n: _slowest_median(ranks, n) for n in (small, big)}
-                       for cp, ranks in ((1, cp1), (2, cp2))},
+    runs = {1: cp1, 2: cp2}
+    fastest = {cp: {n: min(slowest(ranks, n)) for n in (small, big)} for cp, ranks in runs.items()}
+    grown = {cp: (t[big] - t[small]) / blocks for cp, t in fastest.items()}
+    return {"step_s": {f"cp{cp}": {n: {"min": fastest[cp][n], "median": _slowest_median(ranks, n)}
+                                   for n in (small, big)} for cp, ranks in runs.items()},
             "per_block_s": {f"cp{cp}": v for cp, v in grown.items()},
             "layer_overhead_s": max(grown[1], 0.0),
             "ring_step_overhead_s": max(grown[2] - grown[1] - ring_latency_s - a2a_latency_s, 0.0)}
@@ -294,7 +295,8 @@ def run(opts: BenchOptions) -> dict:
         "samples": per_rank, "decode_samples": {"cp1": decode_cp1, "cp2": decode_cp2},
         "json_path": str(json_path),
         "notes": [
-            "Every figure: per repeat the slowest rank's time, then the median over repeats.",
+            "Every figure: per repeat the slowest rank's time, then the median over repeats; the decode "
+            "fixed costs use the fastest step of each model instead (least disturbed by other work).",
             "profile: HardwareProfile fields (FLOP/s, bytes/s, bytes, seconds); load it with "
             "`cp-megatron plan --hardware <this file>` or attention.hardware in a run config.",
             "attn_flops_per_s is the rate of the largest attention block; FLOPs are counted as "
