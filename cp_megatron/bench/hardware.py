@@ -12,8 +12,8 @@ part of what is measured.  Each figure is the median over repeats of the slowest
 | ``cp_bandwidth_bytes_per_s`` / ``cp_latency_s`` | one ring step: every rank sends 16 MiB to the next rank and receives from the previous one (isend / irecv, as :class:`cp_megatron.attention.ring.RingComm`); 4-byte messages for the latency |
 | ``tp_bandwidth_bytes_per_s`` / ``tp_latency_s`` | ``all_reduce`` of 16 MiB: bus bandwidth 2(n-1)/n · bytes / time; 4 bytes for the latency |
 | ``a2a_latency_s`` | ``all_to_all_single`` of one float32 per rank (as pass-Q returns O and LSE) |
-| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the growth of the fastest step per block, where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
-| ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's, less one ring message and one all_to_all latency (those the planner costs separately) |
+| ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the growth per block of the step's CPU time (median), where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
+| ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's; CPU time leaves out the waits for the peer, which the planner costs as the ring and all_to_all latencies |
 
 The two decode-overhead jobs run after the others (one rank, then two).  ``memory_efficiency``
 is 1 (the bandwidth is itself a measured copy) and ``net_hop_latency_s`` the ring step's
@@ -104,10 +104,11 @@ def _measure(cfg: dict) -> dict:
 
 
 def _decode_overhead(cfg: dict) -> dict:
-    """Run on every rank of a CP job (CP = world size): seconds per decode step (this rank's
-    clock) of models with the ``overhead_preset``'s dimensions and each of ``overhead_layers``
-    blocks, one sequence with ``overhead_prompt_tokens`` cached.  The models take turns step by
-    step (after one untimed step each), so a busy machine slows both alike."""
+    """Run on every rank of a CP job (CP = world size): seconds per decode step of models with
+    the ``overhead_preset``'s dimensions and each of ``overhead_layers`` blocks, one sequence
+    with ``overhead_prompt_tokens`` cached, as ``{"wall_s": {blocks: [...]}, "cpu_s": {...}}``:
+    wall time and this thread's CPU time (which excludes waiting for the peer and time the
+    process was descheduled).  The models take turns step by step, after one untimed step each."""
     import dataclasses
 
     import torch.distributed as dist
@@ -128,13 +129,14 @@ def _decode_overhead(cfg: dict) -> dict:
                                             profile=False)
         engines[str(layers)].forward({0: prompt})
         engines[str(layers)].forward({0: prompt[-1:]})  # warm-up step, untimed
-    out: dict = {name: [] for name in engines}
+    out: dict = {"wall_s": {name: [] for name in engines}, "cpu_s": {name: [] for name in engines}}
     for _ in range(steps):
         for name, engine in engines.items():
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             engine.forward({0: prompt[-1:]})
-            out[name].append(time.perf_counter() - start)
+            out["cpu_s"][name].append(time.thread_time() - cpu_start)
+            out["wall_s"][name].append(time.perf_counter() - start)
     return out
 
 
@@ -146,28 +148,30 @@ def _slowest_median(per_rank: list, key: str, sub: str | None = None) -> float:
 
 def decode_overhead(cfg: dict, cp1: list[dict], cp2: list[dict], ring_latency_s: float,
                     a2a_latency_s: float) -> dict:
-    """Fixed decode cost per block at CP1 and per extra ring step, from the step times of the
-    ``overhead_layers`` models (slowest rank of each step): (fastest big-model step - fastest
-    small-model step) / extra blocks.  The fastest step of each is the least disturbed by other
-    work on a shared machine; the medians are kept in ``step_s`` for reference.
+    """Fixed decode cost per block at CP1 and per extra ring step: the growth per block of the
+    step's CPU time (``overhead_layers`` models, median over steps of the busiest rank).
 
-    ``ring_step_overhead_s`` = CP2's growth per block - CP1's - one ring message latency - one
-    all_to_all latency (clamped at 0), because the planner costs those two separately.
+    CPU time is the host and compute work of the step; it leaves out waiting for the peer (the
+    ring and all_to_all latencies, which the planner costs separately) and time the process
+    was descheduled, so it holds on a shared machine.  ``ring_step_overhead_s`` = CP2's growth
+    per block - CP1's (clamped at 0).  Wall-time medians are kept in ``step_s`` for reference.
     """
     small, big = (str(n) for n in cfg["overhead_layers"])
     blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
 
-    def slowest(ranks: list[dict], name: str) -> list[float]:
-        return [max(t) for t in zip(*(r[name] for r in ranks))]
+    def busiest(ranks: list[dict], kind: str, name: str) -> list[float]:
+        return [max(t) for t in zip(*(r[kind][name] for r in ranks))]
 
     runs = {1: cp1, 2: cp2}
-    fastest = {cp: {n: min(slowest(ranks, n)) for n in (small, big)} for cp, ranks in runs.items()}
-    grown = {cp: (t[big] - t[small]) / blocks for cp, t in fastest.items()}
-    return {"step_s": {f"cp{cp}": {n: {"min": fastest[cp][n], "median": _slowest_median(ranks, n)}
+    cpu = {cp: {n: statistics.median(busiest(ranks, "cpu_s", n)) for n in (small, big)}
+           for cp, ranks in runs.items()}
+    grown = {cp: (t[big] - t[small]) / blocks for cp, t in cpu.items()}
+    return {"step_s": {f"cp{cp}": {n: {"cpu_median": cpu[cp][n],
+                                       "wall_median": statistics.median(busiest(ranks, "wall_s", n))}
                                    for n in (small, big)} for cp, ranks in runs.items()},
             "per_block_s": {f"cp{cp}": v for cp, v in grown.items()},
             "layer_overhead_s": max(grown[1], 0.0),
-            "ring_step_overhead_s": max(grown[2] - grown[1] - ring_latency_s - a2a_latency_s, 0.0)}
+            "ring_step_overhead_s": max(grown[2] - grown[1], 0.0)}
 
 
 def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp2: list[dict]
@@ -296,7 +300,7 @@ def run(opts: BenchOptions) -> dict:
         "json_path": str(json_path),
         "notes": [
             "Every figure: per repeat the slowest rank's time, then the median over repeats; the decode "
-            "fixed costs use the fastest step of each model instead (least disturbed by other work).",
+            "fixed costs use the steps' CPU time (busiest rank), which a shared machine does not inflate.",
             "profile: HardwareProfile fields (FLOP/s, bytes/s, bytes, seconds); load it with "
             "`cp-megatron plan --hardware <this file>` or attention.hardware in a run config.",
             "attn_flops_per_s is the rate of the largest attention block; FLOPs are counted as "
