@@ -132,13 +132,16 @@ PROFILES: dict[str, HardwareProfile] = {
     # Xeon CI machine (docs/bench/hardware.json) in round numbers (rates and bandwidths rounded
     # down by at most 8%, latencies and RAM to the nearest round value).  Measure your
     # own machine the same way and pass the JSON where a profile name is accepted.
+    # The decode terms (2026-12-05, runtime after #10): all_to_all 110 us (median of 7 runs on
+    # a busy machine, 65-217 us), 0.6 ms of CPU time per block and 0.6 ms per extra ring step
+    # (two runs: 571 / 586 us and 537 / 721 us).
     "cpu-gloo": HardwareProfile(
         name="cpu-gloo", peak_flops_per_s=125e9, attn_flops_per_s=100e9,
         linear_flops_per_s=125e9, cp_bandwidth_bytes_per_s=1.5 * GB,
         tp_bandwidth_bytes_per_s=1.6 * GB, memory_bandwidth_bytes_per_s=10 * GB,
         memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=150e-6, tp_latency_s=250e-6,
-        a2a_latency_s=150e-6, net_hop_latency_s=150e-6, memory_efficiency=1.0,
-        layer_overhead_s=0.0, ring_step_overhead_s=0.0),
+        a2a_latency_s=110e-6, net_hop_latency_s=150e-6, memory_efficiency=1.0,
+        layer_overhead_s=0.6e-3, ring_step_overhead_s=0.6e-3),
 }
 
 

@@ -75,6 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="limit of each job in seconds")
     p.add_argument("--config", default="configs/default.yaml",
                    help="peers, ttit: the run config (default configs/default.yaml)")
+    p.add_argument("--hardware", default="cpu-gloo",
+                   help="ttit: the planner's hardware profile, a name or a .json such as "
+                        "docs/bench/hardware.json (default cpu-gloo)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -97,6 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     command = "cp-megatron bench " + " ".join(shlex.quote(a) for a in _argv_after_bench())
     opts = BenchOptions(output_dir=out, quick=args.quick, repeats=args.repeats,
                         threads=args.threads, timeout_s=args.timeout, config=args.config,
+                        hardware=args.hardware,
                         command=command.strip())
     try:
         report = module.run(opts)

@@ -43,7 +43,8 @@ class BenchOptions:
         repeats: timed rounds per configuration (None: the suite's default).
         threads: torch threads per rank / per process.
         timeout_s: limit of each job (seconds).
-        config: peers: the run config of our side.
+        config: peers, ttit: the run config.
+        hardware: ttit: the planner's hardware profile (name or .json).
         command: the command line, recorded in the JSON.
     """
 
@@ -53,6 +54,7 @@ class BenchOptions:
     threads: int = 1
     timeout_s: float = 1800.0
     config: str = "configs/default.yaml"
+    hardware: str = "cpu-gloo"
     command: str = ""
 
     def path(self, stem: str, suffix: str) -> Path:

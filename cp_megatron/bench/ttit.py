@@ -8,8 +8,8 @@ TTIT is the median over every decode step of every run of that CP size
 
 The prediction is :func:`cp_megatron.planner.plan` for the same model dimensions, TP, CP and
 dtype, at the context of the median decode step (prompt + half the generated tokens),
-with the hardware profile measured on this machine (``hardware.json`` in the output folder,
-as ``cp-megatron bench hardware`` writes it) or, without one, the shipped ``cpu-gloo``.
+with the hardware profile ``--hardware`` (default ``cpu-gloo``, this machine's measured
+constants in round numbers; or a ``hardware.json`` from ``cp-megatron bench hardware``).
 The ratio predicted / measured is reported per CP size; nothing is fitted.
 
 Source: arXiv 2411.01783 §4.3 (decode: TTIT, Alg. 4); docs/planner.md (the model).
@@ -19,17 +19,11 @@ from __future__ import annotations
 
 import statistics
 
-from cp_megatron.bench.common import BenchOptions, Log, busy_note, machine_info, pyplot, save_figure, write_json
+from cp_megatron.bench.common import (BenchError, BenchOptions, Log, busy_note, machine_info, pyplot, save_figure,
+                                      write_json)
 
 FULL = {"cp_sizes": [1, 2], "repeats": 2, "max_new_tokens": None}
 QUICK = {**FULL, "repeats": 1, "max_new_tokens": 4}
-FALLBACK_PROFILE = "cpu-gloo"
-
-
-def profile_spec(opts: BenchOptions) -> str:
-    """The machine's measured profile when the output folder has one, else ``cpu-gloo``."""
-    path = opts.output_dir / "hardware.json"
-    return str(path) if path.is_file() else FALLBACK_PROFILE
 
 
 def measured(turns: list[dict]) -> dict:
@@ -101,8 +95,13 @@ def plot(report: dict, path) -> None:
 def run(opts: BenchOptions) -> dict:
     """Run the config at each CP size in turn, predict, write ``ttit.json`` / ``ttit.png``."""
     from cp_megatron.config import load_config
+    from cp_megatron.hardware import load_profile
     from cp_megatron.run import prepare, run as run_job
 
+    try:  # a bad profile fails now, not after minutes of measuring
+        load_profile(opts.hardware)
+    except ValueError as exc:
+        raise BenchError(f"--hardware: {exc}") from None
     log = Log("ttit")
     cfg = {**opts.suite_config(FULL, QUICK), "run_config": opts.config}
     load_before = log.load_check()
@@ -115,7 +114,7 @@ def run(opts: BenchOptions) -> dict:
             job = load_config(opts.config, overrides + [f"parallel.cp={cp}"])
             log(f"repeat {r + 1}/{cfg['repeats']}: {opts.config} at CP{cp}")
             runs[cp].append(run_job(job)["turns"][0])
-    profile = profile_spec(opts)
+    profile = opts.hardware
     first = load_config(opts.config, overrides)
     model_config = prepare(first).model_config
     predictions = {}
