@@ -242,7 +242,11 @@ def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
         per_block[cp] = (statistics.median(busy[big]) - statistics.median(busy[small])) / blocks
     assert profile.layer_overhead_s == pytest.approx(max(per_block["cp1"], 0.0))
     assert profile.ring_step_overhead_s == pytest.approx(max(per_block["cp2"] - per_block["cp1"], 0.0))
-    assert over["layer_overhead_s"] == profile.layer_overhead_s and profile.memory_efficiency == 1.0
+    assert over["layer_overhead_s"] == profile.layer_overhead_s
+    n, k = cfg["gemv_nk"]
+    assert results["gemv"]["bytes_per_s"] == pytest.approx(4 * n * k / results["gemv"]["seconds"])
+    assert profile.memory_efficiency == pytest.approx(
+        min(1.0, results["gemv"]["bytes_per_s"] / results["copy"]["bytes_per_s"]))
     p = planner.plan("tiny-long", str(opts.path("hardware", "json")), tp=1, cp=2, context_tokens=4096,
                      dtype="fp32")
     assert p.hardware == profile.name and p.ttft_s > 0

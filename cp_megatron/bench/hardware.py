@@ -9,15 +9,15 @@ part of what is measured.  Each figure is the median over repeats of the slowest
 | ``attn_flops_per_s`` (C) | causal self-attention through the ring's own kernel adapter (:func:`cp_megatron.attention.kernels.attention_with_lse`), NH 8, NKV 2, DH 64, float32, at growing block sizes; C is the rate of the largest block.  FLOPs counted as the planner does (4·D·T²/2). |
 | ``linear_flops_per_s`` | ``x @ W.t()`` (megatron-core's CPU linear) of [4096, 512] x [1024, 512]ᵀ, float32: 2·M·K·N FLOPs |
 | ``memory_bandwidth_bytes_per_s`` | ``dst.copy_(src)`` of 128 MiB float32: 2 x bytes (read + write) |
+| ``memory_efficiency`` | a one-token ``x @ W.t()`` with a 64 MiB float32 W (a decode GEMM): bytes of W / time, over the copy's bandwidth (at most 1) |
 | ``cp_bandwidth_bytes_per_s`` / ``cp_latency_s`` | one ring step: every rank sends 16 MiB to the next rank and receives from the previous one (isend / irecv, as :class:`cp_megatron.attention.ring.RingComm`); 4-byte messages for the latency |
 | ``tp_bandwidth_bytes_per_s`` / ``tp_latency_s`` | ``all_reduce`` of 16 MiB: bus bandwidth 2(n-1)/n · bytes / time; 4 bytes for the latency |
 | ``a2a_latency_s`` | ``all_to_all_single`` of one float32 per rank (as pass-Q returns O and LSE) |
 | ``layer_overhead_s`` | decode steps of two models with ``tiny``'s dimensions (hidden 64) and 2 and 10 blocks, through the engine at CP1, taking turns step by step: the growth per block of the step's CPU time (median), where bytes and FLOPs are negligible (the runtime's fixed cost of a block) |
 | ``ring_step_overhead_s`` | the same at CP2 (two ranks): the growth per block above CP1's; CPU time leaves out the waits for the peer, which the planner costs as the ring and all_to_all latencies |
 
-The two decode-overhead jobs run after the others (one rank, then two).  ``memory_efficiency``
-is 1 (the bandwidth is itself a measured copy) and ``net_hop_latency_s`` the ring step's
-latency (unused with one rank per node).  The result is written as ``hardware.json`` whose ``"profile"`` object loads with
+The two decode-overhead jobs run after the others (one rank, then two).  ``net_hop_latency_s``
+is the ring step's latency (unused with one rank per node).  The result is written as ``hardware.json`` whose ``"profile"`` object loads with
 :func:`cp_megatron.hardware.load_profile`: ``cp-megatron plan --hardware docs/bench/hardware.json``
 and ``attention.hardware: docs/bench/hardware.json`` in a run config use it.  ``hardware.png``
 plots the attention rate against the block size.  ``gpus_per_node`` is 1 (every rank is costed
@@ -39,10 +39,11 @@ from cp_megatron.bench.common import (BenchOptions, Log, busy_note, machine_info
                                       write_json)
 
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
-        "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2,
+        "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "gemv_nk": [4096, 4096], "message_mib": 16,
+        "repeats": 5, "ranks": 2,
         "overhead_preset": "tiny", "overhead_layers": [2, 10], "overhead_prompt_tokens": 64,
         "overhead_steps": 30}
-QUICK = {**FULL, "attention_tokens": [256, 512], "linear_mkn": [256, 256, 256], "copy_mib": 8,
+QUICK = {**FULL, "attention_tokens": [256, 512], "linear_mkn": [256, 256, 256], "copy_mib": 8, "gemv_nk": [512, 512],
          "message_mib": 1, "repeats": 2, "overhead_steps": 4}
 
 
@@ -80,6 +81,9 @@ def _measure(cfg: dict) -> dict:
     m, kdim, n = cfg["linear_mkn"]
     x, w = torch.randn(m, kdim, generator=g), torch.randn(n, kdim, generator=g)
     out["linear"] = _timed(lambda: torch.matmul(x, w.t()), reps)
+    gn, gk = cfg["gemv_nk"]
+    one, wg = torch.randn(1, gk, generator=g), torch.randn(gn, gk, generator=g)
+    out["gemv"] = _timed(lambda: torch.matmul(one, wg.t()), reps)
     src = torch.randn(cfg["copy_mib"] * 2**20 // 4, generator=g)
     dst = torch.empty_like(src)
     out["copy"] = _timed(lambda: dst.copy_(src), reps)
@@ -190,6 +194,8 @@ def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp
     linear_s = _slowest_median(per_rank, "linear")
     copy_bytes = 2 * cfg["copy_mib"] * 2**20
     copy_s = _slowest_median(per_rank, "copy")
+    gemv_bytes = 4.0 * cfg["gemv_nk"][0] * cfg["gemv_nk"][1]  # the float32 weight, read once
+    gemv_s = _slowest_median(per_rank, "gemv")
     message = cfg["message_mib"] * 2**20
     ring_s, ring_lat = _slowest_median(per_rank, "ring_big"), _slowest_median(per_rank, "ring_small")
     ar_s, ar_lat = _slowest_median(per_rank, "allreduce_big"), _slowest_median(per_rank, "allreduce_small")
@@ -199,6 +205,7 @@ def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp
         "attention": attention,
         "linear": {"seconds": linear_s, "flops": 2.0 * m * k * n, "flops_per_s": 2.0 * m * k * n / linear_s},
         "copy": {"seconds": copy_s, "bytes": copy_bytes, "bytes_per_s": copy_bytes / copy_s},
+        "gemv": {"seconds": gemv_s, "bytes": gemv_bytes, "bytes_per_s": gemv_bytes / gemv_s},
         "ring_step": {"seconds": ring_s, "bytes": message, "bytes_per_s": message / ring_s,
                       "latency_s": ring_lat},
         "all_reduce": {"seconds": ar_s, "bytes": message,
@@ -222,7 +229,8 @@ def summarise(cfg: dict, per_rank: list[dict], decode_cp1: list[dict], decode_cp
         "tp_latency_s": ar_lat,
         "a2a_latency_s": a2a_lat,
         "net_hop_latency_s": ring_lat,
-        "memory_efficiency": 1.0,
+        # a one-token matmul streams the weight: the fraction of the copy bandwidth it reaches
+        "memory_efficiency": min(1.0, (gemv_bytes / gemv_s) / (copy_bytes / copy_s)),
         "layer_overhead_s": overhead["layer_overhead_s"],
         "ring_step_overhead_s": overhead["ring_step_overhead_s"],
     }
@@ -237,6 +245,7 @@ def table(report: dict) -> str:
     lines += [
         f"{'linear (x @ W.t())':44}{r['linear']['flops_per_s'] / 1e9:>18.1f} GFLOP/s",
         f"{'memory copy':44}{r['copy']['bytes_per_s'] / 1e9:>18.2f} GB/s",
+        f"{'one-token matmul, weight read':44}{r['gemv']['bytes_per_s'] / 1e9:>18.2f} GB/s",
         f"{'ring step (send next, recv previous)':44}{r['ring_step']['bytes_per_s'] / 1e9:>18.2f} GB/s",
         f"{'ring step, 4 bytes':44}{r['ring_step']['latency_s'] * 1e6:>18.1f} us",
         f"{'all_reduce (bus bandwidth)':44}{r['all_reduce']['bus_bytes_per_s'] / 1e9:>18.2f} GB/s",
