@@ -16,10 +16,15 @@ activation element:
 
 Every ring step costs max(compute, message), the last one has no message; the all_to_all
 and the TP all-reduces are on the critical path.  Linear and attention time is a roofline:
-max(FLOPs / achieved FLOP/s, bytes read / HBM bandwidth), which makes decode memory-bound.
+max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth), which makes decode
+memory-bound.  A decode step (Alg. 4) pads the batch to a multiple of N; its collectives are
+latency-bound (NCCL's cost model: all-reduce in a node, a tree across nodes, P2P and
+all_to_all between nodes), and every block pays a fixed cost (kernel launches; on CPU the
+runtime's measured host work) plus one per extra ring step.
 Equations, constants and the comparison with the paper: docs/planner.md.
 
-Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4.
+Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4
+(§4.3: decode); NVIDIA/nccl src/graph/tuning.cc (collective latencies).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from cp_megatron.model.config import ModelConfig, get_preset
 WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
 LSE_BYTES = 4  # LSE travels in float32 (docs/design.md §6)
+ID_BYTES = 4  # a rotating query row carries its batch (sequence) id as int32 (Alg. 4)
 # Presets the paper serves with FP8 row-wise weights (§4); others default to bf16.
 DEFAULT_DTYPE = {"llama3.1-405b": "fp8"}
 
@@ -151,6 +157,32 @@ def allreduce_time(payload_bytes: float, ranks: int, bandwidth: float, latency_s
     return 2.0 * (ranks - 1) / ranks * payload_bytes / bandwidth + latency_s
 
 
+def allreduce_latency(hw: HardwareProfile, ranks: int) -> float:
+    """Fixed cost of one small all-reduce over ``ranks`` GPUs (seconds; 0 for one rank).
+
+    Inside a node it is ``tp_latency_s``.  Across ``nodes`` = ceil(ranks / gpus_per_node)
+    nodes NCCL runs a tree whose every level is crossed twice (reduce up, broadcast down):
+    ``tp_latency_s + 2 * ceil(log2(nodes)) * net_hop_latency_s``.  A profile with one GPU per
+    node (``cpu-gloo``) measured ``tp_latency_s`` over its only link, so each tree level costs
+    one ``tp_latency_s`` there.
+
+    Source: NCCL's cost model (src/graph/tuning.cc: tree latency = baseLat +
+    2 * ((ppn - 1) * intraHop + log2(nodes) * netHop)).
+    """
+    if ranks <= 1:
+        return 0.0
+    nodes = math.ceil(ranks / hw.gpus_per_node)
+    levels = math.ceil(math.log2(nodes)) if nodes > 1 else 0
+    if hw.gpus_per_node == 1:
+        return hw.tp_latency_s * max(1, levels)
+    return hw.tp_latency_s + 2 * levels * hw.net_hop_latency_s
+
+
+def decode_batch_padded(batch: int, cp: int) -> int:
+    """Alg. 4 pads the decode batch to a multiple of the CP size: ceil(B / N) * N queries."""
+    return math.ceil(batch / cp) * cp
+
+
 # --------------------------------------------------------------------------- one round
 
 @dataclass(frozen=True)
@@ -163,9 +195,13 @@ class RoundCost:
         elementwise_s: memory-bound norms, residuals, RoPE, SwiGLU, FP8 activation
             quantisation and ring merges over all layers (HBM bytes / bandwidth, s).
         cp_comm_exposed_s: ring and all_to_all time not hidden under attention (s).
+        all_to_all_s: pass-Q's all_to_all of O and LSE, part of ``cp_comm_exposed_s`` (s).
         tp_comm_s: TP all-reduce time (s), never overlapped.
+        fixed_s: per-block fixed cost no byte or FLOP term covers: layers *
+            (``layer_overhead_s`` + (N - 1) * ``ring_step_overhead_s``) (s).
         lm_head_s: LM head for the last token of each sequence (s).
         total_s: the round's latency (s).
+        tokens_per_rank: new tokens on the most loaded CP rank (decode: the padded batch / N).
         cp_comm_bytes_per_layer / tp_comm_bytes_per_layer: bytes one GPU sends per block.
         cp_message_bytes: one ring message (bytes).
     """
@@ -175,9 +211,12 @@ class RoundCost:
     linear_s: float
     elementwise_s: float
     cp_comm_exposed_s: float
+    all_to_all_s: float
     tp_comm_s: float
+    fixed_s: float
     lm_head_s: float
     total_s: float
+    tokens_per_rank: int
     cp_comm_bytes_per_layer: float
     cp_message_bytes: float
     tp_comm_bytes_per_layer: float
@@ -186,6 +225,9 @@ class RoundCost:
 def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_tokens: int,
                cached_tokens: int, batch: int, dtype: str, strategy: str) -> RoundCost:
     """Latency of one round of T new tokens on P cached per sequence, on the slowest GPU.
+
+    A decode step (T = 1) places the batch as Alg. 4 does: padded to a multiple of N, B'/N
+    query rows per rank, each ring message carrying the rows' batch ids.
 
     Args:
         cfg / hw: model dimensions and hardware profile.
@@ -202,8 +244,11 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     e = 4 if dtype == "fp32" else 2
     layers, dh = cfg.num_layers, cfg.head_dim
     heads, kv_heads = cfg.num_heads // tp, kv_heads_per_rank(cfg, tp)
-    hbm = hw.memory_bandwidth_bytes_per_s
-    tokens_rank = math.ceil(batch * new_tokens / cp)  # new tokens on the most loaded rank
+    hbm = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency  # achieved, streaming kernels
+    if new_tokens == 1:  # decode (Alg. 4): the batch padded to a multiple of N, B'/N per rank
+        tokens_rank = decode_batch_padded(batch, cp) // cp
+    else:  # load-balanced sharding of the new tokens (§3.3)
+        tokens_rank = math.ceil(batch * new_tokens / cp)
     kv_tokens_rank = batch * (new_tokens + cached_tokens) / cp
 
     head_params = cfg.vocab_size * cfg.hidden_size
@@ -218,8 +263,8 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     if strategy == PASS_KV:  # the KV block in hand is read once per step
         message, a2a_bytes, kv_read = local_kv_bytes, 0.0, local_kv_bytes
     else:  # pass-Q: a visiting Q block reads the local KV of its own sequences only
-        message = float(tokens_rank * heads * dh * e)
-        a2a_bytes = (cp - 1) / cp * batch * new_tokens * heads * (dh * e + LSE_BYTES)
+        message = float(tokens_rank * (heads * dh * e + ID_BYTES))
+        a2a_bytes = (cp - 1) * tokens_rank * heads * (dh * e + LSE_BYTES)  # padded rows travel too
         kv_read = local_kv_bytes / cp
     step_s = max(attn_step / hw.attn_flops_per_s, kv_read / hbm)
     if cp == 1:
@@ -227,18 +272,17 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     else:
         bw, lat = hw.cp_bandwidth_bytes_per_s, hw.cp_latency_s
         ring_s = ring_time(cp, step_s, message / bw + lat)
-        a2a_s = a2a_bytes / bw + lat if a2a_bytes else 0.0
+        a2a_s = a2a_bytes / bw + hw.a2a_latency_s if a2a_bytes else 0.0
 
     # TP: two all-reduces of the hidden states.  Across nodes NCCL runs one ring per NIC, so
     # each GPU's NIC carries 1/gpus_per_node of the traffic: bus bandwidth is capped by
     # gpus_per_node * NIC bandwidth (400 GB/s on h100-rdma, 100 GB/s on h100-tcp).
     if tp <= hw.gpus_per_node:
-        tp_bw, tp_lat = hw.tp_bandwidth_bytes_per_s, hw.tp_latency_s
+        tp_bw = hw.tp_bandwidth_bytes_per_s
     else:
         tp_bw = min(hw.tp_bandwidth_bytes_per_s, hw.gpus_per_node * hw.cp_bandwidth_bytes_per_s)
-        tp_lat = max(hw.tp_latency_s, hw.cp_latency_s)
     payload = tokens_rank * cfg.hidden_size * e
-    t_tp = 2 * allreduce_time(payload, tp, tp_bw, tp_lat)
+    t_tp = 2 * allreduce_time(payload, tp, tp_bw, allreduce_latency(hw, tp))
 
     fp8_fraction = max(layers - 2, 0) / layers if dtype == "fp8" else 0.0
     elementwise_s = layers * elementwise_bytes(cfg, tp, tokens_rank, e, cp, fp8_fraction) / hbm
@@ -247,10 +291,13 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     attention_s = layers * cp * step_s
     exposed = layers * (ring_s - cp * step_s + a2a_s)
     linear_s, tp_s = layers * t_linear, layers * t_tp
+    fixed_s = layers * (hw.layer_overhead_s + (cp - 1) * hw.ring_step_overhead_s)
     return RoundCost(
         strategy=strategy, attention_s=attention_s, linear_s=linear_s, elementwise_s=elementwise_s,
-        cp_comm_exposed_s=exposed, tp_comm_s=tp_s, lm_head_s=lm_head_s,
-        total_s=attention_s + exposed + linear_s + elementwise_s + tp_s + lm_head_s,
+        cp_comm_exposed_s=exposed, all_to_all_s=layers * a2a_s, tp_comm_s=tp_s, fixed_s=fixed_s,
+        lm_head_s=lm_head_s,
+        total_s=attention_s + exposed + linear_s + elementwise_s + tp_s + fixed_s + lm_head_s,
+        tokens_per_rank=tokens_rank,
         cp_comm_bytes_per_layer=(cp - 1) * message + a2a_bytes, cp_message_bytes=message,
         tp_comm_bytes_per_layer=2 * 2.0 * (tp - 1) / tp * payload)
 
@@ -297,6 +344,7 @@ class Plan:
     elementwise_s: float
     cp_comm_exposed_s: float
     tp_comm_s: float
+    fixed_s: float
     lm_head_s: float
     ttft_s: float
     achieved_flops_per_gpu: float
@@ -416,7 +464,7 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         attention_s=prefill.attention_s, linear_s=prefill.linear_s,
         elementwise_s=prefill.elementwise_s,
         cp_comm_exposed_s=prefill.cp_comm_exposed_s, tp_comm_s=prefill.tp_comm_s,
-        lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
+        fixed_s=prefill.fixed_s, lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
         achieved_flops_per_gpu=total_flops / gpus / prefill.total_s,
         decode_strategy=decode_decision.strategy, ttit_s=decode.total_s,
         weight_bytes_per_gpu=w_gpu, kv_cache_bytes_per_gpu=kv_gpu, memory_bytes_per_gpu=hw.memory_bytes,
@@ -438,6 +486,20 @@ def _non_finite(value, key: str = "") -> list[str]:
     if isinstance(value, dict):
         return [k for name, v in value.items() for k in _non_finite(v, f"{key}.{name}".lstrip("."))]
     return []
+
+
+def sweep_batch(batch_sizes: list[int], **kwargs) -> list[dict]:
+    """Plans for each batch size with the other inputs fixed (the decode step's view).
+
+    Each point adds ``tokens_per_s`` = batch / TTIT: the fixed and latency-bound decode terms
+    (weights read, collectives, launches) are paid once per step whatever the batch, so
+    batching amortises them until attention (KV reads) or compute grows.
+    Raises PlanInputError as :func:`plan`.
+    """
+    points = [plan(batch=b, **kwargs).to_dict() for b in batch_sizes]
+    for point in points:
+        point["tokens_per_s"] = point["batch"] / point["ttit_s"]
+    return points
 
 
 def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
