@@ -6,7 +6,12 @@ activations are quantised per row (per token) at run time; the product is
     y[t, n] = (sum_k xq[t, k] * wq[n, k]) * sx[t] * sw[n]        xq, wq float8_e4m3fn
     sx[t] = amax_k |x[t, k]| / 448,  sw[n] = amax_k |W[n, k]| / 448
 
-accumulated in float32.  One matmul routine, three backends:
+accumulated in float32.  Row-parallel layers (o_proj, down_proj) take activation scales per
+token and per *block* of K / NKV input features: the slice one rank holds at TP = NKV (the
+paper's TP8 on 405B: one block, i.e. plain per-token scales of the shard).  At a smaller TP a
+rank runs one scaled matmul per block and adds them, so every TP size that divides NKV
+quantises exactly the same numbers and TP 1, 2, 4, 8 agree up to float32 summation order.
+(Per-shard scales would make the result depend on TP.)  One matmul routine, three backends:
 
 * ``scaled_mm`` on CUDA with compute capability >= 8.9: ``torch._scaled_mm`` with row-wise
   scales (cuBLASLt / CUTLASS).  Its constraints, honoured here: output bf16 (the row-wise
@@ -33,6 +38,7 @@ PyTorch ``aten/src/ATen/native/cuda/ScaledBlas.cpp`` (``_scaled_mm`` checks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -109,15 +115,36 @@ def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
         else torch.nn.functional.pad(t, pad)
 
 
+def _scaled_matmul(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   backend: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq @ weight.T) * sx[:, None] * weight_scale[None, :]``: xq ``[M, K]``, weight ``[N, K]``
+    (both float8_e4m3fn), sx ``[M]``, weight_scale ``[N]`` float32 -> ``[M, N]`` out_dtype."""
+    n = weight.shape[0]
+    if backend == "emulated":
+        return ((xq.float() @ weight.float().t()) * sx[:, None] * weight_scale[None, :]).to(out_dtype)
+    if xq.device.type == "cuda":  # row-wise kernels: bf16 out, K and N multiples of 16, packed operands
+        xq = _pad_to(xq, 1, _ALIGN)
+        weight = _pad_to(_pad_to(weight, 1, _ALIGN), 0, _ALIGN).contiguous()
+        sw = _pad_to(weight_scale, 0, _ALIGN)
+        return torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(), scale_b=sw[None, :].contiguous(),
+                                out_dtype=torch.bfloat16)[:, :n].to(out_dtype)
+    return torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(),
+                            scale_b=weight_scale[None, :].contiguous(), out_dtype=out_dtype)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               backend: str = "scaled_mm") -> torch.Tensor:
-    """``x @ W.T`` with W held in FP8 and x quantised per row (token) on the fly.
+               backend: str = "scaled_mm", act_blocks: int = 1) -> torch.Tensor:
+    """``x @ W.T`` with W held in FP8 and x quantised per token (per block of K) on the fly.
 
     Args:
         x: activations ``[..., K]`` float32 or bfloat16.
         weight: ``[N, K]`` float8_e4m3fn, row-major (a TP shard).
         weight_scale: ``[N]`` float32 row scales.
         backend: "scaled_mm" (``torch._scaled_mm``) or "emulated" (float32 dequantise + mm).
+        act_blocks: activation scales per token, over equal blocks of K (1: per token).  Each
+            block is one scaled matmul; the blocks' products are summed in float32.  On CUDA a
+            block of a multi-block shard is copied packed first (the row-wise kernel reads
+            packed operands); at ``act_blocks`` 1 nothing is copied.
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -127,31 +154,31 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n)
-    xq, sx = quantize_rowwise(x2)                                           # [M, K] fp8, [M]
-    if backend == "emulated":
-        out = (xq.float() @ weight.float().t()) * sx[:, None] * weight_scale[None, :]
-        return out.to(x.dtype).reshape(*lead, n)
-    if x.device.type == "cuda":  # row-wise kernels: bf16 out, K and N multiples of 16
-        xq_p, w_p = _pad_to(xq, 1, _ALIGN), _pad_to(_pad_to(weight, 1, _ALIGN), 0, _ALIGN)
-        sw = _pad_to(weight_scale, 0, _ALIGN)
-        out = torch._scaled_mm(xq_p, w_p.t(), scale_a=sx[:, None].contiguous(), scale_b=sw[None, :].contiguous(),
-                               out_dtype=torch.bfloat16)[:, :n]
-    else:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(),
-                               scale_b=weight_scale[None, :].contiguous(), out_dtype=x.dtype)
+    if act_blocks == 1:
+        xq, sx = quantize_rowwise(x2)                                       # [M, K] fp8, [M]
+        return _scaled_matmul(xq, sx, weight, weight_scale, backend, x.dtype).reshape(*lead, n)
+    kb = k // act_blocks
+    assert kb * act_blocks == k, f"K={k} is not a multiple of act_blocks={act_blocks}"
+    xq, sx = quantize_rowwise(x2.view(-1, act_blocks, kb))                  # [M, B, K/B], [M, B]
+    out = None
+    for b in range(act_blocks):
+        part = _scaled_matmul(xq[:, b], sx[:, b], weight[:, b * kb:(b + 1) * kb], weight_scale, backend,
+                              torch.float32)
+        out = part if out is None else out + part
     return out.to(x.dtype).reshape(*lead, n)
 
 
 class _FP8Rowwise:
     """Mixin over a megatron-core parallel linear: FP8 ``weight`` + ``weight_scale``, own matmul."""
 
-    def _fp8_setup(self, scale_rows: int, device) -> None:
+    def _fp8_setup(self, scale_rows: int, device, act_blocks: int = 1) -> None:
         self.register_buffer("weight_scale", torch.ones(scale_rows, dtype=torch.float32, device=device))
         self.fp8_backend = backend_for(torch.device(device))
+        self.act_blocks = act_blocks
 
     def _forward_impl(self, input, weight, bias=None, **_unused):
         assert bias is None, "FP8 linear layers carry no bias (Llama has none)"
-        return fp8_linear(input, weight, self.weight_scale, self.fp8_backend)
+        return fp8_linear(input, weight, self.weight_scale, self.fp8_backend, self.act_blocks)
 
 
 def _fp8_config(config):
@@ -171,18 +198,27 @@ class FP8ColumnParallelLinear(_FP8Rowwise, tensor_parallel.ColumnParallelLinear)
 class FP8RowParallelLinear(_FP8Rowwise, tensor_parallel.RowParallelLinear):
     """megatron-core RowParallelLinear whose weight ``[out, in/tp]`` is float8_e4m3fn, with
     ``weight_scale [out]`` float32 (scales of whole rows, the same on every TP rank); the
-    all-reduce of the partial outputs stays megatron-core's.  Same arguments as the parent."""
+    all-reduce of the partial outputs stays megatron-core's.  ``act_blocks``: activation
+    scales per token over this many equal blocks of the local input (see the module doc).
+    Other arguments as the parent's."""
 
-    def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
+    def __init__(self, input_size: int, output_size: int, *, config, act_blocks: int = 1, **kwargs) -> None:
         super().__init__(input_size, output_size, config=_fp8_config(config), **kwargs)
-        self._fp8_setup(self.output_size, self.weight.device)
+        self._fp8_setup(self.output_size, self.weight.device, act_blocks)
 
 
-def linear_classes(weights: str):
-    """(column, row) parallel linear classes for ``model.weights`` ("dtype" or "fp8-rowwise")."""
-    if weights == "fp8-rowwise":
-        return FP8ColumnParallelLinear, FP8RowParallelLinear
-    return tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear
+def linear_classes(weights: str, num_kv_heads: int = 1, tp_size: int = 1, in_features: int = 0):
+    """(column, row) parallel linear constructors for ``model.weights`` ("dtype" or "fp8-rowwise").
+
+    For FP8 the row-parallel layer (whole input ``in_features``, split over ``tp_size``) takes
+    activation scales per block of ``in_features / num_kv_heads`` when that divides evenly and
+    ``tp_size`` divides ``num_kv_heads`` (TP-invariant quantisation), else per token of its shard.
+    """
+    if weights != "fp8-rowwise":
+        return tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear
+    even = num_kv_heads % tp_size == 0 and in_features % num_kv_heads == 0
+    return FP8ColumnParallelLinear, functools.partial(
+        FP8RowParallelLinear, act_blocks=num_kv_heads // tp_size if even else 1)
 
 
 # -- loading ---------------------------------------------------------------------------------

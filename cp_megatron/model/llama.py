@@ -110,7 +110,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int,
                  weights: str = "dtype") -> None:
         super().__init__()
-        column, row = linear_classes(weights)
+        column, row = linear_classes(weights, config.num_kv_heads, tp_size, config.num_heads * config.head_dim)
         self.layer, self.head_dim = layer, config.head_dim
         self.num_heads = config.num_heads // tp_size          # NH local
         self.num_kv_heads = config.num_kv_heads // tp_size    # NKV local
@@ -141,7 +141,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig, mp: ModelParallelConfig, weights: str = "dtype") -> None:
         super().__init__()
-        column, row = linear_classes(weights)
+        column, row = linear_classes(weights, config.num_kv_heads, mp.tensor_model_parallel_size,
+                                     config.intermediate_size)
         d, f = config.hidden_size, config.intermediate_size
         col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
         self.gate_proj = column(d, f, **col)
