@@ -106,6 +106,15 @@ def test_cpu_scaled_mm_matches_float64_product_of_quantised_operands():
 
 
 @pytest.mark.unit
+def test_chunked_activation_quantisation_equals_one_pass(monkeypatch):
+    x = torch.randn(1000, 3, 16, generator=torch.Generator().manual_seed(5))
+    q1, s1 = fp8.quantize_rowwise(x)
+    monkeypatch.setattr(fp8, "QUANT_CHUNK_BYTES", 4 * 48 * 7)   # 7 rows a chunk, a ragged last one
+    q2, s2 = fp8.quantize_activations(x)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("backend", ["scaled_mm", "emulated"])
 def test_blocked_activation_scales_equal_the_sum_over_tp_shards(backend):
     """A row-parallel layer at TP 1 with 4 activation blocks computes what 2 or 4 TP ranks

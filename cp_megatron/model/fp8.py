@@ -51,6 +51,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0            # largest finite float8_e4m3fn
 SCALE_EPS = 1e-12          # amax floor: an all-zero row quantises to zeros, never NaN
 _ALIGN = 16                # _scaled_mm: K and N multiples of 16
+QUANT_CHUNK_BYTES = 256 << 20  # activations are quantised in row chunks of <= this much float32
 # Linear layers quantised by weights "fp8-rowwise" (suffix of the canonical tensor name).
 QUANTIZED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                       "gate_proj.weight", "up_proj.weight", "down_proj.weight")
@@ -74,9 +75,23 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (q ``[R, C]`` float8_e4m3fn, scale ``[R]`` float32) with ``q * scale[:, None] ~= x``;
         scale = max(amax of the row, 1e-12) / 448, values rounded to nearest.
     """
-    x32 = x.float()
+    x32 = x.to(torch.float32, copy=True)
     scale = x32.abs().amax(dim=-1).clamp(min=SCALE_EPS) / FP8_MAX
-    q = (x32 / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = x32.div_(scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` over the leading dim in chunks, so the float32 temporary stays
+    under ``QUANT_CHUNK_BYTES`` (a 64K-token prefill of 405B's 16384-wide hidden would take 4 GB).
+    Same result as one call."""
+    rows = max(1, QUANT_CHUNK_BYTES // (4 * max(1, x[0].numel()))) if x.shape[0] else 1
+    if x.shape[0] <= rows:
+        return quantize_rowwise(x)
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        q[start:start + rows], scale[start:start + rows] = quantize_rowwise(x[start:start + rows])
     return q, scale
 
 
@@ -155,11 +170,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, n)
     if act_blocks == 1:
-        xq, sx = quantize_rowwise(x2)                                       # [M, K] fp8, [M]
+        xq, sx = quantize_activations(x2)                                   # [M, K] fp8, [M]
         return _scaled_matmul(xq, sx, weight, weight_scale, backend, x.dtype).reshape(*lead, n)
     kb = k // act_blocks
     assert kb * act_blocks == k, f"K={k} is not a multiple of act_blocks={act_blocks}"
-    xq, sx = quantize_rowwise(x2.view(-1, act_blocks, kb))                  # [M, B, K/B], [M, B]
+    xq, sx = quantize_activations(x2.view(-1, act_blocks, kb))              # [M, B, K/B], [M, B]
     out = None
     for b in range(act_blocks):
         part = _scaled_matmul(xq[:, b], sx[:, b], weight[:, b * kb:(b + 1) * kb], weight_scale, backend,
