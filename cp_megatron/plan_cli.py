@@ -68,12 +68,19 @@ def format_plan(p: dict) -> str:
         f"{'TTFT':34}{_secs(p['ttft_s']):>14}   ({_si(p['achieved_flops_per_gpu'], 'FLOP/s')} per GPU)",
         f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{_secs(p['ttit_s']):>14}",
         "",
-        f"memory    weights {_si(p['weight_bytes_per_gpu'], 'B')} + KV cache "
-        f"{_si(p['kv_cache_bytes_per_gpu'], 'B')} per GPU of {_si(p['memory_bytes_per_gpu'], 'B')}: "
-        f"{'fits' if p['fits_in_memory'] else 'DOES NOT FIT'} (activations not counted)",
-    ]
+    ] + format_memory(p["memory"])
     rows += [f"warning   {w}" for w in p["warnings"]]
     return "\n".join(rows)
+
+
+def format_memory(m: dict) -> list[str]:
+    """Rows of the per-GPU memory report (:func:`cp_megatron.planner.memory_report`)."""
+    fits = ", ".join(f"{name} ({_si(m['capacity_bytes'][name], 'B')}) {'fits' if ok else 'DOES NOT FIT'}"
+                     for name, ok in m["fits"].items())
+    return [f"memory    per GPU, weights {m['weights']} as loaded: weights {_si(m['weight_bytes'], 'B')} + KV "
+            f"cache {_si(m['kv_cache_bytes'], 'B')} + prefill activations {_si(m['activation_bytes'], 'B')} "
+            f"= {_si(m['total_bytes'], 'B')}",
+            f"          {fits}"]
 
 
 def format_sweep(points: list[dict]) -> str:

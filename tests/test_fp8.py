@@ -326,3 +326,61 @@ def test_fp8_default_job_smollm2_answer_still_names_the_company(tmp_path):
     result = json.loads(out.read_text())
     assert result["rounds"][0]["new_tokens"] > 4000 and result["parallel"]["cp"] == 2
     assert "Yoyodyne" in result["text"], result["text"]
+
+
+# -- memory: the planner's report against the runtime -------------------------------------------------
+WEIGHT_LAYOUTS = (("dtype", torch.bfloat16, "bf16"), ("fp8-rowwise", torch.bfloat16, "fp8"),
+                  ("dtype", torch.float32, "fp32"))
+
+
+def _stage_bytes_job(preset: str, tp: int):
+    """Bytes of this rank's parameters and buffers (weights and FP8 scales) per layout."""
+    topo = parallel_state.initialize(tp, 1, 1)
+    sizes = []
+    for weights, dtype, _ in WEIGHT_LAYOUTS:
+        stage = LlamaStage(get_preset(preset), StageLayout(tp, topo.tp_rank), dtype=dtype, weights=weights)
+        sizes.append(sum(t.numel() * t.element_size() for t in [*stage.parameters(), *stage.buffers()]))
+        del stage
+    return sizes
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_planner_weight_bytes_equal_the_runtime_stage_bytes_per_rank():
+    from cp_megatron.planner import loaded_weight_bytes
+
+    for preset, tp in (("smollm2-135m", 1), ("tiny", 2)):
+        per_rank = spawn(_stage_bytes_job, tp, (preset, tp), timeout_s=JOB_TIMEOUT_S)
+        want = [loaded_weight_bytes(get_preset(preset), tp, name) for _, _, name in WEIGHT_LAYOUTS]
+        assert per_rank == [want] * tp, (preset, tp)
+
+
+@pytest.mark.unit
+def test_405b_tp8_fp8_weights_51gb_per_gpu_and_1m_tokens_at_cp16_fit_one_h100_node():
+    from cp_megatron.planner import memory_report, plan
+
+    cfg = get_preset("llama3.1-405b")
+    h, f, v, layers = 16384, 53248, 128256, 126
+    per_block = (2 * h * h + 2 * h * 1024 + 3 * h * f) // 8 + 4 * ((h + 2 * 1024 + 2 * f) // 8 + 2 * h) + 2 * h * 2
+    assert memory_report(cfg, 8, 16, 10**6, 10**6, 1, "fp8").weight_bytes == pytest.approx(
+        layers * per_block + 2 * v // 8 * h * 2 + h * 2)
+    m = plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=10**6).memory
+    assert m["weights"] == "fp8-rowwise" and 50e9 < m["weight_bytes"] < 52e9
+    assert m["kv_cache_bytes"] == 2 * layers * 1 * 128 * 2 * 62500           # one KV head per GPU
+    assert m["fits"] == {"h100-rdma": True, "h200": True}
+    bf16 = plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=10**6, dtype="bf16").memory
+    assert 100e9 < bf16["weight_bytes"] and bf16["fits"] == {"h100-rdma": False, "h200": True}
+
+
+@pytest.mark.unit
+def test_prefill_activation_bytes_hand_checked_tiny():
+    from cp_megatron.planner import prefill_activation_bytes
+
+    cfg = get_preset("tiny")   # H 64, F 128, NH 4, NKV 2, DH 16, V 512
+    t, c = 50, 50              # 100 tokens at CP 2
+    attention = t * 32 * 2 + t * 32 * 4 + t * 2 * 4 + 4 * c * 16 * 2      # tp 2: q = 32, k = 16
+    mlp = 3 * t * 64 * 2
+    assert prefill_activation_bytes(cfg, 2, 2, 100, 100, 1, "bf16") == 2 * t * 64 * 2 + max(attention, mlp) + 512 * 4
+    quant = t * 64 + 4 * t * 64
+    assert prefill_activation_bytes(cfg, 2, 2, 100, 100, 1, "fp8") == (
+        2 * t * 64 * 2 + max(attention, mlp) + quant + 512 * 4)
