@@ -477,7 +477,7 @@ class MemoryReport:
         weight_bytes: this GPU's TP shard of every weight (norms and row-parallel scales
             replicated).
         kv_cache_bytes: K and V of ceil(context / cp) tokens per sequence, NKV/tp heads.
-        activation_bytes: the prefill's peak working set (see :func:`memory_report`).
+        activation_bytes: the prefill's peak working set (:func:`prefill_activation_bytes`).
         total_bytes: the sum.
         capacity_bytes / fits: per target profile ("h100-rdma": 80 GB H100, "h200": 141 GB).
     """
