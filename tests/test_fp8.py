@@ -192,9 +192,11 @@ def _logits_job(tp: int, cp: int, tokens: list[int]):
 @pytest.mark.integration
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S)
 def test_fp8_same_logits_across_cp_1_2_4_and_tp_1_2():
+    """Prefill and three decode rounds of the tiny preset with FP8 weights (TP x CP mixes are
+    covered without FP8 by test_model.py; FP8 adds nothing CP-specific)."""
     tokens = torch.randint(0, 512, (157,), generator=torch.Generator().manual_seed(3)).tolist()
     runs = {(tp, cp): spawn(_logits_job, tp * cp, (tp, cp, tokens), timeout_s=JOB_TIMEOUT_S)[0]
-            for tp, cp in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2))}
+            for tp, cp in ((1, 1), (1, 2), (1, 4), (2, 1))}
     ref = runs[(1, 1)]
     scale = ref.abs().max().item()
     for (tp, cp), logits in runs.items():
