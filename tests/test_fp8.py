@@ -132,6 +132,21 @@ def test_blocked_activation_scales_equal_the_sum_over_tp_shards(backend):
 
 
 @pytest.mark.unit
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the row-wise torch._scaled_mm kernels need a CUDA GPU of compute capability >= 8.9")
+@pytest.mark.parametrize("act_blocks", [1, 2])
+def test_cuda_scaled_mm_matches_emulated_with_padding(act_blocks):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 160, generator=g).to(torch.bfloat16).cuda()   # K/2 = 80, N = 50: padded
+    q, scale = fp8.quantize_rowwise(torch.randn(50, 160, generator=g).cuda() * 0.02)
+    fast = fp8.fp8_linear(x, q, scale, "scaled_mm", act_blocks)
+    slow = fp8.fp8_linear(x, q, scale, "emulated", act_blocks)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (37, 50)
+    # both accumulate exact FP8 products in float32; the kernel rounds each block's result to bf16
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.unit
 def test_pad_to_multiple_of_16_appends_zeros_for_the_cuda_kernel():
     q, _ = fp8.quantize_rowwise(torch.randn(20, 40))
     padded = fp8._pad_to(fp8._pad_to(q, 1, 16), 0, 16)

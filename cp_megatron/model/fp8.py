@@ -138,7 +138,7 @@ def _scaled_matmul(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
     if backend == "emulated":
         return ((xq.float() @ weight.float().t()) * sx[:, None] * weight_scale[None, :]).to(out_dtype)
     if xq.device.type == "cuda":  # row-wise kernels: bf16 out, K and N multiples of 16, packed operands
-        xq = _pad_to(xq, 1, _ALIGN)
+        xq = _pad_to(xq, 1, _ALIGN).contiguous()
         weight = _pad_to(_pad_to(weight, 1, _ALIGN), 0, _ALIGN).contiguous()
         sw = _pad_to(weight_scale, 0, _ALIGN)
         return torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(), scale_b=sw[None, :].contiguous(),
