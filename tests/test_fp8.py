@@ -253,6 +253,21 @@ def test_sharded_fp8_reads_back_stored_values_at_any_tp_without_requantising(fp8
     assert torch.equal(deq, fp8.dequantize_rowwise(*fp8.quantize_rowwise(dummy.read("model.layers.0.mlp.up_proj.weight"))))
 
 
+@pytest.mark.unit
+def test_resharding_an_fp8_checkpoint_copies_values_and_scales_exactly(fp8_checkpoint, tmp_path):
+    from cp_megatron.checkpoint.convert import convert
+
+    convert("sharded", fp8_checkpoint, "sharded", tmp_path / "tp1", tp=1, weights="fp8-rowwise", progress=False)
+    src, dst = open_checkpoint("sharded", fp8_checkpoint), open_checkpoint("sharded", tmp_path / "tp1")
+    assert dst.tp_size == 1
+    for name in src.names():
+        a, b = src.read_fp8(name), dst.read_fp8(name)
+        if a is None:
+            assert b is None and torch.equal(src.read(name), dst.read(name))
+        else:
+            assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
+
+
 def _break_metadata(folder: Path, dst: Path, edit) -> Path:
     import shutil
 

@@ -161,9 +161,11 @@ class _Quantizer:
         self._last: tuple = (None, None, None)
 
     def _quantized(self, name: str):
-        if self._last[0] != name:
+        if self._last[0] != name:  # an FP8 source (re-sharding) hands its values over as stored
             self._last = (None, None, None)  # drop the previous tensor before reading the next
-            self._last = (name, *fp8.quantize_rowwise(self.source.read(name, torch.float32)))
+            q, scale = fp8.read_quantized(self.source.reader, name, None, 0, 1)
+            self.source._release(q.numel())
+            self._last = (name, q, scale)
         return self._last[1], self._last[2]
 
     def read(self, name: str, dtype: torch.dtype, shard_dim=None, tp_rank: int = 0, tp_size: int = 1):
