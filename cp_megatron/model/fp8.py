@@ -17,7 +17,9 @@ quantises exactly the same numbers and TP 1, 2, 4, 8 agree up to float32 summati
   scales (cuBLASLt / CUTLASS).  Its constraints, honoured here: output bf16 (the row-wise
   kernels write bf16 only), ``scale_a`` float32 ``[M, 1]``, ``scale_b`` float32 ``[1, N]``,
   K and N multiples of 16 (zero padding otherwise; Llama dims never need it), the second
-  operand column-major (``wq.t()`` of the row-major ``[N, K]`` weight is).
+  operand column-major (``wq.t()`` of the row-major ``[N, K]`` weight is) and packed (a
+  block of a multi-block shard is copied packed first: the row-wise kernel assumes packed
+  strides).
 * ``scaled_mm`` on CPU: torch 2.13's CPU ``_scaled_mm`` takes the same row-wise scales with
   any shape and a float32 or bf16 output (it dequantises inside the op), so CPU runs use it.
 * ``emulated`` (CUDA below 8.9): dequantise this layer's weight in float32, multiply, scale;
