@@ -10,8 +10,9 @@ Sources: paper §4 (H100 power-capped at 800 TF/s BF16, 8 GPUs per node over NVL
 al., arXiv 2407.08608, §4.1: BF16 forward on H100 SXM5 reaches ~648 TF/s of the 989 peak,
 65%, for head dim 128 at 16K tokens, and up to 740 TF/s, 75%, for head dim 256).
 Achieved rates are fractions of the peak chosen from those sources, never fitted to the
-paper's TTFTs.  Latencies are orders of magnitude for small NCCL / gloo messages (not from
-the paper); only decode (TTIT) is sensitive to them.  The "cpu-gloo" values are measured
+paper's TTFTs or TTITs.  GPU latencies come from NCCL's own cost model (src/graph/tuning.cc),
+the achieved HBM fraction from a published H100 copy benchmark, the fixed cost per kernel
+from a published launch measurement; decode (TTIT) is what they move.  The "cpu-gloo" values are measured
 (``cp-megatron bench hardware``, one thread per rank, loopback gloo, 2-core CI machine).
 docs/planner.md tabulates each constant.
 """
@@ -38,8 +39,18 @@ class HardwareProfile:
         memory_bandwidth_bytes_per_s: HBM bandwidth (bytes/s), bounds decode.
         memory_bytes: HBM capacity per GPU (bytes).
         gpus_per_node: GPUs sharing the fast intra-node link.
-        cp_latency_s: fixed cost of one CP message (send/recv or all_to_all) in seconds.
-        tp_latency_s: fixed cost of one small TP all-reduce in seconds.
+        cp_latency_s: fixed cost of one CP ring message (a small send/recv between nodes) in seconds.
+        tp_latency_s: fixed cost of one small all-reduce among the GPUs of one node (seconds).
+        a2a_latency_s: fixed cost of one small all_to_all over the CP group (seconds).
+        net_hop_latency_s: cost of one network hop of a multi-node all-reduce (NCCL's tree:
+            a TP group over ``nodes`` nodes adds 2 * ceil(log2(nodes)) hops), seconds.
+        memory_efficiency: achieved fraction of ``memory_bandwidth_bytes_per_s`` in streaming
+            kernels (weight reads of decode GEMMs, KV reads, element-wise work); 1.0 when the
+            bandwidth itself was measured by a copy.
+        layer_overhead_s: fixed time of one transformer block per round that no byte or FLOP
+            term covers (kernel launches and gaps, host work), seconds.
+        ring_step_overhead_s: fixed time added per block by each ring step after the first
+            (one more attention call and merge), seconds.
     """
 
     name: str
@@ -53,12 +64,42 @@ class HardwareProfile:
     gpus_per_node: int
     cp_latency_s: float = 10e-6
     tp_latency_s: float = 10e-6
+    a2a_latency_s: float = 10e-6
+    net_hop_latency_s: float = 5e-6
+    memory_efficiency: float = 1.0
+    layer_overhead_s: float = 0.0
+    ring_step_overhead_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 GB = 1e9
+
+# Latencies of small NCCL collectives from NCCL's own cost model (NVIDIA/nccl
+# src/graph/tuning.cc, 2.19-2.21: latency = baseLat + hops * hwLat, LL protocol, the one NCCL
+# picks for messages of a few KB): base 6.8 us (tree) / 6.6 us (ring); one NVLink hop 0.6 us;
+# one network hop 5.0 us (tree) / 2.7 us (ring).
+_NCCL_NVLINK_ALLREDUCE_8_S = 6.8e-6 + 2 * 7 * 0.6e-6   # tree over 8 GPUs: 15.2 us
+_NCCL_NET_P2P_S = 6.6e-6 + 2.7e-6                       # one message, one network hop: 9.3 us
+_NCCL_NET_TREE_HOP_S = 5.0e-6
+# Achieved HBM bandwidth: a device-to-device copy on H100 SXM5 80 GB reaches 2,903 of
+# 3,350 GB/s (86.7%; Voltage Park / AI@GT H100 cluster benchmark, github.com/aigatech/vpbenchmarking).
+_H100_COPY_EFFICIENCY = 2903 / 3350
+# Fixed cost per kernel of a stream of small kernels launched without a CUDA graph: 2.65 us
+# per asynchronous launch (measured chain of no-op kernels, github.com/ahrefs/ocannl issue
+# 488; ~0.6 us per node when replayed from a graph).  A Llama block in decode runs 14
+# kernels besides its two all-reduces (2 RMSNorms, QKV GEMM, RoPE, KV-cache append,
+# attention, O GEMM, 2 residual adds, 2 FP8 activation quantisations, gate/up GEMM,
+# SiLU*mul, down GEMM); each further ring step adds an attention call and a merge.
+_KERNEL_S = 2.65e-6
+_KERNELS_PER_BLOCK, _KERNELS_PER_RING_STEP = 14, 2
+_GPU_LATENCIES = dict(cp_latency_s=_NCCL_NET_P2P_S, tp_latency_s=_NCCL_NVLINK_ALLREDUCE_8_S,
+                      a2a_latency_s=_NCCL_NET_P2P_S, net_hop_latency_s=_NCCL_NET_TREE_HOP_S,
+                      memory_efficiency=_H100_COPY_EFFICIENCY,
+                      layer_overhead_s=_KERNELS_PER_BLOCK * _KERNEL_S,
+                      ring_step_overhead_s=_KERNELS_PER_RING_STEP * _KERNEL_S)
+
 PROFILES: dict[str, HardwareProfile] = {
     # Paper's GTT cluster: H100 power-capped, 400 Gb/s RDMA per GPU.
     # attn 540 TF/s = 67.5% of the capped 800 TF/s (FA3 reaches 65-75% of peak);
@@ -68,30 +109,43 @@ PROFILES: dict[str, HardwareProfile] = {
         name="h100-rdma", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
         linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=400e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
-        memory_bytes=80 * 2**30, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
-    # Paper's GTI cluster: same GPUs, 100 Gb/s TCP front-end network per GPU.
+        memory_bytes=80 * 2**30, gpus_per_node=8, **_GPU_LATENCIES),
+    # Paper's GTI cluster: same GPUs, 100 Gb/s TCP front-end network per GPU; a message over
+    # TCP costs tens of us (50 us here, an order of magnitude, not from a measurement).
     "h100-tcp": HardwareProfile(
         name="h100-tcp", peak_flops_per_s=800e12, attn_flops_per_s=540e12,
         linear_flops_per_s=600e12, cp_bandwidth_bytes_per_s=100e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=3.35e12,
-        memory_bytes=80 * 2**30, gpus_per_node=8, cp_latency_s=50e-6, tp_latency_s=10e-6),
+        memory_bytes=80 * 2**30, gpus_per_node=8,
+        **{**_GPU_LATENCIES, "cp_latency_s": 50e-6, "a2a_latency_s": 50e-6,
+           "net_hop_latency_s": 50e-6 - 6.6e-6}),
     # H200 SXM: same compute as H100 SXM (989 TF/s dense BF16, not power-capped), 141 GB
     # HBM3e at 4.8 TB/s; attn 600 TF/s ~ 61% and linear 700 TF/s ~ 71% of 989 (FA3 / GEMM).
+    # Same NVLink 4, NICs and NCCL as h100-rdma; the copy efficiency is assumed equal to the
+    # H100's (no public H200 copy benchmark was found).
     "h200": HardwareProfile(
         name="h200", peak_flops_per_s=989e12, attn_flops_per_s=600e12,
         linear_flops_per_s=700e12, cp_bandwidth_bytes_per_s=400e9 / 8,
         tp_bandwidth_bytes_per_s=450 * GB, memory_bandwidth_bytes_per_s=4.8e12,
-        memory_bytes=141 * GB, gpus_per_node=8, cp_latency_s=10e-6, tp_latency_s=10e-6),
+        memory_bytes=141 * GB, gpus_per_node=8, **_GPU_LATENCIES),
     # One CPU thread per rank, gloo over loopback: `cp-megatron bench hardware` on the 2-core
     # Xeon CI machine (docs/bench/hardware.json) in round numbers (rates and bandwidths rounded
     # down by at most 8%, latencies and RAM to the nearest round value).  Measure your
     # own machine the same way and pass the JSON where a profile name is accepted.
+    # The decode terms (2026-12-05, runtime after #10): all_to_all 110 us (median of 7 runs on
+    # a busy machine, 65-217 us), 0.6 ms of CPU time per block and 0.6 ms per extra ring step
+    # (two runs: 571 / 586 us and 537 / 721 us).
     "cpu-gloo": HardwareProfile(
         name="cpu-gloo", peak_flops_per_s=125e9, attn_flops_per_s=100e9,
         linear_flops_per_s=125e9, cp_bandwidth_bytes_per_s=1.5 * GB,
         tp_bandwidth_bytes_per_s=1.6 * GB, memory_bandwidth_bytes_per_s=10 * GB,
-        memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=150e-6, tp_latency_s=250e-6),
+        memory_bytes=24 * 2**30, gpus_per_node=1, cp_latency_s=150e-6, tp_latency_s=250e-6,
+        a2a_latency_s=110e-6, net_hop_latency_s=150e-6, memory_efficiency=1.0,
+        layer_overhead_s=0.6e-3, ring_step_overhead_s=0.6e-3),
 }
+
+
+ZERO_OK_FIELDS = ("layer_overhead_s", "ring_step_overhead_s")  # may be 0 (not measured / none)
 
 
 class ProfileError(ValueError):
@@ -117,7 +171,9 @@ def load_profile(spec: str) -> HardwareProfile:
     The file holds the :class:`HardwareProfile` fields as one object, or a report whose
     ``"profile"`` key holds them -- what ``cp-megatron bench hardware`` writes
     (docs/bench/hardware.json).  Rates are FLOP/s, bandwidths bytes/s, latencies seconds;
-    every number must be finite and positive (``gpus_per_node`` an integer).
+    every number must be finite and positive (``gpus_per_node`` an integer,
+    ``memory_efficiency`` at most 1, ``layer_overhead_s`` / ``ring_step_overhead_s`` may be 0).
+    Fields with defaults may be left out (older files load unchanged).
 
     Raises:
         ProfileError: unknown name; unreadable file or not JSON; a missing, unknown,
@@ -152,12 +208,15 @@ def _profile_value(spec: str, name: str, value):
             raise ProfileError(f"hardware profile {spec}: name: expected a non-empty one-line string")
         return value
     integral = name == "gpus_per_node"
-    kind = "a positive integer" if integral else "a finite positive number"
+    zero_ok = name in ZERO_OK_FIELDS
+    kind = ("a positive integer" if integral else "a finite number >= 0" if zero_ok else
+            "a number in (0, 1]" if name == "memory_efficiency" else "a finite positive number")
     try:
         number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     except OverflowError:  # an integer too large for a float
         number = None
-    if number is None or not math.isfinite(number) or number <= 0 or (integral and number != int(number)):
+    if (number is None or not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok)
+            or (integral and number != int(number)) or (name == "memory_efficiency" and number > 1)):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
         raise ProfileError(f"hardware profile {spec}: {name}: expected {kind}, got {shown}")
     return int(number) if integral else number

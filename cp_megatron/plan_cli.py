@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, plan, sweep_cp
+from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, plan, sweep_batch, sweep_cp
 
 _PROG = "cp-megatron plan"
 
@@ -35,6 +35,7 @@ def _secs(value: float) -> str:
 
 def format_plan(p: dict) -> str:
     """The readable table printed by ``cp-megatron plan``."""
+    d = p["decode"]
     kind = ("full prefill" if p["cached_tokens"] == 0 else
             "decode step" if p["new_tokens"] == 1 else "partial prefill")
     layers = p["attention_flops"] / p["attention_flops_per_layer"] if p["attention_flops_per_layer"] else 0
@@ -58,22 +59,53 @@ def format_plan(p: dict) -> str:
         f"{'TP bytes sent per GPU':34}{_si(p['tp_comm_bytes_per_layer'], 'B'):>14}"
         f"{_si(p['tp_comm_bytes_per_layer'] * layers, 'B'):>16}",
         "",
-        "time on the slowest GPU",
-        f"  {'attention (ring compute)':32}{_secs(p['attention_s']):>14}",
-        f"  {'linear layers':32}{_secs(p['linear_s']):>14}",
-        f"  {'element-wise (HBM-bound)':32}{_secs(p['elementwise_s']):>14}",
-        f"  {'CP communication, exposed':32}{_secs(p['cp_comm_exposed_s']):>14}",
-        f"  {'TP all-reduce':32}{_secs(p['tp_comm_s']):>14}",
-        f"  {'LM head':32}{_secs(p['lm_head_s']):>14}",
+        f"{'time on the slowest GPU':34}{'round':>14}{'decode step':>14}",
+        *_time_rows(p, d),
         f"{'TTFT':34}{_secs(p['ttft_s']):>14}   ({_si(p['achieved_flops_per_gpu'], 'FLOP/s')} per GPU)",
-        f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{_secs(p['ttit_s']):>14}",
+        f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{'':>14}{_secs(p['ttit_s']):>14}   "
+        f"(batch {p['batch']}, {d['tokens_per_rank']} per CP rank)",
         "",
-        f"memory    weights {_si(p['weight_bytes_per_gpu'], 'B')} + KV cache "
-        f"{_si(p['kv_cache_bytes_per_gpu'], 'B')} per GPU of {_si(p['memory_bytes_per_gpu'], 'B')}: "
-        f"{'fits' if p['fits_in_memory'] else 'DOES NOT FIT'} (activations not counted)",
-    ]
+    ] + format_memory(p["memory"])
     rows += [f"warning   {w}" for w in p["warnings"]]
     return "\n".join(rows)
+
+
+# (label, RoundCost key) of the time breakdown; decode names the linear term "weights read"
+# because a decode step is bound by reading every weight of the GPU.
+_TIME_ROWS = (("linear layers / weights read", "linear_s"), ("attention (ring compute)", "attention_s"),
+              ("TP all-reduce", "tp_comm_s"), ("CP ring + all_to_all, exposed", "cp_comm_exposed_s"),
+              ("element-wise (HBM-bound)", "elementwise_s"), ("fixed (launches, per block)", "fixed_s"),
+              ("LM head", "lm_head_s"))
+
+
+def _time_rows(p: dict, d: dict) -> list[str]:
+    return [f"  {label:32}{_secs(p[key]):>14}{_secs(d[key]):>14}" for label, key in _TIME_ROWS]
+
+
+def format_batch_sweep(points: list[dict]) -> str:
+    """The decode table printed by ``cp-megatron plan --sweep batch=...``."""
+    first = points[0]
+    rows = [f"sweep     decode of {first['model']} on {first['hardware']}, TP{first['tp']} x CP{first['cp']}, "
+            f"context {first['context_tokens']:,}",
+            f"{'batch':>6}{'padded':>8}{'TTIT':>11}{'tokens/s':>10}{'weights':>10}{'attention':>11}{'TP':>9}"
+            f"{'CP ring':>9}{'fixed':>9}{'memory':>8}"]
+    for p in points:
+        d = p["decode"]
+        rows.append(f"{p['batch']:>6}{d['tokens_per_rank'] * p['cp']:>8}{_secs(p['ttit_s']):>11}"
+                    f"{p['batch'] / p['ttit_s']:>10.0f}{_secs(d['linear_s']):>10}{_secs(d['attention_s']):>11}"
+                    f"{_secs(d['tp_comm_s']):>9}{_secs(d['cp_comm_exposed_s']):>9}{_secs(d['fixed_s']):>9}"
+                    f"{'fits' if p['fits_in_memory'] else 'no fit':>8}")
+    return "\n".join(rows)
+
+
+def format_memory(m: dict) -> list[str]:
+    """Rows of the per-GPU memory report (:func:`cp_megatron.planner.memory_report`)."""
+    fits = ", ".join(f"{name} ({_si(m['capacity_bytes'][name], 'B')}) {'fits' if ok else 'DOES NOT FIT'}"
+                     for name, ok in m["fits"].items())
+    return [f"memory    per GPU, weights {m['weights']} as loaded: weights {_si(m['weight_bytes'], 'B')} + KV "
+            f"cache {_si(m['kv_cache_bytes'], 'B')} + prefill activations {_si(m['activation_bytes'], 'B')} "
+            f"= {_si(m['total_bytes'], 'B')}",
+            f"          {fits}"]
 
 
 def format_sweep(points: list[dict]) -> str:
@@ -119,17 +151,19 @@ def plot_sweep(points: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _parse_sweep(text: str) -> list[int]:
+def _parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``cp=1,2,4`` or ``batch=1,8,64`` -> (key, sizes)."""
     key, _, values = text.partition("=")
-    if key.strip() != "cp" or not values:
-        raise PlanInputError("--sweep", f"expected cp=N1,N2,..., got {text!r}")
+    key = key.strip()
+    if key not in ("cp", "batch") or not values:
+        raise PlanInputError("--sweep", f"expected cp=N1,N2,... or batch=B1,B2,..., got {text!r}")
     try:
         sizes = [int(v) for v in values.split(",")]
     except ValueError:
-        raise PlanInputError("--sweep", f"expected integers after cp=, got {values!r}") from None
+        raise PlanInputError("--sweep", f"expected integers after {key}=, got {values!r}") from None
     if any(c < 1 for c in sizes):
-        raise PlanInputError("--sweep", f"CP sizes must be >= 1, got {values!r}")
-    return sizes
+        raise PlanInputError("--sweep", f"{key} sizes must be >= 1, got {values!r}")
+    return key, sizes
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -149,8 +183,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None,
                    help="weight dtype (default fp8 for llama3.1-405b as in the paper, else bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16", help="scaling curve over CP sizes")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="with --sweep: write the curve")
+    p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16",
+                   help="scaling curve over CP sizes (cp=...), or decode over batch sizes (batch=...)")
+    p.add_argument("--plot", default=None, metavar="PATH.png", help="with --sweep cp=...: write the curve")
     p.set_defaults(func=run_plan)
     return p
 
@@ -167,15 +202,24 @@ def run_plan(args: argparse.Namespace) -> int:
                 raise PlanInputError("--plot", "needs --sweep cp=...")
             result = plan(cp=args.cp, **kwargs).to_dict()
         else:
+            key, sizes = _parse_sweep(args.sweep)
+            if args.plot and key != "cp":
+                raise PlanInputError("--plot", "needs --sweep cp=...")
             if args.plot and not args.plot.lower().endswith(".png"):
                 raise PlanInputError("--plot", f"expected a .png path, got {args.plot!r}")
-            points = sweep_cp(_parse_sweep(args.sweep), **kwargs)
+            if key == "cp":
+                points = sweep_cp(sizes, **kwargs)
+            else:
+                if args.cp is None:
+                    raise PlanInputError("--cp", "required with --sweep batch=...")
+                kwargs.pop("batch")
+                points = sweep_batch(sizes, cp=args.cp, **kwargs)
             if args.plot:
                 try:
                     plot_sweep(points, args.plot)
                 except OSError as err:
                     raise PlanInputError("--plot", f"cannot write {args.plot!r}: {err}") from None
-            result = {"sweep": "cp", "points": points, "plot": args.plot}
+            result = {"sweep": key, "points": points, "plot": args.plot}
     except PlanInputError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -183,6 +227,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     elif args.sweep is None:
         print(format_plan(result))
+    elif result["sweep"] == "batch":
+        print(format_batch_sweep(result["points"]))
     else:
         print(format_sweep(result["points"]))
         if args.plot:

@@ -16,10 +16,15 @@ activation element:
 
 Every ring step costs max(compute, message), the last one has no message; the all_to_all
 and the TP all-reduces are on the critical path.  Linear and attention time is a roofline:
-max(FLOPs / achieved FLOP/s, bytes read / HBM bandwidth), which makes decode memory-bound.
+max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth), which makes decode
+memory-bound.  A decode step (Alg. 4) pads the batch to a multiple of N; its collectives are
+latency-bound (NCCL's cost model: all-reduce in a node, a tree across nodes, P2P and
+all_to_all between nodes), and every block pays a fixed cost (kernel launches; on CPU the
+runtime's measured host work) plus one per extra ring step.
 Equations, constants and the comparison with the paper: docs/planner.md.
 
-Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4.
+Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4
+(§4.3: decode); NVIDIA/nccl src/graph/tuning.cc (collective latencies).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from cp_megatron.model.config import ModelConfig, get_preset
 WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
 LSE_BYTES = 4  # LSE travels in float32 (docs/design.md §6)
+ID_BYTES = 4  # a rotating query row carries its batch (sequence) id as int32 (Alg. 4)
 # Presets the paper serves with FP8 row-wise weights (§4); others default to bf16.
 DEFAULT_DTYPE = {"llama3.1-405b": "fp8"}
 
@@ -151,6 +157,32 @@ def allreduce_time(payload_bytes: float, ranks: int, bandwidth: float, latency_s
     return 2.0 * (ranks - 1) / ranks * payload_bytes / bandwidth + latency_s
 
 
+def allreduce_latency(hw: HardwareProfile, ranks: int) -> float:
+    """Fixed cost of one small all-reduce over ``ranks`` GPUs (seconds; 0 for one rank).
+
+    Inside a node it is ``tp_latency_s``.  Across ``nodes`` = ceil(ranks / gpus_per_node)
+    nodes NCCL runs a tree whose every level is crossed twice (reduce up, broadcast down):
+    ``tp_latency_s + 2 * ceil(log2(nodes)) * net_hop_latency_s``.  A profile with one GPU per
+    node (``cpu-gloo``) measured ``tp_latency_s`` over its only link, so each tree level costs
+    one ``tp_latency_s`` there.
+
+    Source: NCCL's cost model (src/graph/tuning.cc: tree latency = baseLat +
+    2 * ((ppn - 1) * intraHop + log2(nodes) * netHop)).
+    """
+    if ranks <= 1:
+        return 0.0
+    nodes = math.ceil(ranks / hw.gpus_per_node)
+    levels = math.ceil(math.log2(nodes)) if nodes > 1 else 0
+    if hw.gpus_per_node == 1:
+        return hw.tp_latency_s * max(1, levels)
+    return hw.tp_latency_s + 2 * levels * hw.net_hop_latency_s
+
+
+def decode_batch_padded(batch: int, cp: int) -> int:
+    """Alg. 4 pads the decode batch to a multiple of the CP size: ceil(B / N) * N queries."""
+    return math.ceil(batch / cp) * cp
+
+
 # --------------------------------------------------------------------------- one round
 
 @dataclass(frozen=True)
@@ -163,9 +195,13 @@ class RoundCost:
         elementwise_s: memory-bound norms, residuals, RoPE, SwiGLU, FP8 activation
             quantisation and ring merges over all layers (HBM bytes / bandwidth, s).
         cp_comm_exposed_s: ring and all_to_all time not hidden under attention (s).
+        all_to_all_s: pass-Q's all_to_all of O and LSE, part of ``cp_comm_exposed_s`` (s).
         tp_comm_s: TP all-reduce time (s), never overlapped.
+        fixed_s: per-block fixed cost no byte or FLOP term covers: layers *
+            (``layer_overhead_s`` + (N - 1) * ``ring_step_overhead_s``) (s).
         lm_head_s: LM head for the last token of each sequence (s).
         total_s: the round's latency (s).
+        tokens_per_rank: new tokens on the most loaded CP rank (decode: the padded batch / N).
         cp_comm_bytes_per_layer / tp_comm_bytes_per_layer: bytes one GPU sends per block.
         cp_message_bytes: one ring message (bytes).
     """
@@ -175,9 +211,12 @@ class RoundCost:
     linear_s: float
     elementwise_s: float
     cp_comm_exposed_s: float
+    all_to_all_s: float
     tp_comm_s: float
+    fixed_s: float
     lm_head_s: float
     total_s: float
+    tokens_per_rank: int
     cp_comm_bytes_per_layer: float
     cp_message_bytes: float
     tp_comm_bytes_per_layer: float
@@ -186,6 +225,9 @@ class RoundCost:
 def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_tokens: int,
                cached_tokens: int, batch: int, dtype: str, strategy: str) -> RoundCost:
     """Latency of one round of T new tokens on P cached per sequence, on the slowest GPU.
+
+    A decode step (T = 1) places the batch as Alg. 4 does: padded to a multiple of N, B'/N
+    query rows per rank, each ring message carrying the rows' batch ids.
 
     Args:
         cfg / hw: model dimensions and hardware profile.
@@ -202,8 +244,11 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     e = 4 if dtype == "fp32" else 2
     layers, dh = cfg.num_layers, cfg.head_dim
     heads, kv_heads = cfg.num_heads // tp, kv_heads_per_rank(cfg, tp)
-    hbm = hw.memory_bandwidth_bytes_per_s
-    tokens_rank = math.ceil(batch * new_tokens / cp)  # new tokens on the most loaded rank
+    hbm = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency  # achieved, streaming kernels
+    if new_tokens == 1:  # decode (Alg. 4): the batch padded to a multiple of N, B'/N per rank
+        tokens_rank = decode_batch_padded(batch, cp) // cp
+    else:  # load-balanced sharding of the new tokens (§3.3)
+        tokens_rank = math.ceil(batch * new_tokens / cp)
     kv_tokens_rank = batch * (new_tokens + cached_tokens) / cp
 
     head_params = cfg.vocab_size * cfg.hidden_size
@@ -218,8 +263,8 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     if strategy == PASS_KV:  # the KV block in hand is read once per step
         message, a2a_bytes, kv_read = local_kv_bytes, 0.0, local_kv_bytes
     else:  # pass-Q: a visiting Q block reads the local KV of its own sequences only
-        message = float(tokens_rank * heads * dh * e)
-        a2a_bytes = (cp - 1) / cp * batch * new_tokens * heads * (dh * e + LSE_BYTES)
+        message = float(tokens_rank * (heads * dh * e + ID_BYTES))
+        a2a_bytes = (cp - 1) * tokens_rank * heads * (dh * e + LSE_BYTES)  # padded rows travel too
         kv_read = local_kv_bytes / cp
     step_s = max(attn_step / hw.attn_flops_per_s, kv_read / hbm)
     if cp == 1:
@@ -227,18 +272,17 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     else:
         bw, lat = hw.cp_bandwidth_bytes_per_s, hw.cp_latency_s
         ring_s = ring_time(cp, step_s, message / bw + lat)
-        a2a_s = a2a_bytes / bw + lat if a2a_bytes else 0.0
+        a2a_s = a2a_bytes / bw + hw.a2a_latency_s if a2a_bytes else 0.0
 
     # TP: two all-reduces of the hidden states.  Across nodes NCCL runs one ring per NIC, so
     # each GPU's NIC carries 1/gpus_per_node of the traffic: bus bandwidth is capped by
     # gpus_per_node * NIC bandwidth (400 GB/s on h100-rdma, 100 GB/s on h100-tcp).
     if tp <= hw.gpus_per_node:
-        tp_bw, tp_lat = hw.tp_bandwidth_bytes_per_s, hw.tp_latency_s
+        tp_bw = hw.tp_bandwidth_bytes_per_s
     else:
         tp_bw = min(hw.tp_bandwidth_bytes_per_s, hw.gpus_per_node * hw.cp_bandwidth_bytes_per_s)
-        tp_lat = max(hw.tp_latency_s, hw.cp_latency_s)
     payload = tokens_rank * cfg.hidden_size * e
-    t_tp = 2 * allreduce_time(payload, tp, tp_bw, tp_lat)
+    t_tp = 2 * allreduce_time(payload, tp, tp_bw, allreduce_latency(hw, tp))
 
     fp8_fraction = max(layers - 2, 0) / layers if dtype == "fp8" else 0.0
     elementwise_s = layers * elementwise_bytes(cfg, tp, tokens_rank, e, cp, fp8_fraction) / hbm
@@ -247,10 +291,13 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     attention_s = layers * cp * step_s
     exposed = layers * (ring_s - cp * step_s + a2a_s)
     linear_s, tp_s = layers * t_linear, layers * t_tp
+    fixed_s = layers * (hw.layer_overhead_s + (cp - 1) * hw.ring_step_overhead_s)
     return RoundCost(
         strategy=strategy, attention_s=attention_s, linear_s=linear_s, elementwise_s=elementwise_s,
-        cp_comm_exposed_s=exposed, tp_comm_s=tp_s, lm_head_s=lm_head_s,
-        total_s=attention_s + exposed + linear_s + elementwise_s + tp_s + lm_head_s,
+        cp_comm_exposed_s=exposed, all_to_all_s=layers * a2a_s, tp_comm_s=tp_s, fixed_s=fixed_s,
+        lm_head_s=lm_head_s,
+        total_s=attention_s + exposed + linear_s + elementwise_s + tp_s + fixed_s + lm_head_s,
+        tokens_per_rank=tokens_rank,
         cp_comm_bytes_per_layer=(cp - 1) * message + a2a_bytes, cp_message_bytes=message,
         tp_comm_bytes_per_layer=2 * 2.0 * (tp - 1) / tp * payload)
 
@@ -297,6 +344,7 @@ class Plan:
     elementwise_s: float
     cp_comm_exposed_s: float
     tp_comm_s: float
+    fixed_s: float
     lm_head_s: float
     ttft_s: float
     achieved_flops_per_gpu: float
@@ -310,6 +358,7 @@ class Plan:
     decode: dict
     hardware_profile: dict
     warnings: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)   # MemoryReport.to_dict(): as cp_megatron loads it
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -395,7 +444,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     warnings = []
     if context_tokens > cfg.max_position_embeddings:
         warnings.append(f"context {context_tokens} exceeds {cfg.name}'s max_position_embeddings "
-                        f"({cfg.max_position_embeddings})")
+                        f"({cfg.max_position_embeddings}): runs with model.max_context, quality past the "
+                        f"trained length is not guaranteed")
     if w_gpu + kv_gpu > hw.memory_bytes:
         warnings.append("weights + KV cache exceed the GPU memory")
     if cp > 1 and gpus <= hw.gpus_per_node:
@@ -416,14 +466,15 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         attention_s=prefill.attention_s, linear_s=prefill.linear_s,
         elementwise_s=prefill.elementwise_s,
         cp_comm_exposed_s=prefill.cp_comm_exposed_s, tp_comm_s=prefill.tp_comm_s,
-        lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
+        fixed_s=prefill.fixed_s, lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
         achieved_flops_per_gpu=total_flops / gpus / prefill.total_s,
         decode_strategy=decode_decision.strategy, ttit_s=decode.total_s,
         weight_bytes_per_gpu=w_gpu, kv_cache_bytes_per_gpu=kv_gpu, memory_bytes_per_gpu=hw.memory_bytes,
         fits_in_memory=w_gpu + kv_gpu <= hw.memory_bytes,
         heuristic=prefill_decision.to_dict(),
         decode={**asdict(decode), "heuristic": decode_decision.to_dict()},
-        hardware_profile=hw.to_dict(), warnings=warnings)
+        hardware_profile=hw.to_dict(), warnings=warnings,
+        memory=memory_report(cfg, tp, cp, context_tokens, t, batch, dtype).to_dict())
     bad = _non_finite(result.to_dict())
     if bad:
         raise PlanInputError("--hardware", f"profile {hw.name!r} gives non-finite {', '.join(bad[:3])}: "
@@ -440,6 +491,20 @@ def _non_finite(value, key: str = "") -> list[str]:
     return []
 
 
+def sweep_batch(batch_sizes: list[int], **kwargs) -> list[dict]:
+    """Plans for each batch size with the other inputs fixed (the decode step's view).
+
+    Each point adds ``tokens_per_s`` = batch / TTIT: the fixed and latency-bound decode terms
+    (weights read, collectives, launches) are paid once per step whatever the batch, so
+    batching amortises them until attention (KV reads) or compute grows.
+    Raises PlanInputError as :func:`plan`.
+    """
+    points = [plan(batch=b, **kwargs).to_dict() for b in batch_sizes]
+    for point in points:
+        point["tokens_per_s"] = point["batch"] / point["ttit_s"]
+    return points
+
+
 def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
     """Plans for each CP size with the other inputs fixed, plus speedup and efficiency.
 
@@ -452,3 +517,117 @@ def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
         point["speedup"] = base["ttft_s"] / point["ttft_s"]
         point["efficiency"] = point["speedup"] / (point["cp"] / base["cp"])
     return points
+
+
+# --------------------------------------------------------------------------- memory as loaded
+
+# Activation quantisation works in row chunks of at most this many float32 bytes
+# (cp_megatron.model.fp8.QUANT_CHUNK_BYTES; the planner imports no torch).
+ACT_QUANT_CHUNK_BYTES = 256 << 20
+# GPU capacities the report checks against (the h100-rdma and h200 profiles).
+MEMORY_TARGETS = ("h100-rdma", "h200")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes one GPU holds during a prefill, laid out as cp_megatron loads the model.
+
+    Attributes:
+        weights: "fp8-rowwise" (model.weights for dtype "fp8": every block's q, k, v, o, gate,
+            up and down weights float8_e4m3fn with a float32 scale per row; embedding, norms
+            and LM head in bf16), "bf16" or "fp32".
+        weight_bytes: this GPU's TP shard of every weight (norms and row-parallel scales
+            replicated).
+        kv_cache_bytes: K and V of ceil(context / cp) tokens per sequence, NKV/tp heads.
+        activation_bytes: the prefill's peak working set (:func:`prefill_activation_bytes`).
+        total_bytes: the sum.
+        capacity_bytes / fits: per target profile ("h100-rdma": 80 GB H100, "h200": 141 GB).
+    """
+
+    weights: str
+    weight_bytes: float
+    kv_cache_bytes: float
+    activation_bytes: float
+    total_bytes: float
+    capacity_bytes: dict
+    fits: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loaded_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> float:
+    """Bytes of one TP rank's weights as the runtime holds them (no PP).
+
+    Per block: column-parallel q (NH/tp*DH rows), k, v (NKV/tp*DH rows each), gate and up
+    (F/tp rows) and row-parallel o and down (H rows, 1/tp of the columns); two norms of H.
+    ``fp8``: linear weights 1 byte, plus float32 row scales (column-parallel: the rank's rows;
+    row-parallel: all H rows, replicated); everything else bf16.  Embedding and LM head are
+    vocab-parallel (V/tp rows), the final norm replicated.
+
+    Source: cp_megatron.model.fp8 (what fp8-rowwise quantises); megatron-core TP partitioning.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise PlanInputError("--dtype", f"expected one of {WEIGHT_DTYPES}, got {dtype!r}")
+    h, f, dh = cfg.hidden_size, cfg.intermediate_size / tp, cfg.head_dim
+    e = 4 if dtype == "fp32" else 2
+    q, kv = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh
+    linear = 2 * h * q + 2 * h * kv + 3 * h * f
+    block = linear * DTYPE_BYTES[dtype] + 2 * h * e
+    if dtype == "fp8":
+        block += 4 * (q + 2 * kv + 2 * f + 2 * h)
+    vocab = cfg.vocab_size / tp * h * e
+    return float(cfg.num_layers * block + vocab * (1 if cfg.tie_word_embeddings else 2) + h * e)
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int,
+                             batch: int, dtype: str) -> float:
+    """Peak bytes of one GPU's prefill working set (one layer at a time, unfused), per GPU:
+
+        residual stream and its norm    2*t*H*e
+        attention (pass-KV)             t*q*e (Q) + t*q*4 + t*(NH/tp)*4 (float32 O and LSE
+                                        accumulators) + 2*2*c*k*e (K and V block in hand and
+                                        the one arriving)
+        MLP                             3*t*(F/tp)*e (gate, up, their product)
+        FP8 activation quantisation     t*K + min(4*t*K, 256 MiB), K = max(H, F/tp)
+        logits of the last tokens       B*V*4
+
+    with t = ceil(B*T/cp) new tokens and c = ceil(B*context/cp) KV tokens on the GPU, q = NH/tp*DH,
+    k = NKV/tp*DH; the attention and MLP terms are not live together (max of the two).
+
+    Source: the layer order of cp_megatron.model.llama; arXiv 2411.01783 Alg. 2 (pass-KV buffers).
+    """
+    e = 4 if dtype == "fp32" else 2
+    h, f, dh = cfg.hidden_size, cfg.intermediate_size / tp, cfg.head_dim
+    t, c = math.ceil(batch * new_tokens / cp), math.ceil(batch * context_tokens / cp)
+    q, k = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh
+    attention = t * q * e + t * q * 4 + t * cfg.num_heads / tp * 4 + 4 * c * k * e
+    mlp = 3 * t * f * e
+    quant = 0.0
+    if dtype == "fp8":
+        widest = max(h, f)
+        quant = t * widest + min(4 * t * widest, ACT_QUANT_CHUNK_BYTES)
+    return float(2 * t * h * e + max(attention, mlp) + quant + batch * cfg.vocab_size * 4)
+
+
+def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_tokens: int, batch: int,
+                  dtype: str) -> MemoryReport:
+    """Weights, KV cache and prefill activations of one GPU, and whether they fit an 80 GB
+    H100 and a 141 GB H200 (:data:`MEMORY_TARGETS`).
+
+    Args:
+        cfg: model dimensions; tp / cp: degrees; context_tokens: T + P per sequence;
+        new_tokens: T per sequence; batch: sequences; dtype: "fp8" (fp8-rowwise), "bf16", "fp32".
+
+    Raises:
+        PlanInputError: unknown dtype.
+    """
+    e = 4 if dtype == "fp32" else 2
+    w = loaded_weight_bytes(cfg, tp, dtype)
+    kv = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
+    act = prefill_activation_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype)
+    total = w + kv + act
+    capacity = {name: load_profile(name).memory_bytes for name in MEMORY_TARGETS}
+    return MemoryReport(weights="fp8-rowwise" if dtype == "fp8" else dtype, weight_bytes=w,
+                        kv_cache_bytes=kv, activation_bytes=act, total_bytes=total,
+                        capacity_bytes=capacity, fits={n: total <= c for n, c in capacity.items()})

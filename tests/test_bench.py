@@ -227,7 +227,56 @@ def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
     assert profile.memory_bandwidth_bytes_per_s == pytest.approx(
         2 * cfg["copy_mib"] * 2**20 / results["copy"]["seconds"])
     assert 0 < profile.cp_latency_s < results["ring_step"]["seconds"] * 100
+    assert profile.a2a_latency_s == results["all_to_all"]["latency_s"] > 0
+    # Decode fixed costs: the step's growth per block at CP1, and CP2's above it less the
+    # two latencies the planner costs separately, recomputed from the raw step times.
+    over = results["decode_overhead"]
+    small, big = (str(n) for n in cfg["overhead_layers"])
+    assert len(report["decode_samples"]["cp1"]) == 1 and len(report["decode_samples"]["cp2"]) == 2
+    blocks = cfg["overhead_layers"][1] - cfg["overhead_layers"][0]
+    per_block = {}
+    for cp, ranks in report["decode_samples"].items():   # median CPU time of the busiest rank
+        busy = {n: [max(t) for t in zip(*(rank["cpu_s"][n] for rank in ranks))] for n in (small, big)}
+        assert len(busy[small]) == len(busy[big]) == max(cfg["overhead_steps"], cfg["repeats"])
+        assert all(len(rank["wall_s"][n]) == len(busy[n]) for rank in ranks for n in (small, big))
+        per_block[cp] = (statistics.median(busy[big]) - statistics.median(busy[small])) / blocks
+    assert profile.layer_overhead_s == pytest.approx(max(per_block["cp1"], 0.0))
+    assert profile.ring_step_overhead_s == pytest.approx(max(per_block["cp2"] - per_block["cp1"], 0.0))
+    assert over["layer_overhead_s"] == profile.layer_overhead_s
+    n, k = cfg["gemv_nk"]
+    assert results["gemv"]["bytes_per_s"] == pytest.approx(4 * n * k / results["gemv"]["seconds"])
+    assert profile.memory_efficiency == pytest.approx(
+        min(1.0, results["gemv"]["bytes_per_s"] / results["copy"]["bytes_per_s"]))
     p = planner.plan("tiny-long", str(opts.path("hardware", "json")), tp=1, cp=2, context_tokens=4096,
                      dtype="fp32")
     assert p.hardware == profile.name and p.ttft_s > 0
-    assert "GFLOP/s" in hardware.table(report)
+    assert p.decode["fixed_s"] == pytest.approx(
+        4 * (profile.layer_overhead_s + profile.ring_step_overhead_s))   # tiny-long: 4 blocks
+    assert "GFLOP/s" in hardware.table(report) and "all_to_all" in hardware.table(report)
+
+
+@pytest.mark.unit
+def test_ttit_comparison_from_run_results():
+    # Two runs per CP size as cp_megatron.run reports them: the prefill round, then decode steps.
+    from cp_megatron.bench import ttit
+    from cp_megatron.model.config import get_preset
+
+    def turn(ttft, steps):
+        return {"fed_tokens": 100, "token_ids": [1] * (len(steps) + 1),
+                "rounds": [{"time_s": ttft}] + [{"time_s": s} for s in steps]}
+
+    runs = {1: [turn(2.0, [0.1, 0.3]), turn(4.0, [0.2, 0.2])], 2: [turn(1.0, [0.5]), turn(1.0, [0.7])]}
+    m = ttit.measured(runs[1])
+    assert m["ttit_s"] == [0.1, 0.3, 0.2, 0.2] and m["ttft_s"] == [2.0, 4.0]
+    assert (m["prompt_tokens"], m["new_tokens"]) == (100, 3)
+    tiny = get_preset("tiny")
+    preds = {cp: ttit.predicted(tiny, "cpu-gloo", 1, cp, 100, 3, "float32") for cp in (1, 2)}
+    from cp_megatron import planner
+    expect = planner.plan(tiny, "cpu-gloo", tp=1, cp=2, context_tokens=101, dtype="fp32")
+    assert preds[2]["ttit_s"] == expect.ttit_s and preds[2]["context_tokens"] == 101
+    rows = ttit.compare([1, 2], runs, preds)
+    assert rows[0]["measured"]["ttit_s"] == 0.2 and rows[1]["measured"]["ttit_s"] == 0.6
+    assert rows[1]["ttit_ratio"] == pytest.approx(preds[2]["ttit_s"] / 0.6)
+    assert rows[0]["ttft_ratio"] == pytest.approx(preds[1]["ttft_s"] / 3.0)
+    report = {"profile": "cpu-gloo", "config": {"run_config": "x.yaml"}, "results": rows}
+    assert "TTIT measured" in ttit.table(report)

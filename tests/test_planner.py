@@ -12,7 +12,7 @@ import pytest
 
 from cp_megatron import cli, planner
 from cp_megatron.attention.heuristic import PASS_KV, PASS_Q, choose_strategy
-from cp_megatron.hardware import get_profile
+from cp_megatron.hardware import HardwareProfile, get_profile
 from cp_megatron.model.config import get_preset
 
 # Formulas are sums of exact integers below 2**53: compare floats exactly, except
@@ -80,9 +80,81 @@ def test_elementwise_bytes_hand_counted_tiny():
 def test_round_total_is_the_sum_of_its_parts():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
     parts = (p.attention_s + p.linear_s + p.elementwise_s + p.cp_comm_exposed_s + p.tp_comm_s
-             + p.lm_head_s)
+             + p.fixed_s + p.lm_head_s)
     assert p.ttft_s == pytest.approx(parts, rel=REL_EXACT)
     assert p.elementwise_s > 0
+    d = p.decode
+    assert p.ttit_s == pytest.approx(sum(d[k] for k in ("attention_s", "linear_s", "elementwise_s",
+                                                        "cp_comm_exposed_s", "tp_comm_s", "fixed_s",
+                                                        "lm_head_s")), rel=REL_EXACT)
+    assert 0 < d["all_to_all_s"] < d["cp_comm_exposed_s"]
+
+
+# A profile with round numbers so that every decode term can be counted by hand.
+HAND = HardwareProfile(
+    name="hand", peak_flops_per_s=1e15, attn_flops_per_s=1e15, linear_flops_per_s=1e15,
+    cp_bandwidth_bytes_per_s=1e9, tp_bandwidth_bytes_per_s=2e9, memory_bandwidth_bytes_per_s=1e9,
+    memory_bytes=1e12, gpus_per_node=2, cp_latency_s=10e-6, tp_latency_s=20e-6, a2a_latency_s=30e-6,
+    net_hop_latency_s=40e-6, memory_efficiency=0.5, layer_overhead_s=10e-6, ring_step_overhead_s=3e-6)
+US = 1e-6
+
+
+@pytest.mark.unit
+def test_decode_batch_padded_to_a_multiple_of_cp():
+    # Alg. 4: the decode batch is padded to a multiple of N (paper §4.3 names it as a cost).
+    assert [planner.decode_batch_padded(b, 2) for b in (1, 2, 3, 4)] == [2, 2, 4, 4]
+    assert planner.decode_batch_padded(5, 4) == 8 and planner.decode_batch_padded(3, 1) == 3
+
+
+@pytest.mark.unit
+def test_allreduce_latency_intra_node_and_tree_across_nodes():
+    assert planner.allreduce_latency(HAND, 1) == 0.0
+    assert planner.allreduce_latency(HAND, 2) == 20e-6                    # one node of 2
+    assert planner.allreduce_latency(HAND, 4) == 20e-6 + 2 * 1 * 40e-6    # 2 nodes: 1 tree level
+    assert planner.allreduce_latency(HAND, 8) == 20e-6 + 2 * 2 * 40e-6    # 4 nodes: 2 levels
+    assert planner.allreduce_latency(HAND, 6) == 20e-6 + 2 * 2 * 40e-6    # 3 nodes round up to 2 levels
+    gloo = get_profile("cpu-gloo")                                        # one rank per node
+    assert planner.allreduce_latency(gloo, 2) == gloo.tp_latency_s
+    assert planner.allreduce_latency(gloo, 4) == 2 * gloo.tp_latency_s
+    # h100-rdma: NCCL's model, 6.8 + 2*7*0.6 = 15.2 us in a node, + 2 * 5 us per tree level.
+    h100 = get_profile("h100-rdma")
+    assert planner.allreduce_latency(h100, 8) == pytest.approx(15.2e-6, rel=REL_EXACT)
+    assert planner.allreduce_latency(h100, 16) == pytest.approx(25.2e-6, rel=REL_EXACT)
+    assert planner.allreduce_latency(h100, 32) == pytest.approx(35.2e-6, rel=REL_EXACT)
+
+
+@pytest.mark.unit
+def test_decode_terms_hand_counted_tiny_cp2():
+    # tiny (2 layers, H 64, NH 4, NKV 2, DH 16, W 36864), fp32, TP1 x CP2, batch 3, P = 8.
+    tiny = get_preset("tiny")
+    r = planner.round_cost(tiny, HAND, tp=1, cp=2, new_tokens=1, cached_tokens=8, batch=3,
+                           dtype="fp32", strategy=PASS_Q)
+    assert r.tokens_per_rank == 2                                   # 3 padded to 4, over 2 ranks
+    # Weights read: (W + 2 norms) * 4 bytes per block at 0.5 * 1 GB/s, 2 blocks.
+    assert r.linear_s == pytest.approx(2 * (36864 + 128) * 4 / 0.5e9, rel=REL_EXACT)
+    # KV read per step: (3 * 9 / 2 tokens) * 2 (K, V) * 2 heads * 16 * 4 B / 2 (own sequences' share).
+    step = 13.5 * 2 * 2 * 16 * 4 / 2 / 0.5e9
+    assert r.attention_s == pytest.approx(2 * 2 * step, rel=REL_EXACT)
+    # Ring message: 2 query rows of 4 heads * 16 * 4 B plus a 4-byte batch id each.
+    assert r.cp_message_bytes == 2 * (4 * 16 * 4 + 4) == 520
+    a2a = 1 * 2 * 4 * (16 * 4 + 4) / 1e9 + 30e-6                     # O and float32 LSE, + latency
+    ring = max(step, 520 / 1e9 + 10e-6) + step
+    assert r.all_to_all_s == pytest.approx(2 * a2a, rel=REL_EXACT)
+    assert r.cp_comm_exposed_s == pytest.approx(2 * (ring - 2 * step + a2a), rel=REL_EXACT)
+    assert r.fixed_s == pytest.approx(2 * (10e-6 + 1 * 3e-6), rel=REL_EXACT)
+    assert r.tp_comm_s == 0.0
+
+
+@pytest.mark.unit
+def test_tp_decode_collectives_hand_counted_across_nodes():
+    # TP4 on 2 GPUs per node: 2 nodes, one tree level; payload 1 token * H 64 * 4 B.
+    tiny = get_preset("tiny")
+    r = planner.round_cost(tiny, HAND, tp=4, cp=1, new_tokens=1, cached_tokens=8, batch=1,
+                           dtype="fp32", strategy=PASS_Q)
+    per_allreduce = 2 * 3 / 4 * 256 / 2e9 + (20e-6 + 2 * 40e-6)     # bus BW min(2e9, 2 * 1e9)
+    assert r.tp_comm_s == pytest.approx(2 * 2 * per_allreduce, rel=REL_EXACT)
+    assert r.fixed_s == pytest.approx(2 * 10e-6, rel=REL_EXACT)     # CP1: no ring steps
+    assert r.cp_comm_exposed_s == 0.0 and r.all_to_all_s == 0.0
 
 
 @pytest.mark.unit
@@ -146,9 +218,39 @@ def test_ttft_grows_with_context_and_miss_rate():
 @pytest.mark.unit
 def test_decode_is_memory_bound():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000)
-    hbm = get_profile("h100-rdma").memory_bandwidth_bytes_per_s
-    floor = (p.weight_bytes_per_gpu + p.kv_cache_bytes_per_gpu) / hbm
-    assert floor <= p.ttit_s < 1.5 * floor
+    hw = get_profile("h100-rdma")
+    floor = (p.weight_bytes_per_gpu + p.kv_cache_bytes_per_gpu) / hw.memory_bandwidth_bytes_per_s
+    achieved = floor / hw.memory_efficiency
+    assert achieved <= p.ttit_s < 1.5 * achieved
+    assert p.decode["linear_s"] > 0.5 * p.ttit_s                   # reading the weights dominates
+
+
+@pytest.mark.unit
+def test_decode_does_not_scale_like_prefill():
+    # Paper §4.3: CP adds ring and all_to_all latency to every block of a decode step, so
+    # TTIT grows with N while TTFT falls; multi-node TP saves weight reads but pays
+    # cross-node all-reduce latency.
+    ttit = {cp: planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=128_000).ttit_s
+            for cp in (1, 2, 4, 8)}
+    assert ttit[1] < ttit[2] < ttit[4] < ttit[8], ttit
+    tp8 = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000)
+    for tp in (16, 32):
+        multi = planner.plan("llama3.1-405b", "h100-rdma", tp=tp, cp=1, context_tokens=128_000)
+        assert multi.decode["tp_comm_s"] > 1.5 * tp8.decode["tp_comm_s"]
+        assert multi.decode["linear_s"] < tp8.decode["linear_s"]
+
+
+@pytest.mark.unit
+def test_batched_decode_amortises_the_fixed_terms():
+    points = planner.sweep_batch([1, 2, 8, 32], model="llama3.1-405b", hardware="h100-rdma", tp=8, cp=2,
+                                 context_tokens=32_768)
+    ttit = [p["ttit_s"] for p in points]
+    assert ttit == sorted(ttit)
+    assert [p["tokens_per_s"] for p in points] == sorted(p["tokens_per_s"] for p in points)
+    # Weights and fixed costs are paid once per step whatever the batch.
+    assert len({p["decode"]["linear_s"] for p in points}) == 1
+    assert len({p["decode"]["fixed_s"] for p in points}) == 1
+    assert points[0]["decode"]["tokens_per_rank"] == 1 and points[1]["decode"]["tokens_per_rank"] == 1
 
 
 # Paper §4.1 (Fig. 1b): CP over N nodes beats TP over the same N nodes by ~15% at 2 nodes
@@ -210,11 +312,15 @@ def test_paper_1m_context_16_nodes():
 
 @pytest.mark.unit
 def test_predictions_pinned():
-    # Regression guard for docs/planner.md's table (change both together).
+    # Regression guard for docs/planner.md's tables (change both together).
     one_m = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=1_000_000)
     k128 = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
-    assert one_m.ttft_s == pytest.approx(73.97, rel=1e-3)
-    assert k128.ttft_s == pytest.approx(2.80, rel=5e-3)
+    assert one_m.ttft_s == pytest.approx(74.26, rel=1e-3)
+    assert k128.ttft_s == pytest.approx(2.85, rel=5e-3)
+    ttit = {(tp, cp, c): planner.plan("llama3.1-405b", "h100-rdma", tp=tp, cp=cp, context_tokens=c).ttit_s
+            for tp, cp, c in ((8, 1, 8192), (8, 1, 128_000), (8, 2, 8192), (8, 2, 128_000),
+                              (8, 4, 128_000), (16, 1, 128_000), (32, 1, 128_000))}
+    assert [round(v * 1e3, 1) for v in ttit.values()] == [29.5, 32.2, 32.4, 33.1, 36.3, 24.3, 21.6]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -238,6 +344,20 @@ def test_cli_table(capsys):
     assert run_cli(ARGS_405B + ["--cp", "16", "--context", "128000"]) == 0
     out = capsys.readouterr().out
     assert "TTFT" in out and "pass-kv" in out and "TTIT" in out
+    for row in ("weights read", "TP all-reduce", "CP ring + all_to_all", "fixed", "decode step"):
+        assert row in out, row
+
+
+@pytest.mark.unit
+def test_cli_batch_sweep(capsys):
+    argv = ARGS_405B + ["--cp", "2", "--context", "32768", "--sweep", "batch=1,4,16"]
+    assert run_cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and len(out.strip().splitlines()) == 2 + 3
+    assert run_cli(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sweep"] == "batch" and [p["batch"] for p in data["points"]] == [1, 4, 16]
+    assert all(p["decode"]["fixed_s"] > 0 for p in data["points"])
 
 
 @pytest.mark.unit
@@ -269,6 +389,9 @@ def test_cli_sweep_json_and_plot(capsys, tmp_path):
     (["--context", "1000"], "--cp"),
     (["--context", "1000", "--sweep", "tp=1,2"], "--sweep"),
     (["--context", "1000", "--sweep", "cp=1,0"], "--sweep"),
+    (["--context", "1000", "--sweep", "batch=0"], "--sweep"),
+    (["--context", "1000", "--sweep", "batch=1,2"], "--cp"),
+    (["--cp", "2", "--context", "1000", "--sweep", "batch=1,2", "--plot", "x.png"], "--plot"),
     (["--cp", "2", "--context", "1000", "--plot", "x.png"], "--plot"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(extra, flag, capsys):
@@ -310,6 +433,9 @@ def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
     ({"cp_latency_s": float("nan")}, "cp_latency_s"),                   # JSON NaN
     ({"memory_bytes": 10**400}, "memory_bytes"),                        # too large for a float
     ({"name": "two\nlines"}, "name"),
+    ({"memory_efficiency": 1.5}, "memory_efficiency"),                  # above the data sheet
+    ({"layer_overhead_s": -1e-6}, "layer_overhead_s"),
+    ({"a2a_latency_s": 0}, "a2a_latency_s"),                             # latencies stay > 0
 ])
 def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, capsys):
     path = _profile_file(tmp_path, **changes)
@@ -320,6 +446,20 @@ def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, cap
                     "--context", "100"]) == 2
     out = capsys.readouterr().err.strip()
     assert len(out.splitlines()) == 1 and "--hardware" in out and field in out, out
+
+
+@pytest.mark.unit
+def test_profile_file_without_the_decode_fields_loads_with_defaults(tmp_path):
+    # A profile written before the decode terms existed still loads (fields with defaults).
+    old = {k: v for k, v in get_profile("cpu-gloo").to_dict().items()
+           if k not in ("a2a_latency_s", "net_hop_latency_s", "memory_efficiency", "layer_overhead_s",
+                        "ring_step_overhead_s")}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    p = planner.plan("tiny", str(path), tp=1, cp=2, context_tokens=100)
+    assert p.fixed_s == 0.0 and p.hardware_profile["memory_efficiency"] == 1.0
+    zero = _profile_file(tmp_path, layer_overhead_s=0, ring_step_overhead_s=0.0)
+    assert planner.plan("tiny", zero, tp=1, cp=2, context_tokens=100).fixed_s == 0.0
 
 
 @pytest.mark.unit

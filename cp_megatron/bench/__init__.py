@@ -5,6 +5,7 @@
     cp-megatron bench overlap    ...                                   # benchmarks/ring_overlap.py
     cp-megatron bench peers      ...                                   # vs Hugging Face transformers
     cp-megatron bench hardware   ...                                   # measure a hardware profile
+    cp-megatron bench ttit       ...                                   # planner TTIT vs the run config's
 
 Every suite records the machine (cores, versions, load average before and after), its
 config, every raw sample and the medians, writes ``<suite>.json`` atomically and a plot
@@ -31,6 +32,7 @@ SUITES = {
     "overlap": "cp_megatron.bench.overlap",
     "peers": "cp_megatron.bench.peers",
     "hardware": "cp_megatron.bench.hardware",
+    "ttit": "cp_megatron.bench.ttit",
 }
 
 
@@ -61,7 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Benchmark suites: scaling (CP1 vs CP2 full prefill TTFT), miss-rate (pass-KV vs "
                     "pass-Q partial prefill), overlap (exposed ring communication), peers (vs Hugging "
                     "Face transformers), hardware (measure this machine's profile for the planner "
-                    "and the heuristic). See docs/performance.md.")
+                    "and the heuristic), ttit (the planner's TTIT against the run config's measured "
+                    "one). See docs/performance.md.")
     p.add_argument("suite", choices=list(SUITES), help="which suite to run")
     p.add_argument("--output-dir", default="docs/bench", help="folder for the JSON and PNG (default docs/bench)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test); writes <suite>-quick.*")
@@ -71,7 +74,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads per rank / per process (default 1)")
     p.add_argument("--timeout", type=_positive_seconds, default=1800.0, help="limit of each job in seconds")
     p.add_argument("--config", default="configs/default.yaml",
-                   help="peers: the run config of our side (default configs/default.yaml)")
+                   help="peers, ttit: the run config (default configs/default.yaml)")
+    p.add_argument("--hardware", default="cpu-gloo",
+                   help="ttit: the planner's hardware profile, a name or a .json such as "
+                        "docs/bench/hardware.json (default cpu-gloo)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -94,6 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     command = "cp-megatron bench " + " ".join(shlex.quote(a) for a in _argv_after_bench())
     opts = BenchOptions(output_dir=out, quick=args.quick, repeats=args.repeats,
                         threads=args.threads, timeout_s=args.timeout, config=args.config,
+                        hardware=args.hardware,
                         command=command.strip())
     try:
         report = module.run(opts)

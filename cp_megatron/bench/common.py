@@ -43,7 +43,8 @@ class BenchOptions:
         repeats: timed rounds per configuration (None: the suite's default).
         threads: torch threads per rank / per process.
         timeout_s: limit of each job (seconds).
-        config: peers: the run config of our side.
+        config: peers, ttit: the run config.
+        hardware: ttit: the planner's hardware profile (name or .json).
         command: the command line, recorded in the JSON.
     """
 
@@ -53,6 +54,7 @@ class BenchOptions:
     threads: int = 1
     timeout_s: float = 1800.0
     config: str = "configs/default.yaml"
+    hardware: str = "cpu-gloo"
     command: str = ""
 
     def path(self, stem: str, suffix: str) -> Path:
@@ -268,17 +270,19 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
 
 
 # -- the dummy long-context model ----------------------------------------------------------------
-def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
-    """An :class:`InferenceEngine` over seeded random weights of ``preset`` (this rank's stage)."""
+def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0,
+                 profile: bool = True):
+    """An :class:`InferenceEngine` over seeded random weights of ``preset`` (a preset name or
+    a ``ModelConfig``; this rank's stage); ``profile`` times the ring (``RoundMetrics``)."""
     from cp_megatron.engine import InferenceEngine
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import DummyReader, load_weights
 
-    config = get_preset(preset)
+    config = get_preset(preset) if isinstance(preset, str) else preset
     stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
     load_weights(stage, DummyReader(config, seed=seed))
-    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity, profile=True)
+    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity, profile=profile)
 
 
 def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:

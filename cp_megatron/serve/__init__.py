@@ -47,12 +47,12 @@ def serve(cfg: RunConfig) -> int:
         RankFailure: a rank failed (every rank is stopped).
     """
     from cp_megatron.launcher import spawn
-    from cp_megatron.run import Prepared, check_model, heuristic_hardware, under_launcher
+    from cp_megatron.run import Prepared, check_model, context_limit, heuristic_hardware, under_launcher
     from cp_megatron.serve.ranks import rank_main
 
     def prepare(world_size=None) -> Prepared:
         reader, _ = check_model(cfg, world_size)
-        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg))
+        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg), context_limit(cfg, reader.config))
 
     if under_launcher():
         from cp_megatron import parallel_state

@@ -108,7 +108,7 @@ def _lead(cfg, prep, engine, tok) -> int:
     # A checkpoint's name may be its path: the API id is then the file or folder name.
     model_name = sv.model_name or Path(prep.model_config.name).name.removesuffix(".gguf")
     app = create_app(sched, metrics, model_name=model_name, tokenizer=tok,
-                     max_context=prep.model_config.max_position_embeddings,
+                     max_context=prep.max_context,
                      vocab_size=prep.model_config.vocab_size,
                      default_max_tokens=sv.default_max_tokens)
     server = uvicorn.Server(uvicorn.Config(app, host=sv.host, port=sv.port, log_level="warning",
