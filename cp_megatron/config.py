@@ -4,7 +4,7 @@ Every field is documented where it is declared.  An unknown key, a wrong type or
 impossible value is reported as one line naming the key path (``ConfigError``); the
 CLI turns it into exit code 2 before any rank starts.
 
-    model:      {format: hf|meta|gguf|sharded|dummy, path | preset, dtype}
+    model:      {format: hf|meta|gguf|sharded|dummy, path | preset, dtype, weights, max_context}
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
@@ -43,6 +43,14 @@ class ModelSection(_Strict):
     path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta, sharded) or .gguf file")
     preset: Optional[str] = Field(None, description="model preset name (format dummy)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
+    weights: Literal["dtype", "fp8-rowwise"] = Field(
+        "dtype", description="linear-layer weights: 'dtype' = model.dtype; 'fp8-rowwise' = attention "
+                             "and MLP weights float8_e4m3fn with a float32 scale per output row, "
+                             "activations quantised per token (embedding, norms, LM head stay dtype)")
+    max_context: Optional[int] = Field(
+        None, ge=1, description="longest context (prompt + generated tokens) a sequence may reach; "
+                                "default the checkpoint's max_position_embeddings. Larger values run "
+                                "with a warning: quality past the trained length is not guaranteed")
 
     @model_validator(mode="after")
     def _source(self):

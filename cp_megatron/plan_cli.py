@@ -65,10 +65,7 @@ def format_plan(p: dict) -> str:
         f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{'':>14}{_secs(p['ttit_s']):>14}   "
         f"(batch {p['batch']}, {d['tokens_per_rank']} per CP rank)",
         "",
-        f"memory    weights {_si(p['weight_bytes_per_gpu'], 'B')} + KV cache "
-        f"{_si(p['kv_cache_bytes_per_gpu'], 'B')} per GPU of {_si(p['memory_bytes_per_gpu'], 'B')}: "
-        f"{'fits' if p['fits_in_memory'] else 'DOES NOT FIT'} (activations not counted)",
-    ]
+    ] + format_memory(p["memory"])
     rows += [f"warning   {w}" for w in p["warnings"]]
     return "\n".join(rows)
 
@@ -99,6 +96,16 @@ def format_batch_sweep(points: list[dict]) -> str:
                     f"{_secs(d['tp_comm_s']):>9}{_secs(d['cp_comm_exposed_s']):>9}{_secs(d['fixed_s']):>9}"
                     f"{'fits' if p['fits_in_memory'] else 'no fit':>8}")
     return "\n".join(rows)
+
+
+def format_memory(m: dict) -> list[str]:
+    """Rows of the per-GPU memory report (:func:`cp_megatron.planner.memory_report`)."""
+    fits = ", ".join(f"{name} ({_si(m['capacity_bytes'][name], 'B')}) {'fits' if ok else 'DOES NOT FIT'}"
+                     for name, ok in m["fits"].items())
+    return [f"memory    per GPU, weights {m['weights']} as loaded: weights {_si(m['weight_bytes'], 'B')} + KV "
+            f"cache {_si(m['kv_cache_bytes'], 'B')} + prefill activations {_si(m['activation_bytes'], 'B')} "
+            f"= {_si(m['total_bytes'], 'B')}",
+            f"          {fits}"]
 
 
 def format_sweep(points: list[dict]) -> str:

@@ -358,6 +358,7 @@ class Plan:
     decode: dict
     hardware_profile: dict
     warnings: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)   # MemoryReport.to_dict(): as cp_megatron loads it
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -443,7 +444,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     warnings = []
     if context_tokens > cfg.max_position_embeddings:
         warnings.append(f"context {context_tokens} exceeds {cfg.name}'s max_position_embeddings "
-                        f"({cfg.max_position_embeddings})")
+                        f"({cfg.max_position_embeddings}): runs with model.max_context, quality past the "
+                        f"trained length is not guaranteed")
     if w_gpu + kv_gpu > hw.memory_bytes:
         warnings.append("weights + KV cache exceed the GPU memory")
     if cp > 1 and gpus <= hw.gpus_per_node:
@@ -471,7 +473,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         fits_in_memory=w_gpu + kv_gpu <= hw.memory_bytes,
         heuristic=prefill_decision.to_dict(),
         decode={**asdict(decode), "heuristic": decode_decision.to_dict()},
-        hardware_profile=hw.to_dict(), warnings=warnings)
+        hardware_profile=hw.to_dict(), warnings=warnings,
+        memory=memory_report(cfg, tp, cp, context_tokens, t, batch, dtype).to_dict())
     bad = _non_finite(result.to_dict())
     if bad:
         raise PlanInputError("--hardware", f"profile {hw.name!r} gives non-finite {', '.join(bad[:3])}: "
@@ -514,3 +517,117 @@ def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
         point["speedup"] = base["ttft_s"] / point["ttft_s"]
         point["efficiency"] = point["speedup"] / (point["cp"] / base["cp"])
     return points
+
+
+# --------------------------------------------------------------------------- memory as loaded
+
+# Activation quantisation works in row chunks of at most this many float32 bytes
+# (cp_megatron.model.fp8.QUANT_CHUNK_BYTES; the planner imports no torch).
+ACT_QUANT_CHUNK_BYTES = 256 << 20
+# GPU capacities the report checks against (the h100-rdma and h200 profiles).
+MEMORY_TARGETS = ("h100-rdma", "h200")
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes one GPU holds during a prefill, laid out as cp_megatron loads the model.
+
+    Attributes:
+        weights: "fp8-rowwise" (model.weights for dtype "fp8": every block's q, k, v, o, gate,
+            up and down weights float8_e4m3fn with a float32 scale per row; embedding, norms
+            and LM head in bf16), "bf16" or "fp32".
+        weight_bytes: this GPU's TP shard of every weight (norms and row-parallel scales
+            replicated).
+        kv_cache_bytes: K and V of ceil(context / cp) tokens per sequence, NKV/tp heads.
+        activation_bytes: the prefill's peak working set (:func:`prefill_activation_bytes`).
+        total_bytes: the sum.
+        capacity_bytes / fits: per target profile ("h100-rdma": 80 GB H100, "h200": 141 GB).
+    """
+
+    weights: str
+    weight_bytes: float
+    kv_cache_bytes: float
+    activation_bytes: float
+    total_bytes: float
+    capacity_bytes: dict
+    fits: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loaded_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> float:
+    """Bytes of one TP rank's weights as the runtime holds them (no PP).
+
+    Per block: column-parallel q (NH/tp*DH rows), k, v (NKV/tp*DH rows each), gate and up
+    (F/tp rows) and row-parallel o and down (H rows, 1/tp of the columns); two norms of H.
+    ``fp8``: linear weights 1 byte, plus float32 row scales (column-parallel: the rank's rows;
+    row-parallel: all H rows, replicated); everything else bf16.  Embedding and LM head are
+    vocab-parallel (V/tp rows), the final norm replicated.
+
+    Source: cp_megatron.model.fp8 (what fp8-rowwise quantises); megatron-core TP partitioning.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise PlanInputError("--dtype", f"expected one of {WEIGHT_DTYPES}, got {dtype!r}")
+    h, f, dh = cfg.hidden_size, cfg.intermediate_size / tp, cfg.head_dim
+    e = 4 if dtype == "fp32" else 2
+    q, kv = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh
+    linear = 2 * h * q + 2 * h * kv + 3 * h * f
+    block = linear * DTYPE_BYTES[dtype] + 2 * h * e
+    if dtype == "fp8":
+        block += 4 * (q + 2 * kv + 2 * f + 2 * h)
+    vocab = cfg.vocab_size / tp * h * e
+    return float(cfg.num_layers * block + vocab * (1 if cfg.tie_word_embeddings else 2) + h * e)
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int,
+                             batch: int, dtype: str) -> float:
+    """Peak bytes of one GPU's prefill working set (one layer at a time, unfused), per GPU:
+
+        residual stream and its norm    2*t*H*e
+        attention (pass-KV)             t*q*e (Q) + t*q*4 + t*(NH/tp)*4 (float32 O and LSE
+                                        accumulators) + 2*2*c*k*e (K and V block in hand and
+                                        the one arriving)
+        MLP                             3*t*(F/tp)*e (gate, up, their product)
+        FP8 activation quantisation     t*K + min(4*t*K, 256 MiB), K = max(H, F/tp)
+        logits of the last tokens       B*V*4
+
+    with t = ceil(B*T/cp) new tokens and c = ceil(B*context/cp) KV tokens on the GPU, q = NH/tp*DH,
+    k = NKV/tp*DH; the attention and MLP terms are not live together (max of the two).
+
+    Source: the layer order of cp_megatron.model.llama; arXiv 2411.01783 Alg. 2 (pass-KV buffers).
+    """
+    e = 4 if dtype == "fp32" else 2
+    h, f, dh = cfg.hidden_size, cfg.intermediate_size / tp, cfg.head_dim
+    t, c = math.ceil(batch * new_tokens / cp), math.ceil(batch * context_tokens / cp)
+    q, k = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh
+    attention = t * q * e + t * q * 4 + t * cfg.num_heads / tp * 4 + 4 * c * k * e
+    mlp = 3 * t * f * e
+    quant = 0.0
+    if dtype == "fp8":
+        widest = max(h, f)
+        quant = t * widest + min(4 * t * widest, ACT_QUANT_CHUNK_BYTES)
+    return float(2 * t * h * e + max(attention, mlp) + quant + batch * cfg.vocab_size * 4)
+
+
+def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_tokens: int, batch: int,
+                  dtype: str) -> MemoryReport:
+    """Weights, KV cache and prefill activations of one GPU, and whether they fit an 80 GB
+    H100 and a 141 GB H200 (:data:`MEMORY_TARGETS`).
+
+    Args:
+        cfg: model dimensions; tp / cp: degrees; context_tokens: T + P per sequence;
+        new_tokens: T per sequence; batch: sequences; dtype: "fp8" (fp8-rowwise), "bf16", "fp32".
+
+    Raises:
+        PlanInputError: unknown dtype.
+    """
+    e = 4 if dtype == "fp32" else 2
+    w = loaded_weight_bytes(cfg, tp, dtype)
+    kv = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
+    act = prefill_activation_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype)
+    total = w + kv + act
+    capacity = {name: load_profile(name).memory_bytes for name in MEMORY_TARGETS}
+    return MemoryReport(weights="fp8-rowwise" if dtype == "fp8" else dtype, weight_bytes=w,
+                        kv_cache_bytes=kv, activation_bytes=act, total_bytes=total,
+                        capacity_bytes=capacity, fits={n: total <= c for n, c in capacity.items()})

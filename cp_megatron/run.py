@@ -37,6 +37,7 @@ class Prepared:
     turn_texts: list[str]           # user turns after the first (prompt.turns)
     messages: Optional[list[dict]]  # chat so far (None for raw text / random prompts)
     hardware: object = None         # HardwareProfile for the heuristic (None: by device)
+    max_context: int = 0            # tokens a sequence may reach (model.max_context or the model's)
 
 
 # -- model and tokenizer --------------------------------------------------------------------
@@ -76,18 +77,30 @@ def _chat(cfg: RunConfig, first_user: str) -> list[dict]:
 def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
     """Pre-flight checks and the first turn's token ids.
 
+    A ``model.max_context`` beyond the checkpoint's max_position_embeddings is allowed with
+    a warning on stderr (RoPE is computed at any position; the paper's 1M-token runs are
+    performance runs on a 128K model, arXiv 2411.01783 §4).
+
     Raises:
         ConfigError: one line naming the key: world size, TP vs heads, missing files,
-            a prompt (plus max_new_tokens) longer than the model's context.
+            a prompt (plus max_new_tokens) longer than the allowed context, FP8 weights on a
+            dtype / device without an FP8 path.
     """
+    from cp_megatron.model.fp8 import check_supported
     from cp_megatron.model.llama import check_tp
 
     par = cfg.parallel
     if world_size is not None and world_size != par.world_size:
         raise ConfigError(f"parallel: tp*cp*pp = {par.tp}*{par.cp}*{par.pp} = {par.world_size} does not "
                           f"match the launcher's WORLD_SIZE={world_size}")
+    if cfg.model.weights == "fp8-rowwise":
+        try:
+            check_supported(cfg.runtime.device, getattr(torch, cfg.model.dtype))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     reader = open_reader(cfg)
     config = reader.config
+    max_context = context_limit(cfg, config)
     try:
         check_tp(config, par.tp)
     except ValueError as exc:
@@ -119,11 +132,23 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
                 messages, turns = _chat(cfg, p.turns[0]), list(p.turns[1:])
             ids = tok.encode(tok.apply_chat_template(messages), add_bos=False)
     need = len(ids) + cfg.generation.max_new_tokens
-    if need > config.max_position_embeddings:
+    if need > max_context:
+        limit = ("model.max_context" if cfg.model.max_context else
+                 "model's context (max_position_embeddings; model.max_context allows more)")
         raise ConfigError(f"prompt: {len(ids)} tokens + generation.max_new_tokens "
-                          f"{cfg.generation.max_new_tokens} exceed the model's context of "
-                          f"{config.max_position_embeddings} tokens")
-    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg))
+                          f"{cfg.generation.max_new_tokens} exceed the {limit} of {max_context} tokens")
+    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg), max_context)
+
+
+def context_limit(cfg: RunConfig, config) -> int:
+    """Tokens a sequence may reach: ``model.max_context``, else the checkpoint's
+    max_position_embeddings.  A limit past the trained length warns once on stderr."""
+    limit = cfg.model.max_context or config.max_position_embeddings
+    if limit > config.max_position_embeddings:
+        print(f"[cp-megatron] warning: model.max_context {limit} exceeds {config.name}'s trained length "
+              f"(max_position_embeddings {config.max_position_embeddings}); positions beyond it run, but "
+              f"output quality there is not guaranteed", file=sys.stderr, flush=True)
+    return limit
 
 
 def heuristic_hardware(cfg: RunConfig):
@@ -183,7 +208,7 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
                f"{len(prep.first_turn)} prompt tokens, strategy={cfg.attention.strategy}")
     t0 = time.perf_counter()
     stage = LlamaStage(prep.model_config, StageLayout(par.tp, topo.tp_rank, par.pp, topo.pp_rank),
-                       dtype=dtype, device=device)
+                       dtype=dtype, device=device, weights=cfg.model.weights)
     load_weights(stage, reader, progress=topo.rank == 0)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     _log(topo, f"[cp-megatron] weights loaded in {time.perf_counter() - t0:.1f} s")

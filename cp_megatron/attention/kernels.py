@@ -11,7 +11,8 @@ Which kernel runs:
 
 | device | dtype, shape | kernel |
 |---|---|---|
-| CPU | any float | ``aten._scaled_dot_product_flash_attention_for_cpu`` (GQA native, LSE float32) |
+| CPU | plain block of at most 16 queries (decode) | :func:`math_attention` (2x faster than the flash kernel for one query against 4K keys) |
+| CPU | any other block | ``aten._scaled_dot_product_flash_attention_for_cpu`` (GQA native, LSE float32) |
 | CUDA | fp16 / bf16, flash-attn installed | ``flash_attn_func(..., return_attn_probs=True)`` (GQA native) |
 | CUDA | fp16 / bf16, DH % 8 == 0, DH <= 256 | ``aten._scaled_dot_product_flash_attention`` (GQA native) |
 | CUDA | float32, DH % 4 == 0 | ``aten._scaled_dot_product_efficient_attention``, no bias, KV heads expanded locally |
@@ -37,6 +38,8 @@ except Exception:  # ImportError, or a broken CUDA build of flash-attn
     _flash_attn_func = None
 
 _HALF = (torch.float16, torch.bfloat16)
+# On CPU, plain blocks with at most this many queries (decode tokens) use math_attention.
+CPU_MATH_MAX_QUERIES = 16
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -58,6 +61,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
         raise ValueError(f"attention_with_lse: a causal block must be square, got Tq={q.shape[0]}, "
                          f"Tkv={k.shape[0]}")
     if not q.is_cuda:
+        if not is_causal and q.shape[0] <= CPU_MATH_MAX_QUERIES:
+            return math_attention(q, k, v, scale=scale)
         return _cpu_attention(q, k, v, scale, is_causal)
     dh = q.shape[2]
     if q.dtype in _HALF and _flash_attn_func is not None:
@@ -69,9 +74,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     return math_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 
-def kernel_name(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
-    """The kernel :func:`attention_with_lse` uses for a device type, dtype and head dim."""
+def kernel_name(device_type: str, dtype: torch.dtype, head_dim: int, num_queries: int = 1024,
+                is_causal: bool = False) -> str:
+    """The kernel :func:`attention_with_lse` uses for a device type, dtype, head dim and block."""
     if device_type != "cuda":
+        if not is_causal and num_queries <= CPU_MATH_MAX_QUERIES:
+            return "math_attention"
         return "aten._scaled_dot_product_flash_attention_for_cpu"
     if dtype in _HALF and _flash_attn_func is not None:
         return "flash_attn.flash_attn_func"
@@ -122,7 +130,8 @@ def _aten_efficient(q, k, v, scale, is_causal):
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                    is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch attention with LSE, valid on every device and dtype (float32 math).
+    """Plain-torch attention with LSE, valid on every device and dtype (float32 math;
+    float64 for float64 inputs).
 
     GQA by reshaping the query heads into ``[NKV, group * Tq]`` (K/V never expanded).
     Memory is ``NH * Tq * Tkv`` float32 scores: for small blocks only.
@@ -132,14 +141,15 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     tq, nh, dh = q.shape
     tkv, nkv = k.shape[0], k.shape[1]
     group = nh // nkv
-    qg = q.float().reshape(tq, nkv, group, dh).permute(1, 2, 0, 3).reshape(nkv, group * tq, dh)
-    scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale        # [NKV, group*Tq, Tkv]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(acc).reshape(tq, nkv, group, dh).permute(1, 2, 0, 3).reshape(nkv, group * tq, dh)
+    scores = torch.bmm(qg, k.to(acc).permute(1, 2, 0)) * scale        # [NKV, group*Tq, Tkv]
     if is_causal:
         rows = torch.arange(tq, device=q.device).repeat(group)          # query index per row
         cols = torch.arange(tkv, device=q.device)
         scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)                                # [NKV, group*Tq]
-    out = torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), v.float().transpose(0, 1))
+    out = torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), v.to(acc).transpose(0, 1))
     out = out.reshape(nkv, group, tq, dh).permute(2, 0, 1, 3).reshape(tq, nh, dh)
     lse = lse.reshape(nkv, group, tq).permute(2, 0, 1).reshape(tq, nh)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse.float()

@@ -1,7 +1,11 @@
 """``cp-megatron convert``: HF / Meta / GGUF / sharded checkpoints -> TP-sharded or HF safetensors.
 
     cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST
-                        [--tp N] [--dtype bf16|fp32] [--verify] [--overwrite]
+                        [--tp N] [--dtype bf16|fp32] [--weights fp8-rowwise] [--verify] [--overwrite]
+
+``--weights fp8-rowwise`` (sharded output) stores the attention and MLP weights as float8_e4m3fn
+with one float32 scale per output row (:mod:`cp_megatron.model.fp8`), quantised from whole rows
+so any TP size reads them back without re-quantising.
 
 Streaming: one tensor (or one TP slice) is read and written at a time, through
 :class:`~cp_megatron.checkpoint.sharded.SafetensorsWriter`, so peak memory is near the
@@ -39,9 +43,11 @@ from cp_megatron.checkpoint import CheckpointError, check_tp, open_checkpoint
 from cp_megatron.checkpoint.base import CheckpointReader
 from cp_megatron.checkpoint.sharded import (
     DTYPE_NAME, METADATA_FILE, SAFETENSORS_DTYPE, SafetensorsWriter, TensorPlan, build_metadata, write_shards)
+from cp_megatron.model import fp8
 
 TO_FORMATS = ("sharded", "hf")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHTS = ("dtype", "fp8-rowwise")
 # Copied from the source folder when present (GGUF: tokenizer.json is exported from the vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
@@ -118,8 +124,11 @@ class _Source:
                 self.reader, self._since = self._reopen(), 0
 
 
-def plan_tensors(source: _Source, dst_fmt: str, tp: int, dtype: torch.dtype | None) -> list[TensorPlan]:
+def plan_tensors(source: _Source, dst_fmt: str, tp: int, dtype: torch.dtype | None,
+                 weights: str = "dtype") -> list[TensorPlan]:
     """Every tensor to write, in canonical order; checks that ``tp`` splits every split dim.
+    With ``weights="fp8-rowwise"`` each attention / MLP weight is planned float8_e4m3fn and
+    followed by its float32 row scales (``NAME_scale [rows]``, split like the rows).
 
     Raises:
         CheckpointError: ``tp`` does not divide the heads or a split dimension.
@@ -134,8 +143,38 @@ def plan_tensors(source: _Source, dst_fmt: str, tp: int, dtype: torch.dtype | No
         if dim is not None and shape[dim] % tp:
             raise CheckpointError(f"{getattr(reader, 'path', config.name)}: --tp {tp} does not divide tensor "
                                   f"{name} along dim {dim} (size {shape[dim]})")
-        plan.append(TensorPlan(name, shape, dim, dtype or source.stored_dtype(name)))
+        if weights == "fp8-rowwise" and fp8.is_quantized(name):
+            plan.append(TensorPlan(name, shape, dim, fp8.FP8_DTYPE))
+            plan.append(TensorPlan(fp8.scale_name(name), shape[:1], 0 if dim == 0 else None, torch.float32))
+        else:
+            plan.append(TensorPlan(name, shape, dim, dtype or source.stored_dtype(name)))
     return plan
+
+
+class _Quantizer:
+    """``read`` for :func:`write_shards` that quantises FP8-planned weights from whole rows
+    (once per tensor: the last one is kept for its TP slices and its scale)."""
+
+    def __init__(self, source: _Source, plan: list[TensorPlan]) -> None:
+        self.source = source
+        self._weight_of = {fp8.scale_name(t.name): t.name for t in plan if t.dtype == fp8.FP8_DTYPE}
+        self._last: tuple = (None, None, None)
+
+    def _quantized(self, name: str):
+        if self._last[0] != name:  # an FP8 source (re-sharding) hands its values over as stored
+            self._last = (None, None, None)  # drop the previous tensor before reading the next
+            q, scale = fp8.read_quantized(self.source.reader, name, None, 0, 1)
+            self.source._release(q.numel())
+            self._last = (name, q, scale)
+        return self._last[1], self._last[2]
+
+    def read(self, name: str, dtype: torch.dtype, shard_dim=None, tp_rank: int = 0, tp_size: int = 1):
+        if dtype != fp8.FP8_DTYPE and name not in self._weight_of:
+            kwargs = {} if shard_dim is None else dict(shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size)
+            return self.source.read(name, dtype, **kwargs)
+        q, scale = self._quantized(self._weight_of.get(name, name))
+        whole = scale if name in self._weight_of else q
+        return whole if shard_dim is None else whole.chunk(tp_size, dim=shard_dim)[tp_rank].contiguous()
 
 
 # -- writers -----------------------------------------------------------------------------------
@@ -279,7 +318,7 @@ def _move_into_place(tmp: str, dst: str) -> None:
 
 def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype | None = None,
             overwrite: bool = False, verify: bool = False, max_shard_bytes: int = 5 * 10**9,
-            progress: bool = True) -> ConvertResult:
+            progress: bool = True, weights: str = "dtype") -> ConvertResult:
     """Convert checkpoint ``src`` (format ``src_fmt``) into ``dst`` (format ``dst_fmt``).
 
     Args:
@@ -291,12 +330,15 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.d
         verify: before moving into place, compare float32 logits of source and output.
         max_shard_bytes: HF output: bytes per safetensors file.
         progress: tqdm bar on stderr.
+        weights: "dtype" (every tensor in ``dtype``) or "fp8-rowwise" (sharded output only:
+            attention / MLP weights float8_e4m3fn with row scales, the rest in ``dtype``).
 
     Returns:
         ConvertResult (bytes written, seconds, ``verify_max_abs_diff``).
 
     Raises:
-        CheckpointError: unknown format, unreadable source, existing ``dst``, bad ``tp``.
+        CheckpointError: unknown format, unreadable source, existing ``dst``, bad ``tp``,
+            fp8-rowwise weights asked for an HF output.
         VerifyError: --verify found a difference above VERIFY_ATOL (nothing is left at ``dst``).
         OSError: writing failed.  On any error or interrupt the temporary folder is removed.
     """
@@ -304,12 +346,14 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.d
         raise CheckpointError(f"{dst}: unknown output format {dst_fmt!r}; known: {', '.join(TO_FORMATS)}")
     reader = open_checkpoint(src_fmt, src)
     return convert_reader(reader, dst_fmt, dst, tp=tp, dtype=dtype, overwrite=overwrite, verify=verify,
-                          max_shard_bytes=max_shard_bytes, progress=progress, source=(src_fmt, str(src)))
+                          max_shard_bytes=max_shard_bytes, progress=progress, source=(src_fmt, str(src)),
+                          weights=weights)
 
 
 def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype | None = None,
                    overwrite: bool = False, verify: bool = False, max_shard_bytes: int = 5 * 10**9,
-                   progress: bool = True, source: tuple[str, str] | None = None) -> ConvertResult:
+                   progress: bool = True, source: tuple[str, str] | None = None,
+                   weights: str = "dtype") -> ConvertResult:
     """:func:`convert` from an open reader (``source`` = (format, path) of a file checkpoint, or
     None for a reader with no files, e.g. ``DummyReader``: no tokenizer, digest or verify)."""
     from tqdm import tqdm
@@ -318,9 +362,12 @@ def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype
     dst = os.path.abspath(str(dst))
     if dst_fmt not in TO_FORMATS:
         raise CheckpointError(f"{dst}: unknown output format {dst_fmt!r}; known: {', '.join(TO_FORMATS)}")
+    if weights not in WEIGHTS or (weights == "fp8-rowwise" and dst_fmt != "sharded"):
+        raise CheckpointError(f"{dst}: --weights {weights}: expected one of {', '.join(WEIGHTS)}; "
+                              f"fp8-rowwise needs --to sharded")
     _check_destination(dst, overwrite, source[1] if source else None)
     src = _Source(reader, (lambda: open_checkpoint(*source)) if source else None)
-    plan = plan_tensors(src, dst_fmt, tp, dtype)
+    plan = plan_tensors(src, dst_fmt, tp, dtype, weights)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=os.path.dirname(dst))
     try:
@@ -328,7 +375,7 @@ def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert -> {dst_fmt}", disable=not progress,
                   file=sys.stderr, mininterval=0.5) as bar:
             if dst_fmt == "sharded":
-                files = write_shards(plan, src.read, tmp, tp, bar)
+                files = write_shards(plan, _Quantizer(src, plan).read, tmp, tp, bar)
             else:
                 files = _write_hf(src, plan, tmp, max_shard_bytes, bar)
         tokenizer = _export_tokenizer(source[0], src.reader, tmp) if source else {"files": [], "from": "none"}
@@ -365,13 +412,18 @@ def _version() -> str:
 
 # -- --verify ------------------------------------------------------------------------------------
 class _CastReader:
-    """A reader whose tensors are first rounded to the converted dtypes, then returned as asked."""
+    """A reader whose tensors are first rounded to the converted dtypes, then returned as asked
+    (FP8 weights: quantised on whole rows and dequantised, as the converted checkpoint reads)."""
 
     def __init__(self, reader, dtypes: dict) -> None:
         self.config, self._reader, self._dtypes = reader.config, reader, dtypes
 
     def read(self, name, shard_dim=None, tp_rank=0, tp_size=1, dtype=torch.float32):
         stored = self._dtypes.get(name, dtype)
+        if stored == fp8.FP8_DTYPE:
+            whole = fp8.dequantize_rowwise(*fp8.quantize_rowwise(self._reader.read(name, dtype=torch.float32)))
+            part = whole if shard_dim is None else whole.chunk(tp_size, dim=shard_dim)[tp_rank]
+            return part.to(dtype).contiguous()
         return self._reader.read(name, shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size, dtype=stored).to(dtype)
 
 
@@ -434,6 +486,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=None, help="TP size of a sharded output (default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="output dtype (default: each tensor's stored dtype; quantized GGUF -> fp32)")
+    p.add_argument("--weights", choices=WEIGHTS, default="dtype",
+                   help="fp8-rowwise: attention and MLP weights as float8_e4m3fn with a float32 scale "
+                        "per output row (sharded output; model.weights: fp8-rowwise reads them as stored)")
     p.add_argument("--verify", action="store_true",
                    help="compare float32 logits of source and output on 32 tokens before finishing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder DST")
@@ -465,6 +520,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         result = convert(args.src_format, args.src, args.dst_format, args.dst, tp=args.tp or 1,
                          dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, verify=args.verify,
+                         weights=args.weights,
                          max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
     except CheckpointError as exc:
         print(f"{_PROG}: {str(exc).splitlines()[0]}", file=sys.stderr)

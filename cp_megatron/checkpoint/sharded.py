@@ -7,7 +7,14 @@
 File ``r`` holds TP rank r's slice of every tensor (canonical HF names, HF layout), cut along
 the dim :mod:`cp_megatron.model.weights` splits it (column-parallel dim 0, row-parallel dim 1);
 replicated tensors (norms) are stored whole in every file, so a rank of the stored TP size
-reads one file only.  :class:`ShardedReader` serves any TP size the heads allow: a slice is
+reads one file only.
+
+FP8 row-wise checkpoints (``convert --weights fp8-rowwise``, format_version 2) store the
+attention and MLP weights as ``F8_E4M3`` and, beside each, ``NAME_scale``: float32 ``[rows]``,
+one scale per output row of the whole tensor (split like the weight's rows: dim 0 for a
+column-parallel weight, replicated for a row-parallel one).  The metadata entry of such a
+weight names its scale (``"scale"``).  :meth:`ShardedReader.read_fp8` returns both as stored;
+:meth:`~ShardedReader.read` returns ``q * scale`` (dequantised) in the dtype asked for.  :class:`ShardedReader` serves any TP size the heads allow: a slice is
 assembled from the stored shards it overlaps, as the Meta reader does for MP shards.
 
 :class:`SafetensorsWriter` writes a safetensors file tensor by tensor (the header, with every
@@ -36,11 +43,13 @@ from cp_megatron.model.config import ModelConfig
 
 METADATA_FILE = "cp_megatron_checkpoint.json"
 FORMAT_NAME = "cp_megatron-sharded"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: FP8 weights with scale entries; 1: float weights only
 
 # torch dtype <-> safetensors dtype code <-> name used in the metadata file
-SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                     torch.float8_e4m3fn: "F8_E4M3"}
+DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+              torch.float8_e4m3fn: "float8_e4m3fn"}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAME.items()}
 
 
@@ -167,17 +176,27 @@ def write_shards(plan: list[TensorPlan], read, folder: str, tp_size: int, bar) -
 def build_metadata(config, tp_size: int, plan: list[TensorPlan], shards: list[dict], tokenizer: dict,
                    version: str, source: dict | None) -> dict:
     """The content of ``cp_megatron_checkpoint.json`` (documented in docs/convert.md)."""
+    from cp_megatron.model.fp8 import scale_name
+
     dtypes = {t.dtype for t in plan}
+    names = {t.name for t in plan}
+    tensors = {}
+    for t in plan:
+        tensors[t.name] = {"shape": list(t.shape), "split_dim": t.split_dim, "dtype": DTYPE_NAME[t.dtype]}
+        if t.dtype == torch.float8_e4m3fn:
+            assert scale_name(t.name) in names, f"FP8 tensor {t.name} planned without its scale"
+            tensors[t.name]["scale"] = scale_name(t.name)
+    fp8 = torch.float8_e4m3fn in dtypes
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "format": FORMAT_NAME, "format_version": 2 if fp8 else 1,
+        "weights": "fp8-rowwise" if fp8 else "dtype",
         "tool": {"name": "cp_megatron", "version": version, "command": "cp-megatron convert"},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.to_dict(), "tp_size": tp_size,
         "dtype": DTYPE_NAME[next(iter(dtypes))] if len(dtypes) == 1 else "mixed",
         "replicated_tensors": "stored whole in every shard file",
         "shards": shards,
-        "tensors": {t.name: {"shape": list(t.shape), "split_dim": t.split_dim, "dtype": DTYPE_NAME[t.dtype]}
-                    for t in plan},
+        "tensors": tensors,
         "tokenizer": tokenizer, "source": source}
 
 
@@ -212,7 +231,8 @@ class ShardedReader(CheckpointReader):
 
     Raises (on construction):
         CheckpointError: no or unreadable metadata, a shard file missing, truncated (size
-            differs from the metadata) or unparsable, a tensor missing or of the wrong shape.
+            differs from the metadata) or unparsable, a tensor missing or of the wrong shape,
+            an FP8 weight without its scale entry or scale tensor.
     """
 
     fmt = "sharded"
@@ -233,6 +253,8 @@ class ShardedReader(CheckpointReader):
         if len(files) != self.tp_size:
             raise CheckpointError(f"{where}: {len(files)} shard files listed for tp_size {self.tp_size}")
         self._split: dict[str, int | None] = {}
+        self._shape: dict[str, tuple] = {}
+        self._scale: dict[str, str] = {}  # FP8 weight -> its row-scale tensor
         for name in self.names():
             if name not in tensors:
                 raise CheckpointError(f"{where}: no entry for tensor {name}")
@@ -240,12 +262,16 @@ class ShardedReader(CheckpointReader):
             if not isinstance(entry, dict) or entry.get("split_dim") not in (None, 0, 1):
                 raise CheckpointError(f"{where}: tensor {name}: bad entry {entry!r}")
             self._split[name] = entry["split_dim"]
-            if list(entry.get("shape", ())) != list(layout.expected_shape(config, name)):
+            self._shape[name] = tuple(layout.expected_shape(config, name))
+            if list(entry.get("shape", ())) != list(self._shape[name]):
                 raise CheckpointError(f"{where}: tensor {name}: shape {entry.get('shape')} does not "
                                       f"match the model config")
+            if entry.get("dtype") == DTYPE_NAME[torch.float8_e4m3fn]:
+                self._add_scale(where, name, entry, tensors)
         self._paths = [os.path.join(folder, file) for file, _ in files]
         self._handles: dict[int, object] = {}
         self._used: list[int] = []  # shards read from since the last release (replicas come from these)
+        stored_names = list(self.names()) + list(self._scale.values())
         for rank, (path, (_, nbytes)) in enumerate(zip(self._paths, files)):
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size is None:
@@ -255,15 +281,28 @@ class ShardedReader(CheckpointReader):
                                       f"replaced file)")
             handle = self._open(rank)
             stored = set(handle.keys())
-            for name in self.names():
+            for name in stored_names:
                 if name not in stored:
                     raise CheckpointError(f"{path}: tensor {name} not found in file")
-                want = local_shape(layout.expected_shape(config, name), self._split[name], self.tp_size)
+                want = local_shape(self._shape[name], self._split[name], self.tp_size)
                 got = tuple(handle.get_slice(name).get_shape())
                 if got != want:
                     raise CheckpointError(f"{path}: tensor {name}: shape {got}, expected {want} "
                                           f"(TP slice {rank} of {self.tp_size})")
         self.release()
+
+    def _add_scale(self, where: str, name: str, entry: dict, tensors: dict) -> None:
+        """Register the row-scale tensor of FP8 weight ``name`` (checked against the weight)."""
+        scale = entry.get("scale")
+        if not isinstance(scale, str) or not isinstance(tensors.get(scale), dict):
+            raise CheckpointError(f"{where}: tensor {name}: float8_e4m3fn weight without its row scales "
+                                  f"(no 'scale' entry naming a listed tensor)")
+        rows, split = self._shape[name][0], self._split[name]
+        want = {"shape": [rows], "split_dim": 0 if split == 0 else None, "dtype": "float32"}
+        got = {k: tensors[scale].get(k) for k in want}
+        if got != want:
+            raise CheckpointError(f"{where}: tensor {scale}: expected {want}, got {got}")
+        self._scale[name], self._split[scale], self._shape[scale] = scale, want["split_dim"], (rows,)
 
     def _open(self, rank: int):
         if rank not in self._handles:
@@ -290,12 +329,41 @@ class ShardedReader(CheckpointReader):
             raise CheckpointError(f"{self._paths[rank]}: tensor {name}: cannot read ({err})") from None
 
     def _read_stored(self, name, rows, cols):
+        """Stored values; an FP8 weight comes back dequantised (float32 ``q * scale``)."""
+        if name in self._scale:
+            return self._read_raw(name, rows, cols).float() * self._read_raw(self._scale[name], rows, None)[:, None]
+        return self._read_raw(name, rows, cols)
+
+    def read_fp8(self, name: str, shard_dim: int | None = None, tp_rank: int = 0, tp_size: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored FP8 values of weight ``name`` (or their TP slice) and its row scales,
+        without re-quantisation; None when ``name`` is not stored as FP8.
+
+        Returns:
+            (q float8_e4m3fn ``[rows, cols]``, scale float32 ``[rows]``) of slice ``tp_rank`` of
+            ``tp_size`` along ``shard_dim`` (None: whole).
+
+        Raises:
+            CheckpointError: bad slice arguments, or a file that cannot be read.
+        """
+        if name not in self._scale:
+            return None
+        bounds = [(0, n) for n in self._shape[name]]
+        if shard_dim is not None:
+            try:
+                bounds[shard_dim] = layout.slice_bounds(bounds[shard_dim][1], tp_rank, tp_size)
+            except (ValueError, IndexError) as err:
+                raise CheckpointError(f"{self.path}: tensor {name}: {err}") from None
+        q = self._read_raw(name, bounds[0], bounds[1])
+        return q, self._read_raw(self._scale[name], bounds[0], None)
+
+    def _read_raw(self, name, rows, cols):
         split = self._split[name]
         bounds = [rows] if cols is None else [rows, cols]
         if split is None:  # every shard holds it: use one this process has open already
             block = self._block(self._used[0] if self._used else 0, name, bounds)
             return block.clone(memory_format=torch.contiguous_format)
-        per = layout.expected_shape(self.config, name)[split] // self.tp_size
+        per = self._shape[name][split] // self.tp_size
         lo, hi = bounds[split]
         parts = []
         for s in range(lo // per, (hi - 1) // per + 1):  # only the shards the slice overlaps

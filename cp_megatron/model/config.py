@@ -4,7 +4,8 @@ A :class:`ModelConfig` is built from a preset name, a Hugging Face ``config.json
 a Meta ``params.json`` or GGUF metadata (the readers live in
 :mod:`cp_megatron.checkpoint`).  Config is never guessed from a file name.
 
-Source: Meta's published Llama 3.1 model cards / ``params.json`` (8B, 70B, 405B);
+Source: Meta's published Llama 3.1 model cards / ``params.json`` (8B, 70B, 405B), Llama 3.2 1B
+``config.json``;
 HuggingFaceTB/SmolLM2-135M-Instruct ``config.json``.
 """
 
@@ -126,6 +127,13 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
         rope_scaling=None, rms_norm_eps=1e-5, max_position_embeddings=8192,
         tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
+    "llama3.2-1b": ModelConfig(
+        name="llama3.2-1b", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True,
+        bos_token_id=128000, eos_token_ids=_LLAMA3_EOS),
     # Small random models (weights: seeded "dummy" init) for tests and benchmarks.
     "tiny": ModelConfig(
         name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -134,6 +142,12 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny-long", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=4,
         num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=500000.0,
         rope_scaling=_LLAMA31_ROPE, max_position_embeddings=131072),
+    # A "64K-trained" long-context model small enough to prefill 128K+ tokens on CPU
+    # (model.max_context runs it past its trained length).
+    "tiny-64k": ModelConfig(
+        name="tiny-64k", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+        num_heads=2, num_kv_heads=1, head_dim=64, rope_theta=500000.0,
+        rope_scaling=_LLAMA31_ROPE, max_position_embeddings=65536),
 }
 
 

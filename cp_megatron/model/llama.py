@@ -30,6 +30,7 @@ from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.checkpoint.base import check_tp as checkpoint_check_tp
 from cp_megatron.model.config import ModelConfig
+from cp_megatron.model.fp8 import linear_classes
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 from cp_megatron.sharding import chunk_bounds
@@ -106,19 +107,20 @@ class Attention(nn.Module):
     """GQA self-attention with this TP rank's heads; K/V go to the sharded cache, then
     context-parallel attention over everything cached for the sequence."""
 
-    def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int,
+                 weights: str = "dtype") -> None:
         super().__init__()
+        column, row = linear_classes(weights, config.num_kv_heads, tp_size, config.num_heads * config.head_dim)
         self.layer, self.head_dim = layer, config.head_dim
         self.num_heads = config.num_heads // tp_size          # NH local
         self.num_kv_heads = config.num_kv_heads // tp_size    # NKV local
         d, dh = config.hidden_size, config.head_dim
         col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
-        self.q_proj = tensor_parallel.ColumnParallelLinear(d, config.num_heads * dh, **col)
-        self.k_proj = tensor_parallel.ColumnParallelLinear(d, config.num_kv_heads * dh, **col)
-        self.v_proj = tensor_parallel.ColumnParallelLinear(d, config.num_kv_heads * dh, **col)
-        self.o_proj = tensor_parallel.RowParallelLinear(config.num_heads * dh, d, config=mp,
-                                                        init_method=nn.init.zeros_, bias=False,
-                                                        input_is_parallel=True, skip_bias_add=False)
+        self.q_proj = column(d, config.num_heads * dh, **col)
+        self.k_proj = column(d, config.num_kv_heads * dh, **col)
+        self.v_proj = column(d, config.num_kv_heads * dh, **col)
+        self.o_proj = row(config.num_heads * dh, d, config=mp, init_method=nn.init.zeros_, bias=False,
+                          input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
         t = x.shape[0]
@@ -135,15 +137,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), FFN split over TP ranks."""
 
-    def __init__(self, config: ModelConfig, mp: ModelParallelConfig) -> None:
+    def __init__(self, config: ModelConfig, mp: ModelParallelConfig, weights: str = "dtype") -> None:
         super().__init__()
+        column, row = linear_classes(weights, config.num_kv_heads, mp.tensor_model_parallel_size,
+                                     config.intermediate_size)
         d, f = config.hidden_size, config.intermediate_size
         col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
-        self.gate_proj = tensor_parallel.ColumnParallelLinear(d, f, **col)
-        self.up_proj = tensor_parallel.ColumnParallelLinear(d, f, **col)
-        self.down_proj = tensor_parallel.RowParallelLinear(f, d, config=mp, init_method=nn.init.zeros_,
-                                                           bias=False, input_is_parallel=True,
-                                                           skip_bias_add=False)
+        self.gate_proj = column(d, f, **col)
+        self.up_proj = column(d, f, **col)
+        self.down_proj = row(f, d, config=mp, init_method=nn.init.zeros_, bias=False,
+                             input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
@@ -151,12 +154,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int,
-                 dtype: torch.dtype, device) -> None:
+                 dtype: torch.dtype, device, weights: str = "dtype") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, layer, mp, tp_size)
+        self.self_attn = Attention(config, layer, mp, tp_size, weights)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, mp)
+        self.mlp = MLP(config, mp, weights)
 
     def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -172,16 +175,18 @@ class LlamaStage(nn.Module):
         layout: TP / PP coordinates of this rank.
         dtype: parameter and activation dtype (float32 or bfloat16).
         device: "cpu" or a CUDA device.
+        weights: "dtype" (linear weights in ``dtype``) or "fp8-rowwise" (attention and MLP
+            weights float8_e4m3fn with row scales, :mod:`cp_megatron.model.fp8`).
 
     Parameter names follow Hugging Face's (``model.layers.{i}...``) with global layer
     indices, so checkpoint readers fill them by name (see :func:`load_weights`).
     """
 
     def __init__(self, config: ModelConfig, layout: StageLayout, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", weights: str = "dtype") -> None:
         super().__init__()
         check_tp(config, layout.tp_size)
-        self.config, self.layout, self.dtype = config, layout, dtype
+        self.config, self.layout, self.dtype, self.weights = config, layout, dtype, weights
         self.device = torch.device(device)
         mp = ModelParallelConfig(tensor_model_parallel_size=layout.tp_size, params_dtype=dtype,
                                  use_cpu_initialization=self.device.type == "cpu",
@@ -191,7 +196,7 @@ class LlamaStage(nn.Module):
             config.vocab_size, config.hidden_size, init_method=nn.init.zeros_, config=mp)
             if layout.is_first else None)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(config, i - self.first_layer, mp, layout.tp_size, dtype, self.device)
+            str(i): DecoderLayer(config, i - self.first_layer, mp, layout.tp_size, dtype, self.device, weights)
             for i in range(self.first_layer, self.last_layer)})
         if layout.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, self.device)

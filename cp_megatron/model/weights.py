@@ -20,6 +20,7 @@ import zlib
 import torch
 
 from cp_megatron.checkpoint import keys, layout
+from cp_megatron.model import fp8
 from cp_megatron.model.config import ModelConfig
 
 # suffix -> TP shard dim (None = replicated)
@@ -86,6 +87,9 @@ def load_weights(stage, reader, progress: bool = False) -> None:
         stage: a :class:`LlamaStage`; reader: a checkpoint reader or :class:`DummyReader`.
         progress: show a tqdm bar (tensors, bytes) on stderr.
 
+    FP8 parameters (``weights="fp8-rowwise"``) are filled with :func:`fp8.read_quantized`:
+    stored FP8 values and scales as they are, or whole rows quantised here.
+
     Raises:
         ValueError (CheckpointError from the readers): a missing tensor, or a slice whose
             shape differs from the parameter's, naming the tensor.
@@ -97,6 +101,15 @@ def load_weights(stage, reader, progress: bool = False) -> None:
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for param_name, param in bar:
         hf_name, dim = checkpoint_name(param_name, stage.config)
+        if param.dtype == fp8.FP8_DTYPE:  # fp8-rowwise: the weight and its row scales
+            module = stage.get_submodule(param_name.rpartition(".")[0])
+            q, scale = fp8.read_quantized(reader, hf_name, dim, layout.tp_rank, layout.tp_size)
+            for got, want, what in ((q, param, hf_name), (scale, module.weight_scale, fp8.scale_name(hf_name))):
+                if tuple(got.shape) != tuple(want.shape):
+                    raise ValueError(f"tensor {what}: expected shape {tuple(want.shape)} for TP rank "
+                                     f"{layout.tp_rank}/{layout.tp_size}, checkpoint gives {tuple(got.shape)}")
+                want.copy_(got)
+            continue
         if dim is None:
             tensor = reader.read(hf_name, dtype=param.dtype)
         else:

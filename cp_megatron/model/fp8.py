@@ -1,0 +1,263 @@
+"""Row-wise FP8 linear layers: float8_e4m3fn weights with one float32 scale per output row.
+
+Weights are quantised once (at load or by ``cp-megatron convert --weights fp8-rowwise``);
+activations are quantised per row (per token) at run time; the product is
+
+    y[t, n] = (sum_k xq[t, k] * wq[n, k]) * sx[t] * sw[n]        xq, wq float8_e4m3fn
+    sx[t] = amax_k |x[t, k]| / 448,  sw[n] = amax_k |W[n, k]| / 448
+
+accumulated in float32.  Row-parallel layers (o_proj, down_proj) take activation scales per
+token and per *block* of K / NKV input features: the slice one rank holds at TP = NKV (the
+paper's TP8 on 405B: one block, i.e. plain per-token scales of the shard).  At a smaller TP a
+rank runs one scaled matmul per block and adds them, so every TP size that divides NKV
+quantises exactly the same numbers and TP 1, 2, 4, 8 agree up to float32 summation order.
+(Per-shard scales would make the result depend on TP.)  One matmul routine, three backends:
+
+* ``scaled_mm`` on CUDA with compute capability >= 8.9: ``torch._scaled_mm`` with row-wise
+  scales (cuBLASLt / CUTLASS).  Its constraints, honoured here: output bf16 (the row-wise
+  kernels write bf16 only), ``scale_a`` float32 ``[M, 1]``, ``scale_b`` float32 ``[1, N]``,
+  K and N multiples of 16 (zero padding otherwise; Llama dims never need it), the second
+  operand column-major (``wq.t()`` of the row-major ``[N, K]`` weight is) and packed (a
+  block of a multi-block shard is copied packed first: the row-wise kernel assumes packed
+  strides).
+* ``scaled_mm`` on CPU: torch 2.13's CPU ``_scaled_mm`` takes the same row-wise scales with
+  any shape and a float32 or bf16 output (it dequantises inside the op), so CPU runs use it.
+* ``emulated`` (CUDA below 8.9): dequantise this layer's weight in float32, multiply, scale;
+  the same float32 accumulation of exact fp8 products as the kernels.
+
+Whatever the backend, the 1-byte weights are what the model holds.  TP sharding and the
+all-reduce stay megatron-core's: :class:`FP8ColumnParallelLinear` and
+:class:`FP8RowParallelLinear` subclass its layers and replace only the local matmul
+(``_forward_impl``).  Scales are computed on whole rows, so the quantised model is the same
+for every TP size: a column-parallel rank holds its rows' scales, a row-parallel rank all of
+them (``weight_scale [out]``) beside its column slice.
+
+Source: Llama 3 paper (arXiv 2407.21783) §6.2 (row-wise FP8: dynamic per-token activation
+scales, per-row weight scales); arXiv 2411.01783 §4 (FP8 row-wise weights for 405B);
+PyTorch ``aten/src/ATen/native/cuda/ScaledBlas.cpp`` (``_scaled_mm`` checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from megatron.core import tensor_parallel
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0            # largest finite float8_e4m3fn
+SCALE_EPS = 1e-12          # amax floor: an all-zero row quantises to zeros, never NaN
+_ALIGN = 16                # _scaled_mm: K and N multiples of 16
+QUANT_CHUNK_BYTES = 256 << 20  # activations are quantised in row chunks of <= this much float32
+# Linear layers quantised by weights "fp8-rowwise" (suffix of the canonical tensor name).
+QUANTIZED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                      "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+SCALE_SUFFIX = "_scale"    # "model.layers.0.mlp.up_proj.weight" -> "..._scale" in checkpoints
+
+
+def is_quantized(name: str) -> bool:
+    """True for the tensors that fp8-rowwise stores as FP8 (attention projections, MLP)."""
+    return name.endswith(QUANTIZED_SUFFIXES)
+
+
+def scale_name(name: str) -> str:
+    """Checkpoint name of the row scales of FP8 weight ``name``."""
+    return name + SCALE_SUFFIX
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise each row of ``x`` ``[R, C]`` (any float dtype) to float8_e4m3fn.
+
+    Returns:
+        (q ``[R, C]`` float8_e4m3fn, scale ``[R]`` float32) with ``q * scale[:, None] ~= x``;
+        scale = max(amax of the row, 1e-12) / 448, values rounded to nearest.
+    """
+    x32 = x.to(torch.float32, copy=True)
+    scale = x32.abs().amax(dim=-1).clamp(min=SCALE_EPS) / FP8_MAX
+    q = x32.div_(scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rowwise` over the leading dim in chunks, so the float32 temporary stays
+    under ``QUANT_CHUNK_BYTES`` (a 64K-token prefill of 405B's 16384-wide hidden would take 4 GB).
+    Same result as one call."""
+    rows = max(1, QUANT_CHUNK_BYTES // (4 * max(1, x[0].numel()))) if x.shape[0] else 1
+    if x.shape[0] <= rows:
+        return quantize_rowwise(x)
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        q[start:start + rows], scale[start:start + rows] = quantize_rowwise(x[start:start + rows])
+    return q, scale
+
+
+def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q [R, C]`` float8 times ``scale [R]`` float32, in ``dtype``."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def backend_for(device: torch.device) -> str:
+    """"scaled_mm" (CPU; CUDA capability >= 8.9) or "emulated" (older CUDA GPUs)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "emulated"
+    return "scaled_mm"
+
+
+def check_supported(device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise ValueError (naming the config keys) where no FP8 path exists for this dtype/device.
+
+    CUDA runs the row-wise kernels, which write bf16: ``model.dtype`` must be bfloat16 there.
+    CPU supports float32 and bfloat16.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        raise ValueError(f"model.weights fp8-rowwise on cuda needs model.dtype bfloat16 (the row-wise "
+                         f"torch._scaled_mm kernels write bf16), got {str(dtype).removeprefix('torch.')}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"model.weights fp8-rowwise: no FP8 matmul for device {device.type}")
+
+
+def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    extra = -t.shape[dim] % multiple
+    if not extra:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, extra]
+    return torch.nn.functional.pad(t.view(torch.uint8), pad).view(t.dtype) if t.dtype == FP8_DTYPE \
+        else torch.nn.functional.pad(t, pad)
+
+
+def _scaled_matmul(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   backend: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq @ weight.T) * sx[:, None] * weight_scale[None, :]``: xq ``[M, K]``, weight ``[N, K]``
+    (both float8_e4m3fn), sx ``[M]``, weight_scale ``[N]`` float32 -> ``[M, N]`` out_dtype."""
+    n = weight.shape[0]
+    if backend == "emulated":
+        return ((xq.float() @ weight.float().t()) * sx[:, None] * weight_scale[None, :]).to(out_dtype)
+    if xq.device.type == "cuda":  # row-wise kernels: bf16 out, K and N multiples of 16, packed operands
+        xq = _pad_to(xq, 1, _ALIGN).contiguous()
+        weight = _pad_to(_pad_to(weight, 1, _ALIGN), 0, _ALIGN).contiguous()
+        sw = _pad_to(weight_scale, 0, _ALIGN)
+        return torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(), scale_b=sw[None, :].contiguous(),
+                                out_dtype=torch.bfloat16)[:, :n].to(out_dtype)
+    return torch._scaled_mm(xq, weight.t(), scale_a=sx[:, None].contiguous(),
+                            scale_b=weight_scale[None, :].contiguous(), out_dtype=out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               backend: str = "scaled_mm", act_blocks: int = 1) -> torch.Tensor:
+    """``x @ W.T`` with W held in FP8 and x quantised per token (per block of K) on the fly.
+
+    Args:
+        x: activations ``[..., K]`` float32 or bfloat16.
+        weight: ``[N, K]`` float8_e4m3fn, row-major (a TP shard).
+        weight_scale: ``[N]`` float32 row scales.
+        backend: "scaled_mm" (``torch._scaled_mm``) or "emulated" (float32 dequantise + mm).
+        act_blocks: activation scales per token, over equal blocks of K (1: per token).  Each
+            block is one scaled matmul; the blocks' products are summed in float32.  On CUDA a
+            block of a multi-block shard is copied packed first (the row-wise kernel reads
+            packed operands); at ``act_blocks`` 1 nothing is copied.
+
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, n)
+    if act_blocks == 1:
+        xq, sx = quantize_activations(x2)                                   # [M, K] fp8, [M]
+        return _scaled_matmul(xq, sx, weight, weight_scale, backend, x.dtype).reshape(*lead, n)
+    kb = k // act_blocks
+    assert kb * act_blocks == k, f"K={k} is not a multiple of act_blocks={act_blocks}"
+    xq, sx = quantize_activations(x2.view(-1, act_blocks, kb))              # [M, B, K/B], [M, B]
+    out = None
+    for b in range(act_blocks):
+        part = _scaled_matmul(xq[:, b], sx[:, b], weight[:, b * kb:(b + 1) * kb], weight_scale, backend,
+                              torch.float32)
+        out = part if out is None else out + part
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+class _FP8Rowwise:
+    """Mixin over a megatron-core parallel linear: FP8 ``weight`` + ``weight_scale``, own matmul."""
+
+    def _fp8_setup(self, scale_rows: int, device, act_blocks: int = 1) -> None:
+        self.register_buffer("weight_scale", torch.ones(scale_rows, dtype=torch.float32, device=device))
+        self.fp8_backend = backend_for(torch.device(device))
+        self.act_blocks = act_blocks
+
+    def _forward_impl(self, input, weight, bias=None, **_unused):
+        assert bias is None, "FP8 linear layers carry no bias (Llama has none)"
+        return fp8_linear(input, weight, self.weight_scale, self.fp8_backend, self.act_blocks)
+
+
+def _fp8_config(config):
+    """The layer's ModelParallelConfig with float8 parameters (megatron allocates them 1-byte)."""
+    return dataclasses.replace(config, params_dtype=FP8_DTYPE)
+
+
+class FP8ColumnParallelLinear(_FP8Rowwise, tensor_parallel.ColumnParallelLinear):
+    """megatron-core ColumnParallelLinear whose weight ``[out/tp, in]`` is float8_e4m3fn, with
+    ``weight_scale [out/tp]`` float32 (this rank's rows).  Same arguments as the parent."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
+        super().__init__(input_size, output_size, config=_fp8_config(config), **kwargs)
+        self._fp8_setup(self.output_size_per_partition, self.weight.device)
+
+
+class FP8RowParallelLinear(_FP8Rowwise, tensor_parallel.RowParallelLinear):
+    """megatron-core RowParallelLinear whose weight ``[out, in/tp]`` is float8_e4m3fn, with
+    ``weight_scale [out]`` float32 (scales of whole rows, the same on every TP rank); the
+    all-reduce of the partial outputs stays megatron-core's.  ``act_blocks``: activation
+    scales per token over this many equal blocks of the local input (see the module doc).
+    Other arguments as the parent's."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, act_blocks: int = 1, **kwargs) -> None:
+        super().__init__(input_size, output_size, config=_fp8_config(config), **kwargs)
+        self._fp8_setup(self.output_size, self.weight.device, act_blocks)
+
+
+def linear_classes(weights: str, num_kv_heads: int = 1, tp_size: int = 1, in_features: int = 0):
+    """(column, row) parallel linear constructors for ``model.weights`` ("dtype" or "fp8-rowwise").
+
+    For FP8 the row-parallel layer (whole input ``in_features``, split over ``tp_size``) takes
+    activation scales per block of ``in_features / num_kv_heads`` when that divides evenly and
+    ``tp_size`` divides ``num_kv_heads`` (TP-invariant quantisation), else per token of its shard.
+    """
+    if weights != "fp8-rowwise":
+        return tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear
+    even = num_kv_heads % tp_size == 0 and in_features % num_kv_heads == 0
+    return FP8ColumnParallelLinear, functools.partial(
+        FP8RowParallelLinear, act_blocks=num_kv_heads // tp_size if even else 1)
+
+
+# -- loading ---------------------------------------------------------------------------------
+def read_quantized(reader, name: str, shard_dim: int | None, tp_rank: int, tp_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This TP rank's FP8 slice of weight ``name`` and its row scales.
+
+    A reader that stores FP8 (``read_fp8``, the sharded format) hands its values back as
+    they are; any other is read in float32 and quantised here, on whole rows: a
+    column-parallel slice (``shard_dim`` 0) holds whole rows, a row-parallel one
+    (``shard_dim`` 1) is cut from the quantised full tensor.
+
+    Returns:
+        (q float8_e4m3fn ``[rows, cols]`` of the slice, scale float32 ``[rows]``).
+    """
+    stored = getattr(reader, "read_fp8", None)
+    if stored is not None:
+        got = stored(name, shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size)
+        if got is not None:
+            return got
+    if shard_dim == 1:
+        q, scale = quantize_rowwise(reader.read(name, dtype=torch.float32))
+        return q.chunk(tp_size, dim=1)[tp_rank].contiguous(), scale
+    kwargs = {} if shard_dim is None else dict(shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size)
+    return quantize_rowwise(reader.read(name, dtype=torch.float32, **kwargs))
