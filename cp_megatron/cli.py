@@ -6,7 +6,8 @@
     cp-megatron bench scaling|miss-rate|overlap|peers|hardware
 
 Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
-starts), 1 a rank failed or the job timed out.
+starts), 1 a rank failed or the job timed out, 128+N stopped by signal N (SIGTERM,
+SIGINT, SIGHUP: every rank is stopped and temporary files are removed first).
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ def _add_run_parser(subparsers) -> None:
 def _run(args) -> int:
     from cp_megatron.config import ConfigError, load_config
     from cp_megatron.launcher import RankFailure
+    from cp_megatron.bench.common import output_file_problem
     from cp_megatron.run import format_summary, run
 
+    if args.output:  # a result we could not write: say so now, not after the whole job
+        problem = output_file_problem(args.output)
+        if problem:
+            print(f"cp-megatron: --output {args.output}: {problem}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides)
         result = run(cfg)
@@ -86,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cp-megatron``; returns the process exit code."""
+    from cp_megatron.launcher import Interrupted, stop_on_signals
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        with stop_on_signals():
+            return int(args.func(args) or 0)
+    except Interrupted as exc:  # every rank stopped and temporary files removed by now
+        print(f"cp-megatron {args.command}: {exc}; every rank stopped", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -149,6 +149,26 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+def output_file_problem(path) -> Optional[str]:
+    """Why a result file cannot be written at ``path`` (None when it can): a directory, a
+    file where a folder is needed, or a folder without write permission (missing folders
+    are created when the file is written).  Checked before a job starts so that a bad path
+    costs no run."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        return "is a directory; expected a file path"
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in folder {existing}"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "file is not writable"
+    return None
+
+
 def write_json(path: Path, report: dict) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
 
@@ -250,16 +270,22 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
         def target(i: int, job: Job) -> None:
             try:
                 results[i] = spawn(job.fn, job.world_size, (turns, *job.args), timeout_s=timeout_s,
-                                   threads_per_rank=job.threads_per_rank, backend=job.backend)
+                                   threads_per_rank=job.threads_per_rank, backend=job.backend,
+                                   orphan_folders=(folder,))
             except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others stop
                 errors[i] = exc
                 Path(folder, "ABORT").touch()
 
         threads = [threading.Thread(target=target, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:  # after a stop signal each spawn stops its own ranks; wait for that
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
     failed = [e for e in errors if e is not None]
     if failed:  # the job that failed first, not one that stopped because of the ABORT file
         first = next((e for e in failed if "another job of this benchmark failed" not in str(e)), failed[0])
