@@ -34,7 +34,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion -- `cp: true` or `cp: "2"` is an error, not 1 or 2 (ints still
+    # fill float fields)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSection(_Strict):
@@ -87,11 +89,11 @@ class Message(_Strict):
 
 
 class PromptSection(_Strict):
-    text: Optional[str] = Field(None, description="raw prompt, used as is (no chat template)")
-    file: Optional[str] = Field(None, description="document to read; with question, chat-templated")
+    text: Optional[str] = Field(None, min_length=1, description="raw prompt, used as is (no chat template)")
+    file: Optional[str] = Field(None, min_length=1, description="document to read; with question, chat-templated")
     question: Optional[str] = Field(None, description="question appended after the document")
-    messages: Optional[list[Message]] = Field(None, description="chat messages (chat template)")
-    turns: Optional[list[str]] = Field(None, description="user turns of a multi-turn session")
+    messages: Optional[list[Message]] = Field(None, min_length=1, description="chat messages (chat template)")
+    turns: Optional[list[str]] = Field(None, min_length=1, description="user turns of a multi-turn session")
     system: Optional[str] = Field(None, description="system message for file/question and turns")
     random_tokens: Optional[int] = Field(None, ge=1, description="random token ids (dummy models)")
 

@@ -118,6 +118,8 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
             else:
                 messages, turns = _chat(cfg, p.turns[0]), list(p.turns[1:])
             ids = tok.encode(tok.apply_chat_template(messages), add_bos=False)
+    if not ids:
+        raise ConfigError("prompt: the prompt tokenizes to no tokens")
     need = len(ids) + cfg.generation.max_new_tokens
     if need > config.max_position_embeddings:
         raise ConfigError(f"prompt: {len(ids)} tokens + generation.max_new_tokens "

@@ -167,10 +167,15 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         meta = _exchange_meta(group, cp_size, device, error, q, k, causal, strategy)
         if error is not None or bool(meta[:, 0].any()):
             _raise_everywhere(group, cp_size, error)
-        if bool((meta[:, 3:] != meta[cp_rank, 3:]).any()):
-            _raise_everywhere(group, cp_size, "NH, NKV, DH, dtype, causal and strategy must be the "
-                              f"same on every CP rank; got [NH, NKV, DH, dtype, flags] = "
-                              f"{meta[:, 3:].tolist()}")
+        if bool((meta[:, 3:] != meta[cp_rank, 3:]).any()):  # every rank sees the same meta
+            rows = [tuple(r) for r in meta[:, 3:].tolist()]
+            common = max(rows, key=rows.count)  # the majority's (rank 0's on a tie)
+            odd = next(r for r, row in enumerate(rows) if row != common)
+            names = lambda row: (f"NH={row[0]}, NKV={row[1]}, DH={row[2]}, dtype={_DTYPES[row[3]]}, "
+                                 f"causal={bool(row[4] // 4)}, strategy={STRATEGIES[row[4] % 4]}")
+            raise ValueError(f"context_parallel_attention: CP rank {odd} has {names(rows[odd])} but CP rank "
+                             f"{rows.index(common)} has {names(common)}; NH, NKV, DH, dtype, causal and "
+                             "strategy must be the same on every CP rank")
         tq_max, tkv_max = int(meta[:, 1].max()), int(meta[:, 2].max())
         if strategy == AUTO:
             total_q, total_kv = int(meta[:, 1].sum()), int(meta[:, 2].sum())
