@@ -12,7 +12,6 @@ Source: DESIGN §9 (benchmark results with plots live in docs/).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
+
+from cp_megatron.preflight import random_prompt  # noqa: F401 -- the suites' prompts
+from cp_megatron.atomic import pyplot, save_figure, write_atomic, write_json  # noqa: F401 -- the suites' output
 
 BUSY_LOAD = 2.5  # 1-minute load average above which a run is flagged as disturbed
 
@@ -125,6 +127,29 @@ def busy_note(machine: dict) -> list[str]:
             "the repeats are reported, raw samples are kept."]
 
 
+# -- the report every suite writes -----------------------------------------------------------------
+def finish_report(opts: BenchOptions, log: Log, *, suite: str, stem: str, cfg: dict,
+                  load_before: Sequence[float], results, notes: Sequence[str], plot: Callable,
+                  versions: Optional[dict] = None, **extra) -> dict:
+    """The suite template's last step: assemble the report, write ``<stem>.json`` and the
+    ``<stem>.png`` that ``plot(report, path)`` draws, log where they went; return the report.
+
+    The report holds ``suite``, ``command``, ``quick``, ``machine`` (with the load average
+    before and after; ``versions`` adds library versions), ``config``, ``elapsed_s``,
+    ``results``, the suite's ``extra`` fields, and ``notes`` (with a warning when other work
+    loaded the machine).
+    """
+    machine = machine_info(load_before, **(versions or {}))
+    report = {"suite": suite, "command": opts.command, "quick": opts.quick, "machine": machine,
+              "config": cfg, "elapsed_s": log.elapsed(), "results": results, **extra,
+              "notes": list(notes) + busy_note(machine)}
+    json_path, png_path = opts.path(stem, "json"), opts.path(stem, "png")
+    write_json(json_path, report)
+    plot(report, png_path)
+    log(f"wrote {json_path} and {png_path}")
+    return report
+
+
 # -- statistics ---------------------------------------------------------------------------------
 def summary(samples: Sequence[float]) -> dict:
     """Median, min, max and count of timing samples (seconds)."""
@@ -132,62 +157,7 @@ def summary(samples: Sequence[float]) -> dict:
             "n": len(samples)}
 
 
-# -- output ------------------------------------------------------------------------------------
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` (mode 0666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def output_file_problem(path) -> Optional[str]:
-    """Why a result file cannot be written at ``path`` (None when it can): a directory, a
-    file where a folder is needed, or a folder without write permission (missing folders
-    are created when the file is written).  Checked before a job starts so that a bad path
-    costs no run."""
-    path = Path(path).absolute()
-    if path.is_dir():
-        return "is a directory; expected a file path"
-    existing = path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in folder {existing}"
-    if path.exists() and not os.access(path, os.W_OK):
-        return "file is not writable"
-    return None
-
-
-def write_json(path: Path, report: dict) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    pyplot().close(fig)
-
-
+# -- output (files through cp_megatron.atomic) -----------------------------------------------
 # -- taking turns between concurrent jobs -------------------------------------------------------
 @dataclass(frozen=True)
 class Turns:
@@ -296,20 +266,9 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
 # -- the dummy long-context model ----------------------------------------------------------------
 def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_capacity: int = 0):
     """An :class:`InferenceEngine` over seeded random weights of ``preset`` (this rank's stage)."""
-    from cp_megatron.engine import InferenceEngine
+    from cp_megatron.factory import build_engine
     from cp_megatron.model.config import get_preset
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import DummyReader, load_weights
+    from cp_megatron.model.weights import DummyReader
 
-    config = get_preset(preset)
-    stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
-    load_weights(stage, DummyReader(config, seed=seed))
-    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity)
-
-
-def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:
-    """Seeded random token ids (the same on every rank and job)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (num_tokens,), generator=g).tolist()
+    return build_engine(DummyReader(get_preset(preset), seed=seed), topo, strategy=strategy,
+                        kv_capacity=kv_capacity)

@@ -30,8 +30,7 @@ import platform
 import statistics
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Log, busy_note, machine_info, pyplot, save_figure,
-                                      write_json)
+from cp_megatron.bench.common import (BenchOptions, Log, finish_report, pyplot, save_figure)
 
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
         "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2}
@@ -197,21 +196,12 @@ def run(opts: BenchOptions) -> dict:
     per_rank = spawn(_measure, cfg["ranks"], (cfg,), timeout_s=opts.timeout_s,
                      threads_per_rank=opts.threads, backend="gloo")
     results, profile = summarise(cfg, per_rank)
-    machine = machine_info(load_before)
-    json_path, png_path = opts.path("hardware", "json"), opts.path("hardware", "png")
-    report = {
-        "suite": "hardware", "command": opts.command, "quick": opts.quick, "machine": machine,
-        "config": cfg, "elapsed_s": log.elapsed(), "results": results, "profile": profile,
-        "samples": per_rank, "json_path": str(json_path),
-        "notes": [
+    return finish_report(
+        opts, log, suite="hardware", stem="hardware", cfg=cfg, load_before=load_before, results=results,
+        plot=plot, profile=profile, samples=per_rank, json_path=str(opts.path("hardware", "json")), notes=[
             "Every figure: per repeat the slowest rank's time, then the median over repeats.",
             "profile: HardwareProfile fields (FLOP/s, bytes/s, bytes, seconds); load it with "
             "`cp-megatron plan --hardware <this file>` or attention.hardware in a run config.",
             "attn_flops_per_s is the rate of the largest attention block; FLOPs are counted as "
             "the planner counts them (4*D*T^2/2 for a causal block).",
-        ] + busy_note(machine),
-    }
-    write_json(json_path, report)
-    plot(report, png_path)
-    log(f"wrote {json_path} and {png_path}")
-    return report
+        ])

@@ -1,9 +1,13 @@
-"""The ``cp-megatron`` command line: argument parsing only, no logic.
+"""The ``cp-megatron`` command line: one module per subcommand, each on the library below.
 
     cp-megatron run CONFIG.yaml [--set key.path=value ...] [--output result.json]
     cp-megatron plan --model PRESET --hardware PROFILE --tp N --cp N --context TOKENS ...
     cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST [--tp N] ...
-    cp-megatron bench scaling|miss-rate|overlap|peers|hardware
+    cp-megatron bench scaling|miss-rate|overlap|peers|hardware [--output-dir DIR]
+
+Every subcommand module provides ``add_parser(subparsers)``.  The tool layer (this package
+and :mod:`cp_megatron.bench`) imports the library (engine, model, checkpoint, attention,
+planner); the library never imports the tools (tests/test_layering.py checks it).
 
 Exit codes: 0 success, 2 bad config or arguments (one line on stderr, before any rank
 starts), 1 a rank failed or the job timed out, 128+N stopped by signal N (SIGTERM,
@@ -18,53 +22,11 @@ import sys
 
 # subcommand -> module that provides add_parser(subparsers)
 SUBCOMMANDS = {
-    "plan": "cp_megatron.plan_cli",
-    "convert": "cp_megatron.checkpoint.convert",
-    "bench": "cp_megatron.bench",
+    "run": "cp_megatron.cli.run",
+    "plan": "cp_megatron.cli.plan",
+    "convert": "cp_megatron.cli.convert",
+    "bench": "cp_megatron.cli.bench",
 }
-
-
-def _add_run_parser(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run inference from a YAML config",
-                              description="Context-parallel inference from a YAML config. On one "
-                              "machine the ranks are started here; under torchrun or the deepspeed "
-                              "launcher (RANK/WORLD_SIZE set) this process joins as one rank.")
-    p.add_argument("config", help="YAML run config (see configs/default.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config field, e.g. --set parallel.cp=4 (repeatable)")
-    p.add_argument("--output", help="write the result (text, token_ids, rounds) as JSON here")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from cp_megatron.config import ConfigError, load_config
-    from cp_megatron.launcher import RankFailure
-    from cp_megatron.bench.common import output_file_problem
-    from cp_megatron.run import format_summary, run
-
-    if args.output:  # a result we could not write: say so now, not after the whole job
-        problem = output_file_problem(args.output)
-        if problem:
-            print(f"cp-megatron: --output {args.output}: {problem}", file=sys.stderr)
-            return 2
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = run(cfg)
-    except ConfigError as exc:
-        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
-        return 2
-    except RankFailure as exc:
-        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
-        return 1
-    if result is not None:  # global rank 0
-        print(format_summary(result))
-        if args.output:
-            from pathlib import Path
-
-            from cp_megatron.bench.common import write_json
-
-            write_json(Path(args.output), result)
-    return 0
 
 
 def _one_line_error(parser: argparse.ArgumentParser):
@@ -83,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     # also in the environment, which is what parallel_state reads).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_run_parser(subparsers)
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).add_parser(subparsers)
     for sub in subparsers.choices.values():  # a bad flag: one line naming it, exit code 2
@@ -102,7 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:  # every rank stopped and temporary files removed by now
         print(f"cp-megatron {args.command}: {exc}; every rank stopped", file=sys.stderr)
         return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
