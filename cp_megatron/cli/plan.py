@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def _device_words(text: str, hardware: str) -> str:
     """On a CPU profile, say ranks and machines instead of GPUs and nodes."""
     if not hardware.startswith(_CPU_PROFILES):
         return text
+    text = re.sub(r" \(\d+ nodes?\)", "", text)  # ranks on one machine or many: the planner cannot tell
     for gpu_word, cpu_word in (("GPUs", "CPU ranks"), ("GPU", "rank"), ("nodes", "machines"), ("node", "machine")):
         text = text.replace(gpu_word, cpu_word)
     return text
