@@ -55,7 +55,7 @@ def test_integers_stay_integers_and_ints_fill_float_fields():
 @pytest.mark.unit
 @pytest.mark.parametrize("target", ["dir", "file-as-folder"])
 def test_unwritable_output_is_exit_2_before_any_rank(tmp_path, capsys, monkeypatch, target):
-    import cp_megatron.run as run_module
+    import cp_megatron.cli.run as run_module
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(DUMMY)
