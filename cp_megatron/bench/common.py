@@ -127,6 +127,14 @@ def busy_note(machine: dict) -> list[str]:
             "the repeats are reported, raw samples are kept."]
 
 
+# -- the suite template: start_suite ... finish_report ---------------------------------------------
+def start_suite(opts: BenchOptions, suite: str, full: dict, quick: dict) -> tuple[Log, dict, list[float]]:
+    """The suite template's first step: a log for ``suite``, its sizes (:meth:`BenchOptions.suite_config`)
+    and the load average before any work (logged, with a warning on a busy machine)."""
+    log = Log(suite)
+    return log, opts.suite_config(full, quick), log.load_check()
+
+
 # -- the report every suite writes -----------------------------------------------------------------
 def finish_report(opts: BenchOptions, log: Log, *, suite: str, stem: str, cfg: dict,
                   load_before: Sequence[float], results, notes: Sequence[str], plot: Callable,

@@ -30,7 +30,7 @@ import platform
 import statistics
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Log, finish_report, pyplot, save_figure)
+from cp_megatron.bench.common import BenchOptions, finish_report, pyplot, save_figure, start_suite
 
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
         "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "message_mib": 16, "repeats": 5, "ranks": 2}
@@ -188,9 +188,7 @@ def run(opts: BenchOptions) -> dict:
     """Measure, write ``hardware.json`` (with a loadable ``profile``) and ``hardware.png``."""
     from cp_megatron.launcher import spawn
 
-    log = Log("hardware")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "hardware", FULL, QUICK)
     log(f"{cfg['ranks']} ranks, {opts.threads} thread(s) each: attention at {cfg['attention_tokens']} "
         f"tokens, linear, copy, ring step, all_reduce; {cfg['repeats']} repeats")
     per_rank = spawn(_measure, cfg["ranks"], (cfg,), timeout_s=opts.timeout_s,

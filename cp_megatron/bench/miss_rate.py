@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Log, dummy_engine, finish_report, pyplot,
+from cp_megatron.bench.common import (BenchOptions, dummy_engine, finish_report, pyplot, start_suite,
                                       random_prompt, save_figure, summary)
 
 VARIANTS = ("pass-kv", "pass-q", "auto")
@@ -205,9 +205,7 @@ def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``miss_rate.json`` / ``miss_rate.png``; return the report."""
     from cp_megatron.launcher import spawn
 
-    log = Log("miss-rate")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "miss-rate", FULL, QUICK)
     log(f"{cfg['preset']}, T + P = {cfg['context_tokens']} at CP{cfg['cp']}, miss rates "
         f"{cfg['miss_rates']}, variants {VARIANTS}, {cfg['repeats']} repeats")
     per_rank = spawn(_job, cfg["cp"], (cfg,), timeout_s=opts.timeout_s, threads_per_rank=opts.threads)

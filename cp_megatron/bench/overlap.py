@@ -36,7 +36,7 @@ import torch.distributed as dist
 from cp_megatron import parallel_state
 from cp_megatron.attention import context_parallel_attention
 from cp_megatron.attention.ring import RingStats
-from cp_megatron.bench.common import BenchOptions, Log, finish_report, pyplot, save_figure
+from cp_megatron.bench.common import BenchOptions, finish_report, pyplot, save_figure, start_suite
 from cp_megatron.dtypes import torch_dtype
 from cp_megatron.sharding import shard_new_tokens
 
@@ -214,9 +214,7 @@ def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``ring_overlap.json`` / ``ring_overlap.png``; return the report."""
     from cp_megatron.launcher import spawn
 
-    log = Log("overlap")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "overlap", FULL, QUICK)
     log(f"CP1 local reference, {cfg['tokens']} tokens")
     local = spawn(_local_job, 1, (cfg,), timeout_s=opts.timeout_s, threads_per_rank=opts.threads, backend=None)
     results = [_summarise(1, "local", local)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Job, Log, dummy_engine, finish_report, pyplot,
+from cp_megatron.bench.common import (BenchOptions, Job, dummy_engine, finish_report, pyplot, start_suite,
                                       random_prompt, run_interleaved, save_figure, summary, turn)
 
 FULL = {"preset": "tiny-long", "lengths": [8192, 16384, 32768], "cp_sizes": [1, 2], "repeats": 3,
@@ -165,9 +165,7 @@ def plot(report: dict, path) -> None:
 
 def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``scaling.json`` / ``scaling.png``; return the report."""
-    log = Log("scaling")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "scaling", FULL, QUICK)
     log(f"{cfg['preset']}, lengths {cfg['lengths']}, CP {cfg['cp_sizes']} interleaved, "
         f"{cfg['repeats']} repeats each")
     jobs = [Job(_job, n, (cfg, n), threads_per_rank=opts.threads, name=f"cp{n}") for n in cfg["cp_sizes"]]
