@@ -66,6 +66,7 @@ class ChatSession:
                  params: SamplingParams, seq_id: int = 0) -> None:
         self.engine, self.tok, self.params, self.seq_id = engine, tok, params, seq_id
         self.feed, self.messages = list(first_turn), messages
+        self.last: Optional[tuple[Generation, str]] = None  # the latest reply and its text
 
     def reply(self, on_round: Optional[Callable[[RoundMetrics], None]] = None
               ) -> tuple[Generation, str, list[RoundMetrics], int]:
@@ -80,7 +81,7 @@ class ChatSession:
                                 decode_text=tok.decode if tok is not None else None, on_round=on_round)
         g = gens[self.seq_id]
         text = tok.decode(g.token_ids, skip_special_tokens=True) if tok is not None else ""
-        fed, self._last = len(self.feed), (g, text)
+        fed, self.last = len(self.feed), (g, text)
         self.feed = []
         return g, text, rounds, fed
 
@@ -91,7 +92,7 @@ class ChatSession:
             ValueError: no tokenizer / chat (a raw or random prompt has no later turns), or
                 no reply yet to follow.
         """
-        if self.tok is None or self.messages is None or not hasattr(self, "_last"):
+        if self.tok is None or self.messages is None or self.last is None:
             raise ValueError("a follow-up turn needs a chat prompt with a tokenizer and a previous reply")
-        g, text = self._last
+        g, text = self.last
         self.feed, self.messages = next_turn_tokens(self.tok, self.messages, text, g, user_text)

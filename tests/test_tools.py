@@ -242,3 +242,49 @@ def test_plan_on_a_cpu_profile_speaks_of_ranks_not_gpus(capsys):
     assert main(["plan", "--model", "llama3.1-8b", "--hardware", "h100-rdma", "--tp", "8", "--cp", "2",
                  "--context", "4096"]) == 0
     assert "16 GPUs (2 nodes)" in capsys.readouterr().out
+
+
+# -- the chat session ----------------------------------------------------------------------------------
+def _session_job(gguf: str) -> tuple[list, list[int], list[int]]:
+    import torch
+
+    from cp_megatron import parallel_state
+    from cp_megatron.checkpoint import open_checkpoint
+    from cp_megatron.engine import SamplingParams, generate
+    from cp_megatron.factory import build_engine
+    from cp_megatron.session import ChatSession
+
+    topo = parallel_state.initialize(1, 2, 1)
+    reader = open_checkpoint("gguf", gguf)
+    tok = reader.tokenizer()
+    engine = build_engine(reader, topo, dtype=torch.float32)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    params = SamplingParams(max_new_tokens=4)
+    session = ChatSession(engine, tok, tok.encode(tok.apply_chat_template(messages), add_bos=False),
+                          messages, params)
+    kinds, conversation = [], []
+    for follow_up in (None, "And another one?"):
+        if follow_up is not None:
+            session.ask(follow_up)
+        held = len(conversation)                  # what the cache holds before this turn
+        conversation += session.feed
+        g, text, rounds, fed = session.reply()
+        kinds.append((rounds[0].kind, rounds[0].cached_tokens, held, fed))
+        conversation += g.token_ids[:-1]          # the last sampled token is not fed
+    # The same conversation in one full prefill: the last reply must not change.
+    engine.reset()
+    prompt = conversation[: len(conversation) - (len(g.token_ids) - 1)]
+    fresh, _ = generate(engine, {0: prompt}, params, eos_ids=tok.eos_ids)
+    return kinds, g.token_ids, fresh[0].token_ids
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_chat_session_second_turn_is_a_partial_prefill_matching_a_fresh_prefill(smollm2_gguf):
+    from cp_megatron.launcher import spawn
+
+    kinds, reply, fresh = spawn(_session_job, 2, (str(smollm2_gguf),), timeout_s=350)[0]
+    (kind1, cached1, held1, fed1), (kind2, cached2, held2, fed2) = kinds
+    assert (kind1, cached1, held1) == ("prefill", 0, 0)
+    assert kind2 == "partial-prefill" and cached2 == held2 >= fed1 and 0 < fed2 < fed1
+    assert reply == fresh
