@@ -7,9 +7,9 @@ writing outside the tracked docs by default, and ``plan`` speaking of ranks on a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -288,3 +288,24 @@ def test_chat_session_second_turn_is_a_partial_prefill_matching_a_fresh_prefill(
     assert (kind1, cached1, held1) == ("prefill", 0, 0)
     assert kind2 == "partial-prefill" and cached2 == held2 >= fed1 and 0 < fed2 < fed1
     assert reply == fresh
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_convert_memory_quick_measures_peak_rss_below_a_quarter_of_the_checkpoint(tmp_path):
+    from cp_megatron.bench import convert_memory
+    from cp_megatron.bench.common import BenchOptions
+
+    opts = BenchOptions(tmp_path, quick=True, timeout_s=500)
+    report = convert_memory.run(opts)
+    assert json.loads(opts.path("convert_memory", "json").read_text()) == json.loads(json.dumps(report))
+    assert opts.path("convert_memory", "png").stat().st_size > 0
+    r = report["results"]
+    assert r["checkpoint_bytes"] > 300e6 and r["largest_tensor_bytes"] == 8192 * 2048 * 4
+    for name in ("hf_to_sharded", "sharded_to_hf"):
+        run = r["runs"][name]
+        assert run["peak_rss_fraction_of_checkpoint"] == run["peak_rss_bytes"] / r["checkpoint_bytes"]
+        assert run["output_bytes"] > 0.9 * r["checkpoint_bytes"]
+    assert r["runs"]["baseline_import"]["peak_rss_bytes"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("cp_megatron_convert_memory_*"))
+    assert "peak RSS" in convert_memory.table(report)

@@ -5,6 +5,7 @@
     cp-megatron bench overlap    ...                            # exposed ring communication
     cp-megatron bench peers      ...                            # vs Hugging Face transformers
     cp-megatron bench hardware   ...                            # measure a hardware profile
+    cp-megatron bench convert-memory ...                        # peak RSS of convert vs checkpoint size
 
 Results go to ``./bench-results`` unless ``--output-dir`` says otherwise; the figures of
 docs/performance.md are regenerated on purpose with ``--output-dir docs/bench``.  The
@@ -32,6 +33,7 @@ SUITES = {
     "overlap": "cp_megatron.bench.overlap",
     "peers": "cp_megatron.bench.peers",
     "hardware": "cp_megatron.bench.hardware",
+    "convert-memory": "cp_megatron.bench.convert_memory",
 }
 
 
@@ -62,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Benchmark suites: scaling (CP1 vs CP2 full prefill TTFT), miss-rate (pass-KV vs "
                     "pass-Q partial prefill), overlap (exposed ring communication), peers (vs Hugging "
                     "Face transformers), hardware (measure this machine's profile for the planner "
-                    "and the heuristic). See docs/performance.md.")
+                    "and the heuristic), convert-memory (peak memory of cp-megatron convert). See "
+                    "docs/performance.md and docs/convert.md.")
     p.add_argument("suite", choices=list(SUITES), help="which suite to run")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                    help=f"folder for the JSON and PNG (default ./{DEFAULT_OUTPUT_DIR}; the figures of "
