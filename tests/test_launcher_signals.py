@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "cp_megatron.cli", "run"]
 STOP_WITHIN_S = 10.0
 
 
@@ -40,58 +39,78 @@ def _rank_pids(parent: int) -> list[int]:
     return pids
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
-def test_signal_to_the_launcher_mid_prefill_leaves_no_rank_and_no_temp_folder(tmp_path, sig):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    cfg = tmp_path / "long.yaml"
-    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
-                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
-    proc = subprocess.Popen(CLI + [str(cfg)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    loaded = threading.Event()
+class _Job:
+    """A ``cp-megatron`` command started with its own TMPDIR; stderr drained into ``lines``
+    (so that no rank blocks on a full pipe); every process of it killed at exit."""
 
-    def drain() -> None:  # keep reading so that no rank blocks on a full pipe
-        for line in proc.stderr:
-            lines.append(line)
-            if "weights loaded" in line:
-                loaded.set()
+    def __init__(self, args: list[str], tmp_path: Path) -> None:
+        self.tmp = tmp_path / "tmp"
+        self.tmp.mkdir()
+        self.proc = subprocess.Popen([sys.executable, "-m", "cp_megatron.cli", *args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                                     env={**os.environ, "TMPDIR": str(self.tmp), "OMP_NUM_THREADS": "1"})
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
 
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert loaded.wait(240), "".join(lines)[-3000:]
-        time.sleep(1.5)                          # the ranks are in the prefill now
-        ranks = _rank_pids(proc.pid)
-        assert len(ranks) == 2, (ranks, "".join(lines)[-2000:])
-        assert list(tmp.glob("cp_megatron_ranks_*")), "the job's temporary folder should exist"
-        assert proc.poll() is None, "the job ended before the signal; make the prompt longer"
-        os.kill(proc.pid, sig)
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def temp_folders(self) -> list[Path]:
+        return list(self.tmp.glob("cp_megatron_*"))
+
+    def signal_and_wait(self, sig: signal.Signals, ranks: list[int]) -> int:
+        """Send ``sig`` to the launcher; assert that within STOP_WITHIN_S it has exited, no
+        rank runs and no temporary folder is left; return its exit code."""
+        os.kill(self.proc.pid, sig)
         start = time.monotonic()
-        code = proc.wait(timeout=STOP_WITHIN_S)
-        while any(_alive(pid) for pid in ranks) and time.monotonic() - start < STOP_WITHIN_S:
+        code = self.proc.wait(timeout=STOP_WITHIN_S)
+        while time.monotonic() - start < STOP_WITHIN_S and (
+                any(_alive(pid) for pid in ranks) or self.temp_folders()):
             time.sleep(0.1)
         left = [pid for pid in ranks if _alive(pid)]
-        while list(tmp.glob("cp_megatron_ranks_*")) and time.monotonic() - start < STOP_WITHIN_S:
-            time.sleep(0.1)
         assert not left, f"ranks still running {time.monotonic() - start:.1f} s after {sig.name}: {left}"
-        assert not list(tmp.glob("cp_megatron_ranks_*")), "temporary folder left behind"
-    finally:
-        for pid in [proc.pid] + _rank_pids(proc.pid):
+        assert not self.temp_folders(), f"left behind: {self.temp_folders()}"
+        return code
+
+    def __enter__(self) -> "_Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pid in [self.proc.pid] + _rank_pids(self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        proc.wait(timeout=30)
-    reader.join(5)
+        self.proc.wait(timeout=30)
+        self.reader.join(5)
+
+
+def _wait_for(condition, timeout_s: float, job: _Job) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_signal_to_the_launcher_mid_prefill_leaves_no_rank_and_no_temp_folder(tmp_path, sig):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
+                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
+    with _Job(["run", str(cfg)], tmp_path) as job:
+        _wait_for(lambda: "weights loaded" in job.text(), 240, job)
+        time.sleep(1.5)                          # the ranks are in the prefill now
+        ranks = _rank_pids(job.proc.pid)
+        assert len(ranks) == 2 and job.temp_folders(), (ranks, job.text()[-2000:])
+        code = job.signal_and_wait(sig, ranks)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
-        assert code == 128 + sig, "".join(lines)[-2000:]
-        text = "".join(lines)
+        text = job.text()
+        assert code == 128 + sig, text[-2000:]
         assert text.count("cp-megatron run:") == 1, text[-2000:]
         assert f"cp-megatron run: stopped by {sig.name}; every rank stopped\n" in text, text[-2000:]
         assert "Traceback" not in text, text[-2000:]
@@ -102,40 +121,17 @@ def test_signal_to_the_launcher_mid_prefill_leaves_no_rank_and_no_temp_folder(tm
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_signal_to_a_bench_suite_stops_its_concurrent_jobs_and_removes_their_folders(tmp_path, sig):
     """`bench scaling` runs a CP1 and a CP2 job at once (3 ranks, a shared turns folder)."""
-    tmp, out = tmp_path / "tmp", tmp_path / "out"
-    tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "cp_megatron.cli", "bench", "scaling", "--output-dir", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
-                            env={**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 200
-        while len(_rank_pids(proc.pid)) < 3 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        time.sleep(3.0)                              # the ranks are importing, loading or measuring
-        ranks = _rank_pids(proc.pid)
-        assert len(ranks) == 3, (ranks, "".join(lines)[-2000:])
-        assert list(tmp.glob("cp_megatron_bench_*")) and list(tmp.glob("cp_megatron_ranks_*"))
-        os.kill(proc.pid, sig)
-        start = time.monotonic()
-        code = proc.wait(timeout=STOP_WITHIN_S)
-        while time.monotonic() - start < STOP_WITHIN_S and (
-                any(_alive(pid) for pid in ranks) or list(tmp.glob("cp_megatron_*"))):
-            time.sleep(0.1)
-        assert not [pid for pid in ranks if _alive(pid)], f"ranks still running after {sig.name}"
-        assert not list(tmp.glob("cp_megatron_*")), list(tmp.glob("cp_megatron_*"))
-    finally:
-        for pid in [proc.pid] + _rank_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
-    reader.join(5)
-    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), "".join(lines)[-2000:]
+    out = tmp_path / "out"
+    with _Job(["bench", "scaling", "--output-dir", str(out)], tmp_path) as job:
+        _wait_for(lambda: len(_rank_pids(job.proc.pid)) == 3, 200, job)
+        time.sleep(3.0)                          # the ranks are importing, loading or measuring
+        ranks = _rank_pids(job.proc.pid)
+        assert len(ranks) == 3, (ranks, job.text()[-2000:])
+        folders = [p.name for p in job.temp_folders()]
+        for prefix in ("cp_megatron_bench_", "cp_megatron_ranks_"):  # the turns folder, a job's results
+            assert any(name.startswith(prefix) for name in folders), folders
+        code = job.signal_and_wait(sig, ranks)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), job.text()[-2000:]
     assert not (out / "scaling.json").exists()
     if sig == signal.SIGTERM:
-        assert "cp-megatron bench: stopped by SIGTERM; every rank stopped\n" in "".join(lines)
-
+        assert "cp-megatron bench: stopped by SIGTERM; every rank stopped\n" in job.text()
