@@ -3,6 +3,8 @@ model stage, its weight slice and an :class:`~cp_megatron.engine.InferenceEngine
 
 ``cp-megatron run``, the benchmark suites, ``convert --verify`` and the tests all call
 :func:`build_engine`; the process groups come first (:func:`cp_megatron.parallel_state.initialize`).
+:func:`rank_engine` does both for a run config (what every rank of ``run`` -- and of a
+server -- does after pre-flight).
 
 Source: megatron-core TP partitioning (column / row parallel layers) and the stage layout
 of pipeline parallelism (contiguous layer ranges); arXiv 2411.01783 §3 (CP inference).
@@ -10,7 +12,8 @@ of pipeline parallelism (contiguous layer ranges); arXiv 2411.01783 §3 (CP infe
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import torch
 
@@ -47,3 +50,40 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
     stage = LlamaStage(reader.config, layout, dtype=dtype, device=device)
     load_weights(stage, reader, progress=progress)
     return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity)
+
+
+def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
+    """On every rank of a run config's job: join the process groups, open the checkpoint and
+    the tokenizer, build this rank's engine.
+
+    Args:
+        cfg: the :class:`~cp_megatron.config.RunConfig`.
+        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware).
+        status: called on global rank 0 with one line before and after loading the weights.
+        progress: a weight-loading bar on rank 0.
+
+    Returns:
+        (:class:`~cp_megatron.parallel_state.Topology`, the engine, the tokenizer or None).
+
+    Raises:
+        ConfigError: the checkpoint or tokenizer cannot be opened on this rank.
+    """
+    from cp_megatron import parallel_state
+    from cp_megatron.preflight import open_reader, open_tokenizer
+
+    par, rt = cfg.parallel, cfg.runtime
+    torch.set_num_threads(rt.threads_per_rank)
+    parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
+    topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device()) if rt.device == "cuda" else torch.device("cpu")
+    reader = open_reader(cfg)
+    tok = open_tokenizer(cfg, reader)
+    say = status if status is not None and topo.rank == 0 else (lambda _line: None)
+    say(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, {cfg.model.dtype})")
+    t0 = time.perf_counter()
+    engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
+                          strategy=cfg.attention.strategy, hardware=prep.hardware,
+                          progress=progress and topo.rank == 0)
+    del reader  # drop the checkpoint's memory maps: the stage holds its own copy
+    say(f"weights loaded in {time.perf_counter() - t0:.1f} s")
+    return topo, engine, tok

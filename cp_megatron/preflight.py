@@ -82,12 +82,12 @@ def _chat(cfg: RunConfig, first_user: str) -> list[dict]:
     return messages + [{"role": "user", "content": first_user}]
 
 
-def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
-    """Pre-flight checks and the first turn's token ids.
+def check_model(cfg: RunConfig, world_size: Optional[int] = None):
+    """Pre-flight of the model and the grid: (checkpoint reader, tokenizer or None).
 
     Raises:
-        ConfigError: one line naming the key: world size, TP vs heads, missing files,
-            a prompt (plus max_new_tokens) longer than the model's context.
+        ConfigError: world size vs the launcher's, TP vs the model (the one TP rule), PP vs
+            layers, missing or unreadable files.
     """
     from cp_megatron.model.tp_rule import tp_problem
 
@@ -102,7 +102,18 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
         raise ConfigError(f"parallel.tp: {problem}")
     if par.pp > config.num_layers:
         raise ConfigError(f"parallel.pp={par.pp} exceeds the model's {config.num_layers} layers")
-    tok = open_tokenizer(cfg, reader)
+    return reader, open_tokenizer(cfg, reader)
+
+
+def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
+    """Pre-flight checks (:func:`check_model`) and the first turn's token ids.
+
+    Raises:
+        ConfigError: one line naming the key: world size, TP vs heads, missing files,
+            a prompt (plus max_new_tokens) longer than the model's context.
+    """
+    reader, tok = check_model(cfg, world_size)
+    config = reader.config
     p = cfg.prompt
     messages, turns = None, list(p.turns or [])
     if p.random_tokens is not None:

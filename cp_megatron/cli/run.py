@@ -22,12 +22,11 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 from cp_megatron.config import ConfigError, RunConfig
-from cp_megatron.preflight import Prepared, open_reader, open_tokenizer, prepare
+from cp_megatron.preflight import Prepared, prepare
 
 
 def status(message: str) -> None:
@@ -97,31 +96,14 @@ class _Progress:
 
 def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
     """Build this rank's engine, run every turn; return the result on global rank 0."""
-    import torch
-
-    from cp_megatron import parallel_state
     from cp_megatron.engine import SamplingParams
-    from cp_megatron.factory import build_engine
+    from cp_megatron.factory import rank_engine
     from cp_megatron.session import ChatSession
 
     par, rt = cfg.parallel, cfg.runtime
-    torch.set_num_threads(rt.threads_per_rank)
-    parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
-    topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
-    device = torch.device("cuda", torch.cuda.current_device()) if rt.device == "cuda" else torch.device("cpu")
-    reader = open_reader(cfg)
-    tok = open_tokenizer(cfg, reader)
+    topo, engine, tok = rank_engine(cfg, prep, status=status, progress=sys.stderr.isatty())
     if topo.rank == 0:
-        status(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, "
-               f"{cfg.model.dtype})")
-    t0 = time.perf_counter()
-    engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
-                          strategy=cfg.attention.strategy, hardware=prep.hardware,
-                          progress=topo.rank == 0 and sys.stderr.isatty())
-    del reader  # drop the checkpoint's memory maps: the stage holds its own copy
-    if topo.rank == 0:
-        status(f"weights loaded in {time.perf_counter() - t0:.1f} s; {len(prep.first_turn):,} prompt tokens, "
-               f"strategy={cfg.attention.strategy}")
+        status(f"{len(prep.first_turn):,} prompt tokens, strategy={cfg.attention.strategy}")
 
     gen = cfg.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
