@@ -91,6 +91,8 @@ class RuntimeSection(_Strict):
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
     timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
+    profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "
+                                             "off: the hot path has no timing")
 
 
 class AttentionSection(_Strict):

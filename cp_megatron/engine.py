@@ -1,12 +1,18 @@
-"""Runtime state of inference: the model stage, the sharded KV cache, sessions, metrics.
+"""Runtime state of inference: the model stage, the sharded KV cache, rounds, metrics.
 
 One *round* runs the new tokens of a batch through the model: a full prefill (nothing
 cached), a partial prefill (a new turn on top of the cached conversation) or a decode
 step (one token per sequence).  Placement follows the paper: load-balanced 2N chunks of
-the new tokens for prefill, round-robin ranks for decode tokens (§3.3, §3.5).  The ring
-variant is chosen once per round by Alg. 1 / Alg. 5 on the global T and P (or forced)
-and used by every layer.  Activations move between pipeline stages point to point; the
-logits that sampling needs are shared with every rank by one all-reduce.
+the new tokens for prefill, round-robin ranks for decode tokens (§3.3, §3.5).
+
+A round is planned once, on the host, with no collective (docs/design.md §9): placement
+is a deterministic function of the lengths, the cached lengths and the decode step, so
+every rank knows where every token of every rank goes.  The engine keeps the host-side
+layout of every CP rank's cache, decides the ring variant by Alg. 1 / Alg. 5 on the global
+T and P (or the forced one), and builds the round's :class:`AttentionPlan`.  The layers
+then do device work and the ring's P2P only (plus pass-Q's all_to_all).  Activations move
+between pipeline stages point to point; at the end of the round the sampled token ids
+(not the logits) are shared with every rank by one small all-reduce.
 
 Source: arXiv 2411.01783 §3.3–3.6 (sharding, ring variants, heuristic, decode).
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,8 +29,11 @@ import torch.distributed as dist
 from cp_megatron import parallel_state
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
+from cp_megatron.attention.heuristic import HeuristicDecision
+from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.hardware import HardwareProfile
+from cp_megatron.model.kv_cache import KVLayout
 from cp_megatron.model.llama import LlamaStage
 from cp_megatron.parallel_state import Topology
 from cp_megatron.sharding import decode_owner, shard_new_tokens
@@ -41,9 +50,10 @@ class RoundMetrics:
         miss_rate: T / (T + P).
         strategy: ring variant used ("pass-kv" / "pass-q").
         heuristic: the inequality values behind the choice (HeuristicDecision.to_dict()).
-        time_s: wall time of the round on this rank (seconds).
+        time_s: wall time of the round on this rank, up to its last collective (seconds).
         attention_s / comm_s: this rank's time in local attention / exposed ring
-            communication (incl. pass-Q's all_to_all) during the round (seconds).
+            communication (incl. pass-Q's all_to_all) during the round (seconds); measured
+            only when the engine profiles (``profile=True``), else 0.
         kv_cache_bytes: K/V bytes this rank holds after the round.
     """
 
@@ -64,9 +74,31 @@ class RoundMetrics:
 
 @dataclass
 class _Placement:
-    positions: torch.Tensor    # int64 [n] global positions of this rank's new tokens
+    positions: torch.Tensor    # int64 [n] global positions of a rank's new tokens (host)
     seq_ids: torch.Tensor      # int64 [n]
     flat_index: torch.Tensor   # int64 [n] index into the round's flat list of new tokens
+
+
+@dataclass
+class RoundPlan:
+    """Everything decided about one round before any layer runs (host side).
+
+    Attributes:
+        seq_ids: the round's sequences, in the order of the caller's dict.
+        lengths / cached: T_b and P_b per sequence (tokens).
+        kind: "prefill", "partial-prefill" or "decode".
+        decision: the heuristic's choice (Alg. 1 / Alg. 5) and its inputs.
+        placements: per CP rank, where that rank's new tokens go.
+        attention: this rank's :class:`AttentionPlan` (index tensors on the device).
+    """
+
+    seq_ids: list[int]
+    lengths: list[int]
+    cached: list[int]
+    kind: str
+    decision: HeuristicDecision
+    placements: list[_Placement]
+    attention: AttentionPlan
 
 
 class InferenceEngine:
@@ -77,43 +109,163 @@ class InferenceEngine:
         topo: this rank's :class:`Topology` (from :mod:`cp_megatron.parallel_state`).
         strategy: "auto" (heuristic per round), "pass-kv" or "pass-q".
         hardware: C and BW for the heuristic (default by device).
-        kv_capacity: tokens to reserve in the cache up front.
+        kv_capacity: cache slots (tokens) to reserve on this rank up front; see
+            :func:`cp_megatron.sharding.kv_slots_per_rank`.  Past it the cache grows by
+            doubling (a copy).
+        profile: time ring attention (compute, exposed communication, all_to_all) with
+            host clocks on CPU and CUDA events on a GPU.  Off by default: the hot path then
+            has no timing at all.
     """
 
     def __init__(self, stage: LlamaStage, topo: Topology, *, strategy: str = "auto",
-                 hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0) -> None:
-        self.stage, self.topo, self.strategy = stage, topo, strategy
+                 hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
+                 profile: bool = False) -> None:
+        self.stage, self.topo, self.strategy, self.profile = stage, topo, strategy, profile
         self.hardware = hardware or default_hardware(stage.device)
         self.kv_cache = stage.new_kv_cache(kv_capacity)
+        # Host-side layout of every CP rank's cache; this rank's is its cache's own.
+        self.layouts = [KVLayout() for _ in range(topo.cp_size)]
+        self.layouts[topo.cp_rank] = self.kv_cache.layout
         self.cached_lengths: dict[int, int] = {}   # sequence id -> P (global tokens cached)
         self.decode_steps = 0
-        self.cp_group = parallel_state.get_cp_group()
+        self.cp_group = parallel_state.get_cp_group() if topo.cp_size > 1 else None
         self._prev_stage, self._next_stage = (parallel_state.pp_neighbours() if topo.pp_size > 1
                                               else (None, None))
 
-    # -- placement ---------------------------------------------------------------------
-    def _place(self, new_lengths: list[int], cached: list[int], seq_ids: list[int],
-               decode: bool) -> _Placement:
-        cp, rank = self.topo.cp_size, self.topo.cp_rank
+    # -- planning (host only, no collective) --------------------------------------------------
+    def _placements(self, lengths: list[int], cached: list[int], seq_ids: list[int],
+                    decode: bool) -> list[_Placement]:
+        cp = self.topo.cp_size
         if decode:  # one token per sequence on its round-robin owner
-            mine = [b for b, s in enumerate(seq_ids) if decode_owner(self.decode_steps, s, cp) == rank]
-            self.decode_steps += 1
-            idx = torch.tensor(mine, dtype=torch.long)
-            return _Placement(torch.tensor([cached[b] for b in mine], dtype=torch.long),
-                              torch.tensor([seq_ids[b] for b in mine], dtype=torch.long), idx)
-        shard = shard_new_tokens(new_lengths, cp, rank, cached, seq_ids)
-        return _Placement(shard.positions, shard.seq_ids, shard.index)
+            owner = [decode_owner(self.decode_steps, s, cp) for s in seq_ids]
+            out = []
+            for r in range(cp):
+                mine = [b for b in range(len(seq_ids)) if owner[b] == r]
+                out.append(_Placement(torch.tensor([cached[b] for b in mine], dtype=torch.long),
+                                      torch.tensor([seq_ids[b] for b in mine], dtype=torch.long),
+                                      torch.tensor(mine, dtype=torch.long)))
+            return out
+        out = []
+        for r in range(cp):
+            shard = shard_new_tokens(lengths, cp, r, cached, seq_ids)
+            out.append(_Placement(shard.positions, shard.seq_ids, shard.index))
+        return out
+
+    def plan_round(self, new_tokens: Mapping[int, list[int]]) -> RoundPlan:
+        """Place the round's tokens on every CP rank, choose the variant, plan attention.
+
+        Host work only: reads no device tensor, starts no collective.  Does not change
+        the engine's state (:meth:`forward` / :meth:`step` commit it).
+        """
+        seq_ids = list(new_tokens)
+        lengths = [len(new_tokens[s]) for s in seq_ids]
+        cached = [self.cached_lengths.get(s, 0) for s in seq_ids]
+        t_total, p_total = sum(lengths), sum(cached)
+        decode = all(t == 1 for t in lengths) and all(p > 0 for p in cached)
+        kind = "decode" if decode else "partial-prefill" if p_total > 0 else "prefill"
+        decision = decide_strategy(t_total, p_total, self.topo.cp_size,
+                                   self.stage.config.num_heads, self.stage.config.num_kv_heads,
+                                   self.stage.dtype, self.hardware, self.strategy)
+        places = self._placements(lengths, cached, seq_ids, decode)
+        q_layouts = [(p.positions, p.seq_ids) for p in places]
+        kv_layouts = [(torch.cat([lay.positions, p.positions]), torch.cat([lay.seq_ids, p.seq_ids]))
+                      for lay, p in zip(self.layouts, places)]
+        attention = build_plan(decision.strategy, self.topo.cp_rank, q_layouts, kv_layouts)
+        return RoundPlan(seq_ids, lengths, cached, kind, decision, places,
+                         attention.to(self.stage.device))
 
     # -- one round -----------------------------------------------------------------------
+    def _run(self, new_tokens: Mapping[int, list[int]], all_logits: bool):
+        """Plan and run the stage; returns (plan, local logits or None, local rows, stats)."""
+        plan = self.plan_round(new_tokens)
+        place = plan.placements[self.topo.cp_rank]
+        device = self.stage.device
+        stats = RingStats() if self.profile else None
+        if plan.kind == "decode":
+            self.decode_steps += 1
+        for r, p in enumerate(plan.placements):        # the other ranks' caches, on the host
+            if r != self.topo.cp_rank:
+                self.layouts[r].append(p.positions, p.seq_ids)
+        self.kv_cache.begin_round(place.positions, place.seq_ids, min_capacity=plan.attention.sent_kv_len)
+
+        # Rows of the output everyone needs: the last token of each sequence, or all (host).
+        t_total = sum(plan.lengths)
+        ends = torch.cumsum(torch.tensor(plan.lengths, dtype=torch.long), 0) - 1
+        wanted = torch.arange(t_total) if all_logits else ends
+        row_of = torch.full((t_total,), -1, dtype=torch.long)
+        row_of[wanted] = torch.arange(len(wanted))
+        rows = row_of[place.flat_index]                       # [n_local]: output row or -1
+        local_idx = torch.nonzero(rows >= 0).flatten()        # this rank's tokens that have one
+        local_rows = rows[local_idx]
+
+        flat = torch.tensor([t for s in plan.seq_ids for t in new_tokens[s]], dtype=torch.long)
+        inputs = self._stage_input(flat, place)
+        out = self.stage(inputs, place.positions.to(device), self.kv_cache, plan.attention,
+                         cp_group=self.cp_group, stats=stats, logits_index=local_idx.to(device))
+        if not self.stage.layout.is_last:
+            if len(place.flat_index):
+                dist.send(out.contiguous(), self._next_stage)
+            out = None
+        for s, t, p in zip(plan.seq_ids, plan.lengths, plan.cached):
+            self.cached_lengths[s] = p + t
+        return plan, out, local_rows, len(wanted), stats
+
+    def _metrics(self, plan: RoundPlan, start: float, stats: Optional[RingStats]) -> RoundMetrics:
+        if stats is not None:
+            stats.resolve()
+        d = plan.decision
+        return RoundMetrics(kind=plan.kind, new_tokens=d.new_tokens, cached_tokens=d.cached_tokens,
+                            miss_rate=d.miss_rate, strategy=d.strategy, heuristic=d.to_dict(),
+                            time_s=time.perf_counter() - start,
+                            attention_s=stats.compute_s if stats else 0.0,
+                            comm_s=stats.exposed_comm_s if stats else 0.0,
+                            kv_cache_bytes=self.kv_cache.nbytes())
+
+    def _owns_output(self, out) -> bool:
+        return out is not None and self.topo.tp_rank == 0
+
     @torch.no_grad()
-    def forward(self, new_tokens: dict[int, list[int]], *, all_logits: bool = False
-                ) -> tuple[torch.Tensor, RoundMetrics]:
-        """Run the new tokens of each sequence through the model; cache their K/V.
+    def step(self, new_tokens: Mapping[int, list[int]], sampling: Mapping[int, "SamplingParams"],
+             draws: Optional[Mapping[int, int]] = None) -> tuple[list[int], RoundMetrics]:
+        """Run one round and sample the next token of each sequence.
+
+        The rank holding a sequence's last token (last pipeline stage, TP rank 0) samples
+        it; one all-reduce of the ``[B]`` int64 ids tells every rank (not the logits).
 
         Args:
             new_tokens: sequence id -> new token ids (same on every rank).
-            all_logits: return logits for every new token (tests), not only the last of
-                each sequence.
+            sampling: sequence id -> its :class:`SamplingParams`.
+            draws: sequence id -> tokens sampled for it so far (seeds top-p draws, so a
+                seeded sequence gives the same tokens at any CP size and on any rank);
+                default 0.
+
+        Returns:
+            (next token id per sequence in the order of ``new_tokens``, RoundMetrics),
+            identical on every rank.
+        """
+        start = time.perf_counter()
+        plan, out, local_rows, n_rows, stats = self._run(new_tokens, all_logits=False)
+        ids = torch.zeros(n_rows, dtype=torch.long, device=self.stage.device)
+        if self._owns_output(out) and len(local_rows):
+            seqs = [plan.seq_ids[i] for i in local_rows.tolist()]           # host tensor
+            draws = draws or {}
+            ids[local_rows.to(ids.device)] = sample_rows(out, [sampling[s] for s in seqs],
+                                                         [draws.get(s, 0) for s in seqs])
+        if self.topo.world_size > 1:
+            dist.all_reduce(ids)
+        tokens = ids.tolist()                          # the round's one read of the device
+        return tokens, self._metrics(plan, start, stats)
+
+    @torch.no_grad()
+    def forward(self, new_tokens: Mapping[int, list[int]], *, all_logits: bool = False
+                ) -> tuple[torch.Tensor, RoundMetrics]:
+        """Run one round and return logits on every rank (tests, benchmarks).
+
+        Generation uses :meth:`step`, which shares token ids instead of logits.
+
+        Args:
+            new_tokens: sequence id -> new token ids (same on every rank).
+            all_logits: logits for every new token, not only the last of each sequence.
 
         Returns:
             (logits float32 ``[B, vocab]`` for the last new token of each sequence, in the
@@ -121,49 +273,16 @@ class InferenceEngine:
             round's :class:`RoundMetrics`), identical on every rank.
         """
         start = time.perf_counter()
-        seq_ids = list(new_tokens)
-        lengths = [len(new_tokens[s]) for s in seq_ids]
-        cached = [self.cached_lengths.get(s, 0) for s in seq_ids]
-        flat = torch.tensor([t for s in seq_ids for t in new_tokens[s]], dtype=torch.long)
-        t_total, p_total = sum(lengths), sum(cached)
-        decode = all(t == 1 for t in lengths) and all(p > 0 for p in cached)
-        kind = "decode" if decode else "partial-prefill" if p_total > 0 else "prefill"
-        decision = decide_strategy(t_total, p_total, self.topo.cp_size,
-                                   self.stage.config.num_heads, self.stage.config.num_kv_heads,
-                                   self.stage.dtype, self.hardware, self.strategy)
-        place = self._place(lengths, cached, seq_ids, decode)
+        plan, out, local_rows, n_rows, stats = self._run(new_tokens, all_logits=all_logits)
         device = self.stage.device
-        stats = RingStats()
-
-        # Rows of the logits everyone needs: the last token of each sequence, or all.
-        ends = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - 1
-        wanted = torch.arange(t_total) if all_logits else ends
-        row_of = torch.full((t_total,), -1, dtype=torch.long)
-        row_of[wanted] = torch.arange(len(wanted))
-        rows = row_of[place.flat_index]                       # [n_local]: logits row or -1
-        local_idx = torch.nonzero(rows >= 0).flatten()        # this rank's tokens that have one
-        local_rows = rows[local_idx]
-
-        inputs = self._stage_input(flat, place)
-        out = self.stage(inputs, place.positions.to(device), place.seq_ids.to(device), self.kv_cache,
-                         strategy=decision.strategy, cp_group=self.cp_group, hardware=self.hardware,
-                         stats=stats, logits_index=local_idx.to(device))
-        logits = torch.zeros(len(wanted), self.stage.config.vocab_size, dtype=torch.float32, device=device)
-        if self.stage.layout.is_last:
-            if self.topo.tp_rank == 0 and len(local_rows):
-                logits[local_rows.to(device)] = out
-        elif len(place.flat_index):
-            dist.send(out.contiguous(), self._next_stage)
+        logits = torch.zeros(n_rows, self.stage.config.vocab_size, dtype=torch.float32, device=device)
+        if self._owns_output(out) and len(local_rows):
+            logits[local_rows.to(device)] = out
         if self.topo.world_size > 1:
             dist.all_reduce(logits)
-        for s, t, p in zip(seq_ids, lengths, cached):
-            self.cached_lengths[s] = p + t
-        metrics = RoundMetrics(kind=kind, new_tokens=t_total, cached_tokens=p_total,
-                               miss_rate=decision.miss_rate, strategy=decision.strategy,
-                               heuristic=decision.to_dict(), time_s=time.perf_counter() - start,
-                               attention_s=stats.compute_s, comm_s=stats.exposed_comm_s,
-                               kv_cache_bytes=self.kv_cache.nbytes())
-        return logits, metrics
+        if device.type == "cuda":   # time_s covers the round's last collective
+            torch.cuda.current_stream(device).synchronize()
+        return logits, self._metrics(plan, start, stats)
 
     def _stage_input(self, flat: torch.Tensor, place: _Placement) -> torch.Tensor:
         device = self.stage.device
@@ -178,7 +297,11 @@ class InferenceEngine:
     def truncate(self, seq_id: int, length: int) -> None:
         """Keep only the first ``length`` tokens of sequence ``seq_id`` (on every rank), e.g.
         to roll back a round or to branch a conversation; ``length`` 0 forgets it."""
-        self.kv_cache.truncate(seq_id, length)
+        for r, layout in enumerate(self.layouts):
+            if r == self.topo.cp_rank:
+                self.kv_cache.truncate(seq_id, length)
+            else:
+                layout.truncate(seq_id, length)
         if length:
             self.cached_lengths[seq_id] = min(length, self.cached_lengths.get(seq_id, 0))
         else:
@@ -186,6 +309,8 @@ class InferenceEngine:
 
     def reset(self) -> None:
         """Forget every sequence (empty the cache)."""
+        for layout in self.layouts:
+            layout.clear()
         self.kv_cache.clear()
         self.cached_lengths.clear()
         self.decode_steps = 0
@@ -194,8 +319,13 @@ class InferenceEngine:
 # -- generation ------------------------------------------------------------------------------
 @dataclass
 class SamplingParams:
-    """Decoding settings: temperature 0 = greedy; else temperature + top-p with a seed
-    (the same generator state on every rank keeps the ranks in lockstep)."""
+    """Decoding settings: temperature 0 = greedy; else temperature + top-p, each token drawn
+    with a generator seeded by ``seed`` and the sequence's draw count (:func:`draw_seed`).
+
+    Attributes:
+        max_new_tokens: tokens to generate at most; temperature: >= 0 (0 = greedy);
+        top_p: nucleus mass in (0, 1]; seed: sampling seed; stop: stop strings.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -205,7 +335,11 @@ class SamplingParams:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[int]:
-    """Next token per row of ``logits`` ``[B, V]`` float32 (greedy or temperature / top-p)."""
+    """Next token per row of ``logits`` ``[B, V]`` float32 (greedy or temperature / top-p).
+
+    Top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (always
+    the most likely one) and draws from it, renormalised, with ``generator``.
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1).tolist()
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
@@ -214,6 +348,30 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     sorted_probs = sorted_probs * keep
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [B, 1]
     return order.gather(-1, choice).flatten().tolist()
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Seed of the ``draw``-th sampled token of a sequence with sampling seed ``seed``."""
+    return (seed * 1_000_003 + draw) % (2 ** 63)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], draws: list[int]) -> torch.Tensor:
+    """Next token for each row of ``logits`` ``[n, V]`` float32, each with its own settings.
+
+    Greedy rows take the argmax on the device.  Other rows draw with a generator seeded by
+    :func:`draw_seed` (the sequence's seed and how many tokens it has drawn), so the
+    result does not depend on which rank samples or on the batch; that reads the row on
+    the host once, after the round's layers.
+
+    Returns:
+        int64 ``[n]`` token ids on logits' device.
+    """
+    ids = logits.argmax(dim=-1)
+    for i, (p, d) in enumerate(zip(params, draws)):
+        if p.temperature != 0:
+            g = torch.Generator().manual_seed(draw_seed(p.seed, d))
+            ids[i] = sample_next(logits[i:i + 1], p, g)[0]
+    return ids
 
 
 @dataclass
@@ -243,16 +401,16 @@ def generate(engine: InferenceEngine, new_tokens: dict[int, list[int]], params: 
     Returns:
         ({seq_id: Generation}, [RoundMetrics of the prefill round, then each decode round]).
     """
-    generator = torch.Generator().manual_seed(params.seed)
     gens = {s: Generation(s) for s in new_tokens}
     rounds = []
     feed = dict(new_tokens)
     while feed:
-        logits, metrics = engine.forward(feed)
+        tokens, metrics = engine.step(feed, {s: params for s in feed},
+                                      {s: len(gens[s].token_ids) for s in feed})
         rounds.append(metrics)
         if on_round is not None:
             on_round(metrics)
-        for s, token in zip(feed, sample_next(logits, params, generator)):
+        for s, token in zip(feed, tokens):
             g = gens[s]
             g.token_ids.append(token)
             g.pending = token

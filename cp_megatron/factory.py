@@ -27,7 +27,7 @@ from cp_megatron.parallel_state import Topology
 def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
-                 progress: bool = False) -> InferenceEngine:
+                 profile: bool = False, progress: bool = False) -> InferenceEngine:
     """This rank's stage (its TP slice and PP layer range) with weights from ``reader``,
     wrapped in an engine.
 
@@ -40,6 +40,8 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
         strategy: "auto" (Alg. 1 / Alg. 5 per round), "pass-kv" or "pass-q".
         hardware: C and BW for the heuristic (None: by device).
         kv_capacity: tokens to reserve in the KV cache up front.
+        profile: time ring attention per round (attention_s, comm_s); off, the hot path
+            has no timing.
         progress: a weight-loading bar on stderr.
 
     Raises:
@@ -49,7 +51,8 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
     layout = StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank)
     stage = LlamaStage(reader.config, layout, dtype=dtype, device=device)
     load_weights(stage, reader, progress=progress)
-    return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity)
+    return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
+                           profile=profile)
 
 
 def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
@@ -70,6 +73,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     """
     from cp_megatron import parallel_state
     from cp_megatron.preflight import open_reader, open_tokenizer
+    from cp_megatron.sharding import kv_slots_per_rank
 
     par, rt = cfg.parallel, cfg.runtime
     torch.set_num_threads(rt.threads_per_rank)
@@ -83,7 +87,9 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     t0 = time.perf_counter()
     engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
                           strategy=cfg.attention.strategy, hardware=prep.hardware,
-                          progress=progress and topo.rank == 0)
+                          kv_capacity=kv_slots_per_rank(len(prep.first_turn), cfg.generation.max_new_tokens,
+                                                        par.cp),
+                          profile=rt.profile, progress=progress and topo.rank == 0)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     say(f"weights loaded in {time.perf_counter() - t0:.1f} s")
     return topo, engine, tok

@@ -9,7 +9,7 @@ node and CP across nodes, each TP rank has its own CP ring; the rings run side b
 Backends: gloo on CPU, NCCL on CUDA.  A CP group of size 1 does no communication at all
 (a gloo send to one's own rank fails).
 
-Source: DESIGN §2; megatron-core ``parallel_state.initialize_model_parallel``.
+Source: docs/design.md §11; megatron-core ``parallel_state.initialize_model_parallel``.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from cp_megatron.model.tp_rule import tp_problem
 
 WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
 DTYPE_BYTES = {name: BY_SHORT[name].bytes for name in WEIGHT_DTYPES}  # the one dtype table
-LSE_BYTES = 4  # LSE travels in float32 (DESIGN §5)
+LSE_BYTES = 4  # LSE travels in float32 (docs/design.md §6)
 # Presets the paper serves with FP8 row-wise weights (§4); others default to bf16.
 DEFAULT_DTYPE = {"llama3.1-405b": "fp8"}
 
@@ -58,7 +58,7 @@ def attention_flops(num_heads: int, head_dim: int, new_tokens: float, cached_tok
     QK^T and PV cost 2*D FLOPs each per (query, key) pair; every new token sees all P cached
     keys and, causally, half of the T new ones (the paper's convention: 502 TF/s at 1M).
 
-    Source: arXiv 2411.01783 §4 (FLOPS utilization); DESIGN §8.
+    Source: arXiv 2411.01783 §4 (FLOPS utilization); docs/design.md §13.
     """
     d = num_heads * head_dim
     return 4.0 * d * (new_tokens * cached_tokens + new_tokens * new_tokens / 2.0)
@@ -132,7 +132,7 @@ def elementwise_bytes(cfg: ModelConfig, tp: int, tokens: float, e: int, ring_ste
         bytes (float).
 
     Source: the Llama block (arXiv 2407.21783 §2: RMSNorm, RoPE, SwiGLU; §6.2: FP8 row-wise
-    recipe); merge of arXiv 2411.01783 Eq. 4 (DESIGN §5).
+    recipe); merge of arXiv 2411.01783 Eq. 4 (docs/design.md §6).
     """
     h, ffn = cfg.hidden_size, cfg.intermediate_size / tp
     q, k = cfg.num_heads // tp * cfg.head_dim, kv_heads_per_rank(cfg, tp) * cfg.head_dim
@@ -199,7 +199,7 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     Returns:
         RoundCost.
 
-    Source: arXiv 2411.01783 §3.5 (Alg. 2, 3, 4), §3.6; DESIGN §8.
+    Source: arXiv 2411.01783 §3.5 (Alg. 2, 3, 4), §3.6; docs/design.md §13.
     """
     e = 4 if dtype == "fp32" else 2
     layers, dh = cfg.num_layers, cfg.head_dim
@@ -348,7 +348,7 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         invalid profile file, a non-positive count, tp not dividing the heads, cached >=
         context, unknown dtype, a profile whose rates give non-finite times.
 
-    Source: arXiv 2411.01783 §3-4; DESIGN §7-8.
+    Source: arXiv 2411.01783 §3-4; docs/design.md §8, §13.
     """
     try:
         cfg = model if isinstance(model, ModelConfig) else get_preset(model)

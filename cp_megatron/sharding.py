@@ -1,7 +1,7 @@
 """Load-balanced sharding of sequences over CP ranks, and decode placement.
 
 Pure: no torch.distributed, no megatron.  Every token a rank holds carries its global
-position and sequence id (DESIGN §3); these functions say which tokens go where.
+position and sequence id (docs/design.md §2); these functions say which tokens go where.
 
 * Full prefill (§3.3): a sequence of T tokens is cut into 2N chunks whose sizes differ by
   at most one; rank r takes chunks r and 2N-1-r, so every rank gets the same share of
@@ -106,3 +106,21 @@ def decode_owner(step: int, seq_id: int, cp_size: int) -> int:
     sequences of a batch spread over ranks at every step).
     """
     return (step + seq_id) % cp_size
+
+
+def kv_slots_per_rank(prompt_tokens: int, new_tokens: int, cp_size: int) -> int:
+    """Cache slots one CP rank needs for a prompt and the tokens generated after it.
+
+    A full prefill gives a rank two of 2N chunks whose sizes differ by at most one
+    (at most ceil(T / N) + 1 tokens); decode tokens go round-robin (at most
+    ceil(G / N) + 1 per rank).  Reserving this up front means the cache is allocated once.
+
+    Args:
+        prompt_tokens: T of the prefill (tokens); new_tokens: G, tokens to generate.
+        cp_size: N.
+
+    Returns:
+        Slots (tokens) per rank.
+    """
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    return ceil(prompt_tokens, cp_size) + 1 + ceil(new_tokens, cp_size) + 1

@@ -12,6 +12,21 @@ from pathlib import Path
 import pytest
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KINDS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that is not marked exactly one of ``unit`` / ``integration``.
+
+    ``unit``: fast and single-process (``pytest -m unit`` is the inner loop, under a minute);
+    ``integration``: spawned ranks or processes, CLI jobs, SmolLM2, or slower than ~2 s.
+    """
+    wrong = [f"{item.nodeid}: {sorted(k for k in KINDS if item.get_closest_marker(k)) or 'no kind'}"
+             for item in items if sum(item.get_closest_marker(k) is not None for k in KINDS) != 1]
+    if wrong:
+        raise pytest.UsageError("every test needs exactly one of @pytest.mark.unit / "
+                                "@pytest.mark.integration (see pytest.ini):\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture(scope="session")

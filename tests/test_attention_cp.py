@@ -61,6 +61,7 @@ def _reference(name: str, call_index: int):
     return reference_attention(q[qi], k[ki], v[ki], pos[qi], pos[ki], seq[qi], seq[ki], case.causal)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
 @pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("cp_size", CP_SIZES)
@@ -127,6 +128,7 @@ def _bad_arguments(cp_size: int) -> list[str]:
     return messages
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_bad_arguments_raise_value_error_on_every_rank():
     results = spawn(_bad_arguments, 3, (3,), timeout_s=100)
@@ -138,6 +140,7 @@ def test_bad_arguments_raise_value_error_on_every_rank():
             assert key in message, (rank, key, message)
 
 
+@pytest.mark.unit
 def test_bad_arguments_raise_value_error_single_process():
     q, k = torch.randn(5, 4, 8), torch.randn(5, 3, 8)
     with pytest.raises(ValueError, match="NH=4 must be a multiple of NKV=3"):

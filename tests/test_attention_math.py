@@ -8,11 +8,15 @@ import math
 import pytest
 import torch
 
-from cp_megatron.attention.blocks import LocalAttention
+from cp_megatron.attention.blocks import attend_blocks
+from cp_megatron.attention.kernels import attention_with_lse, math_attention
+from cp_megatron.attention.plan import build_plan, plan_blocks
 from cp_megatron.attention.heuristic import PASS_KV, PASS_Q, choose_strategy
 from cp_megatron.attention.merge import merge_into, merge_partials
 from cp_megatron.attention.reference import reference_attention
 from cp_megatron.sharding import chunk_bounds, decode_owner, load_balanced_ranges, shard_new_tokens
+
+pytestmark = pytest.mark.unit
 
 
 # -- merge (Eq. 4) -------------------------------------------------------------------------
@@ -136,12 +140,64 @@ def test_local_attention_plan_matches_reference(layout):
     }
     qp, qs, kp, ks = (torch.tensor(x) for x in seqs[layout])
     q, k, v = torch.randn(len(qp), 4, 16), torch.randn(len(kp), 2, 16), torch.randn(len(kp), 2, 16)
-    attn = LocalAttention(q, qp, qs, scale=0.25, causal=True)
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full(q.shape[:2], float("-inf"))
     half = len(kp) // 2
-    attn.add(k[:half], v[:half], kp[:half], ks[:half])
-    attn.add(k[half:], v[half:], kp[half:], ks[half:])
+    for a, b in ((0, half), (half, len(kp))):   # two KV blocks, as two ring steps would
+        blocks = plan_blocks(qp, qs, kp[a:b], ks[a:b])
+        assert not any(blk.causal and (blk.q1 - blk.q0) != _slots(blk) for blk in blocks)
+        attend_blocks(out, lse, q, k[a:b], v[a:b], blocks, 0.25)
     ref_out, ref_lse = reference_attention(q, k, v, qp, kp, qs, ks, softmax_scale=0.25)
-    torch.testing.assert_close(attn.out.double(), ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=1e-5)
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(finite, torch.isfinite(attn.lse))
-    torch.testing.assert_close(attn.lse.double()[finite], ref_lse[finite], rtol=0, atol=1e-5)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=0, atol=1e-5)
+
+
+def _slots(block) -> int:
+    return block.kv.stop - block.kv.start if isinstance(block.kv, slice) else block.kv.numel()
+
+
+def test_plan_uses_views_and_few_blocks_for_load_balanced_prefill():
+    # Rank 0 of CP2, 400 tokens: chunks [0, 100) and [300, 400); every block's KV is a slice.
+    qp = torch.cat([torch.arange(0, 100), torch.arange(300, 400)])
+    kv = [(qp, torch.zeros(200, dtype=torch.long)),
+          (torch.arange(100, 300), torch.zeros(200, dtype=torch.long))]
+    plan = build_plan("pass-kv", 0, [kv[0], kv[1]], kv)
+    assert plan.kv_len == 200 and plan.num_queries == 200
+    # step 0 (own KV): chunk 0 causal; chunk 3 sees chunk 0 fully and is causal on itself.
+    assert [(b.q0, b.q1, b.causal) for b in plan.steps[0]] == [(0, 100, True), (100, 200, False),
+                                                              (100, 200, True)]
+    # step 1 (rank 1's chunks 1 and 2): chunk 0 sees nothing, chunk 3 sees both.
+    assert [(b.q0, b.q1, b.kv, b.causal) for b in plan.steps[1]] == [(100, 200, slice(0, 200), False)]
+    assert all(isinstance(b.kv, slice) for step in plan.steps for b in step)
+
+
+def test_decode_query_is_one_plain_block_over_its_sequence():
+    # Two sequences interleaved in the cache; the decode token of sequence 1 at position 7.
+    kv_pos = torch.tensor([0, 0, 1, 1, 2, 2, 3, 7])
+    kv_seq = torch.tensor([0, 1, 0, 1, 0, 1, 1, 1])
+    blocks = plan_blocks(torch.tensor([7]), torch.tensor([1]), kv_pos, kv_seq)
+    assert len(blocks) == 1 and not blocks[0].causal
+    assert blocks[0].kv.tolist() == [1, 3, 5, 6, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_attention_matches_reference_gqa(dtype, causal):
+    torch.manual_seed(2)
+    t = 9
+    q, k, v = torch.randn(t, 8, 16), torch.randn(t, 2, 16), torch.randn(t, 2, 16)
+    pos = torch.arange(t) if causal else torch.zeros(t, dtype=torch.long)
+    out, lse = math_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=0.25, is_causal=causal)
+    ref_out, ref_lse = reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), pos, pos, softmax_scale=0.25)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5   # bf16 inputs and output rounding
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_a_non_square_causal_block():
+    q, k = torch.randn(3, 2, 8), torch.randn(5, 2, 8)
+    with pytest.raises(ValueError, match="must be square"):
+        attention_with_lse(q, k, k, scale=0.3, is_causal=True)

@@ -42,6 +42,7 @@ def _positive_summary(s: dict, n: int) -> None:
     assert 0 < s["min"] <= s["median"] <= s["max"]
 
 
+@pytest.mark.unit
 def test_bench_is_registered_as_a_cli_subcommand():
     from cp_megatron.cli import SUBCOMMANDS
 
@@ -54,6 +55,7 @@ def test_bench_is_registered_as_a_cli_subcommand():
         parser.parse_args(["bench", "no-such-suite"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flags", [["--output-dir", "A_FILE"], ["--timeout", "-1"], ["--timeout", "nan"]])
 def test_bad_output_dir_or_timeout_is_exit_2_before_measuring(tmp_path, capsys, flags):
     from cp_megatron import cli
@@ -68,6 +70,7 @@ def test_bad_output_dir_or_timeout_is_exit_2_before_measuring(tmp_path, capsys, 
     assert code == 2 and len(err.splitlines()) == 1 and flags[0] in err, err
 
 
+@pytest.mark.unit
 def test_turns_run_concurrent_jobs_in_schedule_order(tmp_path):
     schedule = ["a/0", "b/0", "a/1", "b/1", "a/2", "b/2"]
     turns, seen = Turns(str(tmp_path), tuple(schedule), poll_s=0.001), []
@@ -86,6 +89,7 @@ def test_turns_run_concurrent_jobs_in_schedule_order(tmp_path):
     assert seen == schedule
 
 
+@pytest.mark.unit
 def test_peers_with_a_missing_config_is_exit_code_2(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers(dest="command"))
@@ -97,6 +101,7 @@ def test_peers_with_a_missing_config_is_exit_code_2(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_scaling_quick_writes_medians_speedup_and_efficiency(tmp_path):
     from cp_megatron.bench import scaling
@@ -114,13 +119,14 @@ def test_scaling_quick_writes_medians_speedup_and_efficiency(tmp_path):
         cp2 = row["cp"]["2"]
         assert cp2["speedup"] == pytest.approx(row["cp"]["1"]["ttft_s"]["median"] / cp2["ttft_s"]["median"])
         assert cp2["efficiency"] == pytest.approx(cp2["speedup"] / 2)
-        assert cp2["strategy"] == "pass-kv"  # full prefill with NH > 2 NKV (DESIGN §7)
+        assert cp2["strategy"] == "pass-kv"  # full prefill with NH > 2 NKV (docs/design.md §8)
         assert row["same_next_token"]
         # float32 rounding of a 4-layer random model; a wrong shard would differ by O(1)
         assert row["logits_max_abs_diff_vs_cp1"]["2"] < 1e-3
     assert "speedup" in scaling.table(report)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_miss_rate_quick_times_both_variants_and_records_auto(tmp_path):
     from cp_megatron.bench import miss_rate
@@ -152,6 +158,7 @@ def test_miss_rate_quick_times_both_variants_and_records_auto(tmp_path):
     assert "crossover" in miss_rate.table(report)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_overlap_quick_runs_ring_overlap_benchmark(tmp_path):
     from cp_megatron.bench import overlap
@@ -169,6 +176,7 @@ def test_overlap_quick_runs_ring_overlap_benchmark(tmp_path):
     assert "pass-kv" in overlap.table(report)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers (test extra) missing")
 def test_peers_quick_compares_with_transformers(tmp_path):
@@ -189,6 +197,7 @@ def test_peers_quick_compares_with_transformers(tmp_path):
     assert r["same_next_token"] and r["logits_max_abs_diff"] < 1e-2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_hardware_quick_measures_a_profile_the_planner_loads(tmp_path):
     import statistics

@@ -97,6 +97,7 @@ def hf_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))
 def test_hf_reader_matches_transformers_state_dict(hf_checkpoints, variant, layout):
@@ -106,6 +107,7 @@ def test_hf_reader_matches_transformers_state_dict(hf_checkpoints, variant, layo
     assert_reads_match(reader, sd, tp_sizes=(1, 2))
 
 
+@pytest.mark.unit
 def test_hf_config_matches_llama_config(hf_checkpoints):
     folder, _ = hf_checkpoints["llama31", "sharded"]
     assert open_checkpoint("hf", folder).config == ModelConfig(
@@ -117,6 +119,7 @@ def test_hf_config_matches_llama_config(hf_checkpoints):
     assert tied.tie_word_embeddings is True and tied.rope_scaling is None and tied.rope_theta == 500000.0
 
 
+@pytest.mark.unit
 def test_hf_config_v4_keys_like_llama31_config_json():
     # Llama-3.1-8B-Instruct config.json as published (transformers 4.x key names).
     cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -128,6 +131,7 @@ def test_hf_config_v4_keys_like_llama31_config_json():
     assert config_from_hf(cfg, "x") == get_preset("llama3.1-8b").with_(name="x")
 
 
+@pytest.mark.unit
 def test_hf_bf16_checkpoint_reads_in_requested_dtype(tmp_path):
     model = tiny_llama(seed=7).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
@@ -189,6 +193,7 @@ def meta_model_sd():
             .state_dict().items()}
 
 
+@pytest.mark.unit
 def test_meta_interleave_is_inverse_of_transformers_permute(meta_model_sd):
     w = meta_model_sd["model.layers.0.self_attn.q_proj.weight"]
     torch.testing.assert_close(hf_permute(meta_interleave(w, 8), 8), w, **EXACT)
@@ -197,6 +202,7 @@ def test_meta_interleave_is_inverse_of_transformers_permute(meta_model_sd):
 
 # (MP, tok_embeddings split dim): Llama 3 VocabParallelEmbedding cuts dim 0, Llama 2's
 # ParallelEmbedding dim 1; MP 4 with TP 1/2 makes a TP slice gather rows of several shards.
+@pytest.mark.unit
 @pytest.mark.parametrize("mp,embed_dim", [(1, 0), (2, 0), (2, 1), (4, 1)])
 def test_meta_reader_matches_hf_at_tp_1_2_4(tmp_path, meta_model_sd, mp, embed_dim):
     write_meta(tmp_path, meta_model_sd, mp, embed_dim)
@@ -206,6 +212,7 @@ def test_meta_reader_matches_hf_at_tp_1_2_4(tmp_path, meta_model_sd, mp, embed_d
     assert_reads_match(reader, meta_model_sd, tp_sizes=(1, 2, 4))
 
 
+@pytest.mark.unit
 def test_meta_bf16_shards_read_as_bf16(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 2, 0, dtype=torch.bfloat16)
     reader = open_checkpoint("meta", tmp_path)
@@ -213,6 +220,7 @@ def test_meta_bf16_shards_read_as_bf16(tmp_path, meta_model_sd):
     assert_reads_match(reader, bf16, tp_sizes=(4,), dtype=torch.bfloat16)
 
 
+@pytest.mark.unit
 def test_meta_config_from_params_json(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 2, 0)
     assert open_checkpoint("meta", tmp_path).config == ModelConfig(
@@ -221,6 +229,7 @@ def test_meta_config_from_params_json(tmp_path, meta_model_sd):
         rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False)
 
 
+@pytest.mark.unit
 def test_meta_tokenizer_model_sets_special_ids(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 1, 0)
     with pytest.raises(CheckpointError, match="no tokenizer.model in this Meta checkpoint"):
@@ -235,6 +244,7 @@ def test_meta_tokenizer_model_sets_special_ids(tmp_path, meta_model_sd):
     assert tok.decode(tok.encode("héllo<|eot_id|>", add_bos=True)) == "<|begin_of_text|>héllo<|eot_id|>"
 
 
+@pytest.mark.unit
 def test_meta_ffn_formula_gives_llama31_405b_and_8b():
     from cp_megatron.checkpoint.layout import meta_ffn_dim
 
@@ -294,6 +304,7 @@ def llama3_rope_freqs(model):
     return (default / scaled.double()).float().numpy()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["llama31", "tied"])
 def test_tiny_gguf_matches_transformers_state_dict(tmp_path, variant):
     model = tiny_llama(seed=3, **HF_VARIANTS[variant])
@@ -318,6 +329,7 @@ def smollm2_transformers(smollm2_gguf):
     return model.state_dict(), model.config
 
 
+@pytest.mark.integration
 def test_gguf_smollm2_tensors_match_transformers(smollm2_reader, smollm2_transformers):
     sd, _ = smollm2_transformers
     assert smollm2_reader.names() == expected_names(30, tied=True)
@@ -325,6 +337,7 @@ def test_gguf_smollm2_tensors_match_transformers(smollm2_reader, smollm2_transfo
         torch.testing.assert_close(smollm2_reader.read(name), sd[name], **EXACT, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,shard_dim,tp", [
     ("model.layers.0.self_attn.q_proj.weight", 0, 3),   # un-permuted rows of 3 of 9 heads
     ("model.layers.5.self_attn.k_proj.weight", 0, 3),
@@ -342,6 +355,7 @@ def test_gguf_smollm2_tp_slices_match_transformers(smollm2_reader, smollm2_trans
         torch.testing.assert_close(got, want[rank], **EXACT)
 
 
+@pytest.mark.integration
 def test_gguf_smollm2_config_matches_transformers(smollm2_reader, smollm2_transformers):
     cfg, ref = smollm2_reader.config, smollm2_transformers[1]
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
@@ -355,6 +369,7 @@ def test_gguf_smollm2_config_matches_transformers(smollm2_reader, smollm2_transf
     assert cfg.with_(name=preset.name, rms_norm_eps=preset.rms_norm_eps) == preset
 
 
+@pytest.mark.unit
 def test_reads_are_copies_not_views_of_the_files(hf_checkpoints, meta_model_sd, tmp_path):
     model = tiny_llama(seed=5)
     write_tiny_gguf(tmp_path / "c.gguf", model)
@@ -376,11 +391,13 @@ def _message(excinfo):
     return text
 
 
+@pytest.mark.unit
 def test_error_unknown_format(tmp_path):
     with pytest.raises(CheckpointError, match="unknown checkpoint format 'onnx'"):
         open_checkpoint("onnx", tmp_path)
 
 
+@pytest.mark.unit
 def test_error_hf_missing_shard_file(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "sharded"][0], tmp_path / "ckpt")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -392,6 +409,7 @@ def test_error_hf_missing_shard_file(hf_checkpoints, tmp_path):
     assert victim in text and "shard file missing" in text and "model.layers." in text
 
 
+@pytest.mark.unit
 def test_error_hf_missing_index_entry(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "sharded"][0], tmp_path / "ckpt")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -402,6 +420,7 @@ def test_error_hf_missing_index_entry(hf_checkpoints, tmp_path):
         open_checkpoint("hf", folder)
 
 
+@pytest.mark.unit
 def test_error_hf_index_points_to_file_without_tensor(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "sharded"][0], tmp_path / "ckpt")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -412,6 +431,7 @@ def test_error_hf_index_points_to_file_without_tensor(hf_checkpoints, tmp_path):
         open_checkpoint("hf", folder)
 
 
+@pytest.mark.unit
 def test_error_hf_tensor_shape_disagrees_with_config(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "single"][0], tmp_path / "ckpt")
     cfg = json.loads((folder / "config.json").read_text())
@@ -423,6 +443,7 @@ def test_error_hf_tensor_shape_disagrees_with_config(hf_checkpoints, tmp_path):
     assert "model.safetensors" in text and "mlp.gate_proj.weight" in text and "(96, 64)" in text
 
 
+@pytest.mark.unit
 def test_error_hf_truncated_safetensors(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "single"][0], tmp_path / "ckpt")
     path = folder / "model.safetensors"
@@ -431,6 +452,7 @@ def test_error_hf_truncated_safetensors(hf_checkpoints, tmp_path):
         open_checkpoint("hf", folder)
 
 
+@pytest.mark.unit
 def test_error_hf_not_llama(hf_checkpoints, tmp_path):
     folder = shutil.copytree(hf_checkpoints["plain", "single"][0], tmp_path / "ckpt")
     cfg = json.loads((folder / "config.json").read_text())
@@ -440,6 +462,7 @@ def test_error_hf_not_llama(hf_checkpoints, tmp_path):
         open_checkpoint("hf", folder)
 
 
+@pytest.mark.unit
 def test_error_meta_truncated_pth(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 2, 0)
     path = tmp_path / "consolidated.01.pth"
@@ -448,6 +471,7 @@ def test_error_meta_truncated_pth(tmp_path, meta_model_sd):
         open_checkpoint("meta", tmp_path)
 
 
+@pytest.mark.unit
 def test_error_meta_missing_shard(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 4, 0)
     os.remove(tmp_path / "consolidated.02.pth")
@@ -459,6 +483,7 @@ def test_error_meta_missing_shard(tmp_path, meta_model_sd):
         open_checkpoint("meta", tmp_path)
 
 
+@pytest.mark.unit
 def test_error_meta_missing_tensor_and_wrong_shape(tmp_path, meta_model_sd):
     write_meta(tmp_path, meta_model_sd, 1, 0)
     shard = torch.load(tmp_path / "consolidated.00.pth")
@@ -475,6 +500,7 @@ def test_error_meta_missing_tensor_and_wrong_shape(tmp_path, meta_model_sd):
         open_checkpoint("meta", tmp_path / "b")
 
 
+@pytest.mark.unit
 def test_error_gguf_truncated(tmp_path):
     write_tiny_gguf(tmp_path / "t.gguf", tiny_llama())
     os.truncate(tmp_path / "t.gguf", os.path.getsize(tmp_path / "t.gguf") - 4096)
@@ -482,18 +508,21 @@ def test_error_gguf_truncated(tmp_path):
         open_checkpoint("gguf", tmp_path / "t.gguf")
 
 
+@pytest.mark.unit
 def test_error_gguf_without_vocabulary_has_no_tokenizer(tmp_path):
     write_tiny_gguf(tmp_path / "n.gguf", tiny_llama())
     with pytest.raises(CheckpointError, match=r"n.gguf: tokenizer.ggml.model None is not supported"):
         open_checkpoint("gguf", tmp_path / "n.gguf").tokenizer()
 
 
+@pytest.mark.unit
 def test_error_gguf_unknown_architecture(tmp_path):
     write_tiny_gguf(tmp_path / "g.gguf", tiny_llama(), arch="gpt2")
     with pytest.raises(CheckpointError, match=r"g.gguf: unknown GGUF architecture 'gpt2'"):
         open_checkpoint("gguf", tmp_path / "g.gguf")
 
 
+@pytest.mark.integration
 def test_error_tp_must_divide_kv_heads(hf_checkpoints, smollm2_reader):
     reader = open_checkpoint("hf", hf_checkpoints["plain", "single"][0])  # 4 heads, 2 KV heads
     check_tp(reader.config, 2)
@@ -505,6 +534,7 @@ def test_error_tp_must_divide_kv_heads(hf_checkpoints, smollm2_reader):
         smollm2_reader.read("model.layers.0.self_attn.q_proj.weight", shard_dim=0, tp_size=2)
 
 
+@pytest.mark.unit
 def test_error_bad_read_arguments(hf_checkpoints):
     reader = open_checkpoint("hf", hf_checkpoints["tied", "single"][0])
     with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' is not in this checkpoint"):

@@ -86,6 +86,7 @@ def hf_tiny(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the writer
+@pytest.mark.unit
 def test_streaming_writer_output_reads_back_with_safe_open(tmp_path):
     tensors = {"a.weight": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
                "c.weight": torch.randn(2, 3, dtype=torch.float16)}
@@ -111,6 +112,7 @@ def test_streaming_writer_output_reads_back_with_safe_open(tmp_path):
 
 
 # --------------------------------------------------------------------------- HF round trip
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["llama31", "tied"])
 def test_hf_to_sharded_tp2_to_hf_is_bit_identical(hf_tiny, tmp_path, variant):
     src, sd, model = hf_tiny[variant]
@@ -152,6 +154,7 @@ def test_hf_to_sharded_tp2_to_hf_is_bit_identical(hf_tiny, tmp_path, variant):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, **EXACT)
 
 
+@pytest.mark.unit
 def test_sharded_reader_reslices_stored_tp2_for_tp_1_2_4(tmp_path):
     model = tiny_llama(seed=4, heads=8, kv_heads=4)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -174,6 +177,7 @@ def test_sharded_reader_reslices_stored_tp2_for_tp_1_2_4(tmp_path):
 
 
 # --------------------------------------------------------------------------- Meta and GGUF logits
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_meta_mp2_to_sharded_tp4_logits_equal_source(tmp_path):
     model = meta_twin_model()
@@ -203,6 +207,7 @@ def smollm2_tp1(smollm2_gguf, tmp_path_factory):
     return dst
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_gguf_smollm2_to_sharded_tp1_logits_and_tokenizer_equal_source(smollm2_gguf, smollm2_reader, smollm2_tp1):
     meta = json.loads((smollm2_tp1 / METADATA_FILE).read_text())
@@ -223,6 +228,7 @@ def test_gguf_smollm2_to_sharded_tp1_logits_and_tokenizer_equal_source(smollm2_g
     assert (src - dst).abs().max().item() <= LOGITS_ATOL
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_cli_run_on_converted_smollm2_gives_source_tokens(smollm2_gguf, smollm2_tp1, tmp_path):
     tokens = {}
@@ -238,6 +244,7 @@ def test_cli_run_on_converted_smollm2_gives_source_tokens(smollm2_gguf, smollm2_
 
 
 # --------------------------------------------------------------------------- CLI
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_cli_bf16_verify_prints_zero_diff_and_summary_line(hf_tiny, tmp_path, capsys):
     src, sd, _ = hf_tiny["llama31"]
@@ -255,6 +262,7 @@ def test_cli_bf16_verify_prints_zero_diff_and_summary_line(hf_tiny, tmp_path, ca
     torch.testing.assert_close(reader.read(name, dtype=torch.bfloat16), sd[name].to(torch.bfloat16), **EXACT)
 
 
+@pytest.mark.unit
 def test_errors_are_one_line_exit_2_naming_the_file(hf_tiny, tmp_path, capsys):
     src = hf_tiny["llama31"][0]
     dst = tmp_path / "out"
@@ -302,6 +310,7 @@ def test_errors_are_one_line_exit_2_naming_the_file(hf_tiny, tmp_path, capsys):
         open_checkpoint("sharded", dst)
 
 
+@pytest.mark.unit
 def test_interrupt_mid_conversion_removes_the_temporary_folder(hf_tiny, tmp_path, monkeypatch):
     src = hf_tiny["llama31"][0]
     calls = []
@@ -324,6 +333,7 @@ BIG = ModelConfig(name="big", vocab_size=16384, hidden_size=1024, intermediate_s
                   num_heads=8, num_kv_heads=8, head_dim=128)  # 64M parameters: 256 MB float32
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_killed_conversion_leaves_no_loadable_output(tmp_path):
     src, dst = tmp_path / "big", tmp_path / "out"

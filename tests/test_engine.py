@@ -54,6 +54,7 @@ def three_turns_job(gguf: str, cp: int):
     return turns, fresh_gens[0].token_ids, fresh_rounds[0].kind
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_three_turn_session_partial_prefill_matches_fresh_full_prefill(smollm2_gguf):
     turns, fresh_tokens, fresh_kind = spawn(three_turns_job, 2, (str(smollm2_gguf), 2), timeout_s=500)[0]
@@ -71,6 +72,7 @@ def _run_cli(args, timeout=120, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_dummy_model_20k_prompt_same_greedy_tokens_at_cp_1_2_4(tmp_path):
     cfg = tmp_path / "dummy.yaml"
@@ -99,6 +101,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config_is_one_line_exit_2(case):
@@ -111,6 +114,7 @@ def test_bad_config_is_one_line_exit_2(case):
     assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(200)
 def test_world_size_mismatch_under_launcher_is_exit_2():
     env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
@@ -119,6 +123,7 @@ def test_world_size_mismatch_under_launcher_is_exit_2():
     assert "WORLD_SIZE=3" in proc.stderr and "parallel" in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
     cfg = tmp_path / "long.yaml"
@@ -169,12 +174,14 @@ def truncate_job(cp: int):
     return first, again
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_truncate_rolls_back_a_round_exactly_cp2():
     first, again = spawn(truncate_job, 2, (2,), timeout_s=200)[0]
     assert torch.equal(first, again)
 
 
+@pytest.mark.unit
 def test_heuristic_hardware_from_profile_file_with_overrides(tmp_path):
     from cp_megatron.config import ConfigError, load_config
     from cp_megatron.hardware import get_profile

@@ -42,6 +42,7 @@ def embedded_tokens(tmp_path_factory):
     return result["token_ids"]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_default_config_answers_and_same_tokens_at_cp_1_and_4(tmp_path, embedded_tokens):
     for cp in (1, 4):
@@ -49,12 +50,14 @@ def test_default_config_answers_and_same_tokens_at_cp_1_and_4(tmp_path, embedded
             embedded_tokens, f"cp={cp}"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_torchrun_default_config_matches_embedded_launch(tmp_path, embedded_tokens):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] + RUN[1:] + SHORT
     assert _tokens(cmd, tmp_path / "r.json") == embedded_tokens
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_deepspeed_default_config_matches_embedded_launch(tmp_path, embedded_tokens):
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
@@ -64,6 +67,7 @@ def test_deepspeed_default_config_matches_embedded_launch(tmp_path, embedded_tok
     assert _tokens(cmd, tmp_path / "r.json") == embedded_tokens
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name):
     cfg = load_config(str(REPO / "configs" / name))

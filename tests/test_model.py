@@ -1,5 +1,5 @@
 """The Llama 3 model against Hugging Face transformers on the same weights, and its
-invariance across CP x TP x PP layouts (DESIGN §10)."""
+invariance across CP x TP x PP layouts (docs/design.md §14)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def ckpt_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("model"))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 @pytest.mark.parametrize("sharded,tie", [(False, False), (True, False), (False, True)])
 def test_logits_match_transformers_tiny_hf(ckpt_root, sharded, tie):
@@ -76,6 +77,7 @@ def test_logits_match_transformers_tiny_hf(ckpt_root, sharded, tie):
     assert (logits - ref).abs().max().item() <= LOGITS_ATOL
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 @pytest.mark.parametrize("tp,cp,pp", [(1, 2, 1), (1, 4, 1), (2, 1, 1), (2, 2, 1), (2, 4, 1),
                                       (1, 1, 2), (2, 2, 2)])
@@ -86,6 +88,7 @@ def test_logits_and_greedy_tokens_equal_across_cp_tp_pp(ckpt_root, tp, cp, pp):
     assert torch.equal(logits.argmax(-1), ref.argmax(-1)), "greedy next tokens differ"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_meta_mp2_checkpoint_gives_hf_twin_logits_at_tp_1_2_4(tmp_path):
     from test_checkpoint import meta_twin_model, write_meta
@@ -100,6 +103,7 @@ def test_meta_mp2_checkpoint_gives_hf_twin_logits_at_tp_1_2_4(tmp_path):
         assert (logits - ref).abs().max().item() <= LOGITS_ATOL, f"tp={tp}"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_smollm2_gguf_logits_match_transformers(smollm2_gguf):
     from transformers import AutoModelForCausalLM
@@ -120,6 +124,7 @@ def test_smollm2_gguf_logits_match_transformers(smollm2_gguf):
         assert torch.equal(logits.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.unit
 def test_405b_preset_dimensions_and_parameter_count():
     c = get_preset("llama3.1-405b")
     assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads) == \

@@ -34,6 +34,7 @@ def run_cli(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- formulas
 
+@pytest.mark.unit
 def test_attention_flops_hand_counted_tiny():
     # tiny: NH=4, DH=16 -> D=64.  Full prefill T=8: 4*64*(8*8/2) = 8192.
     tiny = get_preset("tiny")
@@ -43,6 +44,7 @@ def test_attention_flops_hand_counted_tiny():
     assert planner.attention_flops(4, 16, 1, 9) == 4 * 64 * 9.5
 
 
+@pytest.mark.unit
 def test_attention_flops_counts_visible_pairs_minus_half_diagonal():
     # Oracle: count the (query, key) pairs the causal rule keeps, 2 matmuls x 2 FLOPs x D each.
     # The paper's convention (T^2/2) drops half of the diagonal, T/2 pairs.
@@ -51,6 +53,7 @@ def test_attention_flops_counts_visible_pairs_minus_half_diagonal():
     assert planner.attention_flops(4, 16, t, p) == 4 * d * (pairs - t / 2)
 
 
+@pytest.mark.unit
 def test_linear_flops_and_block_params_hand_counted_tiny():
     tiny = get_preset("tiny")  # hidden 64, FFN 128, NH 4, NKV 2, DH 16
     w = 64 * 64 + 2 * 64 * 2 * 16 + 64 * 64 + 3 * 64 * 128  # q, k+v, o, gate/up/down
@@ -62,6 +65,7 @@ def test_linear_flops_and_block_params_hand_counted_tiny():
     assert layers * (w + 2 * h) + h + 2 * tiny.vocab_size * h == tiny.num_parameters()
 
 
+@pytest.mark.unit
 def test_elementwise_bytes_hand_counted_tiny():
     # tiny on TP2: H 64, FFN 128/2 = 64, q 2*16 = 32, k 1*16 = 16; bf16 (e = 2), CP 3 ring.
     # Per token: norms 4*64*2 = 512, residual adds 6*64*2 = 768, RoPE 2*48*2 = 192,
@@ -72,6 +76,7 @@ def test_elementwise_bytes_hand_counted_tiny():
     assert planner.elementwise_bytes(tiny, 2, 10, 2, 1, 0.0) == 10 * (2496 - 640)  # CP1: no merge
 
 
+@pytest.mark.unit
 def test_round_total_is_the_sum_of_its_parts():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
     parts = (p.attention_s + p.linear_s + p.elementwise_s + p.cp_comm_exposed_s + p.tp_comm_s
@@ -80,11 +85,13 @@ def test_round_total_is_the_sum_of_its_parts():
     assert p.elementwise_s > 0
 
 
+@pytest.mark.unit
 def test_405b_attention_flops_per_layer_at_1m():
     cfg = get_preset("llama3.1-405b")
     assert planner.attention_flops(cfg.num_heads, cfg.head_dim, 10**6, 0) == 4 * 16384 * 10**12 / 2
 
 
+@pytest.mark.unit
 def test_kv_cache_bytes_formula():
     cfg = get_preset("llama3.1-405b")
     # 2 * 126 layers * (8/8) KV heads * 128 * 2 bytes * 1M/16 tokens * batch 1
@@ -95,6 +102,7 @@ def test_kv_cache_bytes_formula():
     assert planner.kv_heads_per_rank(cfg, 16) == 1
 
 
+@pytest.mark.unit
 def test_fp8_weights_are_why_405b_fits_one_node():
     # Paper §4: 405B served with FP8 weights on 8 x 80 GB.  bf16 weights alone overflow.
     cfg, hbm = get_preset("llama3.1-405b"), get_profile("h100-rdma").memory_bytes
@@ -105,6 +113,7 @@ def test_fp8_weights_are_why_405b_fits_one_node():
     assert p.dtype == "fp8" and p.fits_in_memory
 
 
+@pytest.mark.unit
 def test_ring_and_allreduce_times():
     assert planner.ring_time(1, 2.0, 9.0) == 2.0           # one rank: no message
     assert planner.ring_time(4, 2.0, 1.0) == 8.0           # messages hidden
@@ -115,6 +124,7 @@ def test_ring_and_allreduce_times():
 
 # --------------------------------------------------------------------------- model behaviour
 
+@pytest.mark.unit
 @pytest.mark.parametrize("context", [128_000, 1_000_000])
 def test_more_cp_lowers_ttft_for_long_context(context):
     ttft = [planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=c, context_tokens=context).ttft_s
@@ -122,6 +132,7 @@ def test_more_cp_lowers_ttft_for_long_context(context):
     assert all(a > b for a, b in zip(ttft, ttft[1:])), ttft
 
 
+@pytest.mark.unit
 def test_ttft_grows_with_context_and_miss_rate():
     ttft = [planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=4, context_tokens=c).ttft_s
             for c in (8_000, 32_000, 128_000)]
@@ -132,6 +143,7 @@ def test_ttft_grows_with_context_and_miss_rate():
     assert partial[0] < partial[1] < partial[2]
 
 
+@pytest.mark.unit
 def test_decode_is_memory_bound():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000)
     hbm = get_profile("h100-rdma").memory_bandwidth_bytes_per_s
@@ -144,6 +156,7 @@ def test_decode_is_memory_bound():
 TP_GAP_2_NODES_MAX, TP_GAP_8_NODES_MIN = 0.30, 0.60
 
 
+@pytest.mark.unit
 def test_cp_beats_multi_node_tp_by_a_growing_margin():
     gaps = []
     for nodes in (2, 4, 8):
@@ -156,6 +169,7 @@ def test_cp_beats_multi_node_tp_by_a_growing_margin():
     assert gaps[0] < TP_GAP_2_NODES_MAX and gaps[2] > TP_GAP_8_NODES_MIN, gaps
 
 
+@pytest.mark.unit
 def test_pass_kv_hidden_on_rdma_but_exposed_on_slow_links():
     long_rdma = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
     assert long_rdma.strategy == PASS_KV and long_rdma.cp_comm_exposed_s == 0.0
@@ -171,12 +185,14 @@ def _expected(p: planner.Plan, new: int, cached: int) -> str:
                            hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s).strategy
 
 
+@pytest.mark.unit
 def test_strategy_is_heuristics_choice_full_prefill_gqa():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
     assert p.strategy == _expected(p, 128_000, 0) == PASS_KV  # NH 128 > 2 * NKV 8
     assert p.heuristic["kv_hidden_threshold_tokens"] == p.kv_hidden_threshold_tokens
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cached", [127_999, 127_000])  # decode; miss rate 0.8%
 def test_strategy_is_heuristics_choice_decode_and_low_miss_rate(cached):
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000, cached_tokens=cached)
@@ -186,11 +202,13 @@ def test_strategy_is_heuristics_choice_decode_and_low_miss_rate(cached):
 
 # --------------------------------------------------------------------------- paper figures
 
+@pytest.mark.unit
 def test_paper_1m_context_16_nodes():
     p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=1_000_000)
     assert abs(p.ttft_s - PAPER_1M_TTFT_S) / PAPER_1M_TTFT_S < BAND_1M, p.ttft_s
 
 
+@pytest.mark.unit
 def test_predictions_pinned():
     # Regression guard for docs/planner.md's table (change both together).
     one_m = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=1_000_000)
@@ -201,6 +219,7 @@ def test_predictions_pinned():
 
 # --------------------------------------------------------------------------- CLI
 
+@pytest.mark.unit
 def test_cli_json_keys(capsys):
     assert run_cli(ARGS_405B + ["--cp", "16", "--context", "1000000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -214,12 +233,14 @@ def test_cli_json_keys(capsys):
     assert out["strategy"] == PASS_KV
 
 
+@pytest.mark.unit
 def test_cli_table(capsys):
     assert run_cli(ARGS_405B + ["--cp", "16", "--context", "128000"]) == 0
     out = capsys.readouterr().out
     assert "TTFT" in out and "pass-kv" in out and "TTIT" in out
 
 
+@pytest.mark.unit
 def test_cli_sweep_json_and_plot(capsys, tmp_path):
     png = tmp_path / "sweep.png"
     argv = ARGS_405B + ["--context", "1000000", "--sweep", "cp=1,2,4,8,16", "--plot", str(png), "--json"]
@@ -231,6 +252,7 @@ def test_cli_sweep_json_and_plot(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra, flag", [
     (["--cp", "16", "--context", "1000", "--model", "nope"], "--model"),
     (["--cp", "16", "--context", "1000", "--hardware", "tpu"], "--hardware"),
@@ -264,6 +286,7 @@ def _profile_file(tmp_path, **changes) -> str:
     return str(path)
 
 
+@pytest.mark.unit
 def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
     # What `cp-megatron bench hardware` writes: {"profile": {...}}; C doubled halves attention.
     path = _profile_file(tmp_path, name="mine", attn_flops_per_s=2 * get_profile("cpu-gloo").attn_flops_per_s)
@@ -276,6 +299,7 @@ def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["hardware_profile"]["name"] == "mine"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("changes, field", [
     ({"attn_flops_per_s": -1.0}, "attn_flops_per_s"),
     ({"gpus_per_node": 1.5}, "gpus_per_node"),
@@ -298,6 +322,7 @@ def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, cap
     assert len(out.splitlines()) == 1 and "--hardware" in out and field in out, out
 
 
+@pytest.mark.unit
 def test_unreadable_profile_file_is_a_one_line_error(tmp_path, capsys):
     bad, deep = tmp_path / "broken.json", tmp_path / "deep.json"
     bad.write_text("{not json")
@@ -311,12 +336,14 @@ def test_unreadable_profile_file_is_a_one_line_error(tmp_path, capsys):
         assert path in out or "too small or too large" in out, out
 
 
+@pytest.mark.unit
 def test_cli_missing_required_flag_exits_2(capsys):
     assert run_cli(["plan", "--hardware", "h100-rdma", "--tp", "8", "--cp", "2", "--context", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model" in err, err
 
 
+@pytest.mark.integration
 def test_planner_imports_neither_torch_nor_megatron():
     code = ("import sys, cp_megatron.planner, cp_megatron.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")

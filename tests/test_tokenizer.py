@@ -101,6 +101,7 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.mark.unit
 def test_llama3_tiktoken_matches_transformers_tiktoken_converter(llama3_model_file, llama3_oracle):
     tok = Tokenizer.from_tiktoken_file(str(llama3_model_file[0]))
     for text in TEXTS + [CORPUS]:
@@ -110,6 +111,7 @@ def test_llama3_tiktoken_matches_transformers_tiktoken_converter(llama3_model_fi
     assert len(tok.encode(CORPUS)) < len(CORPUS.encode()) / 2  # the merges are used
 
 
+@pytest.mark.unit
 def test_llama3_gguf_style_vocab_matches_tiktoken(llama3_model_file, llama3_oracle):
     """A Llama 3 GGUF (byte-level tokens + merges, pre 'llama-bpe') encodes like tokenizer.model."""
     vocab, merges = TikTokenConverter(vocab_file=str(llama3_model_file[0])).extract_vocab_merges_from_model(
@@ -121,6 +123,7 @@ def test_llama3_gguf_style_vocab_matches_tiktoken(llama3_model_file, llama3_orac
         assert gguf_tok.encode(text, add_special_tokens=False).ids == tok.encode(text), text
 
 
+@pytest.mark.unit
 def test_llama3_special_tokens_follow_meta_layout(llama3_model_file):
     tok = Tokenizer.from_tiktoken_file(str(llama3_model_file[0]))
     n = llama3_model_file[1]  # ranks; Llama 3.1 has 128000, so <|begin_of_text|> = 128000
@@ -137,12 +140,14 @@ def test_llama3_special_tokens_follow_meta_layout(llama3_model_file):
     assert tok.encode("Hi", add_bos=True) == [n] + tok.encode("Hi") and tok.add_bos_default
 
 
+@pytest.mark.unit
 def test_llama3_long_runs_are_chunked_like_meta(llama3_model_file):
     tok = Tokenizer.from_tiktoken_file(str(llama3_model_file[0]))
     text = "x" * 30_000 + " the fox " + " " * 26_000 + "dog"
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.unit
 def test_llama3_builtin_chat_template_is_llama3_instruct_format(llama3_model_file):
     tok = Tokenizer.from_tiktoken_file(str(llama3_model_file[0]))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there \n"}]
@@ -155,6 +160,7 @@ def test_llama3_builtin_chat_template_is_llama3_instruct_format(llama3_model_fil
         tok.apply_chat_template([{"role": "user"}])
 
 
+@pytest.mark.unit
 def test_llama3_tokenizer_json_folder_matches_autotokenizer(llama3_model_file, llama3_oracle, tmp_path):
     """HF path: tokenizer.json + tokenizer_config.json (bos/eos/chat_template) as Llama 3 ships them."""
     from tokenizers import processors
@@ -182,6 +188,7 @@ def smollm2_autotokenizer(smollm2_gguf):
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
+@pytest.mark.integration
 def test_smollm2_gguf_vocab_encodes_like_transformers(smollm2_reader, smollm2_autotokenizer):
     tok = smollm2_reader.tokenizer()
     for text in SMOL_PARAGRAPHS + TEXTS:
@@ -191,6 +198,7 @@ def test_smollm2_gguf_vocab_encodes_like_transformers(smollm2_reader, smollm2_au
     assert tok.encode(SMOL_PARAGRAPHS[2]).count(2) == 1  # <|im_end|> in text -> its special id
 
 
+@pytest.mark.integration
 def test_smollm2_gguf_special_ids_and_chat_template(smollm2_reader, smollm2_autotokenizer):
     tok, ref = smollm2_reader.tokenizer(), smollm2_autotokenizer
     assert (tok.bos_id, tok.vocab_size, tok.add_bos_default) == (ref.bos_token_id, 49152, False)
@@ -204,6 +212,7 @@ def test_smollm2_gguf_special_ids_and_chat_template(smollm2_reader, smollm2_auto
                 messages, tokenize=False, add_generation_prompt=gen)
 
 
+@pytest.mark.integration
 def test_smollm2_saved_tokenizer_json_through_hf_reader(smollm2_reader, smollm2_autotokenizer, tmp_path):
     """HF reader path: a checkpoint folder with tokenizer.json/_config.json/chat_template.jinja."""
     torch.manual_seed(0)
@@ -231,6 +240,7 @@ class _FakeGGUF:
         return self.meta.get(key, default)
 
 
+@pytest.mark.unit
 def test_gguf_tokenizer_errors():
     with pytest.raises(CheckpointError, match="fake.gguf: tokenizer.ggml.model 'llama' is not supported"):
         tokenizer_from_gguf(_FakeGGUF(**{"tokenizer.ggml.model": "llama"}))
@@ -240,6 +250,7 @@ def test_gguf_tokenizer_errors():
         pre_tokenizer_for("qwen2", "x.gguf")
 
 
+@pytest.mark.unit
 def test_missing_tokenizer_files(tmp_path):
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=1, vocab_size=64)).save_pretrained(tmp_path)
@@ -247,6 +258,7 @@ def test_missing_tokenizer_files(tmp_path):
         open_checkpoint("hf", tmp_path).tokenizer()
 
 
+@pytest.mark.unit
 def test_no_chat_template_raises(llama3_oracle, tmp_path):
     bare = Tokenizer.from_tokenizers(llama3_oracle.__class__.from_str(
         '{"version":"1.0","model":{"type":"BPE","vocab":{"a":0},"merges":[]}}'), "bare")

@@ -66,7 +66,7 @@ def test_relative_set_paths_resolve_from_the_working_directory(tmp_path, monkeyp
 
 
 # -- document chat ---------------------------------------------------------------------------------
-@pytest.mark.unit
+@pytest.mark.integration  # loads SmolLM2's GGUF
 def test_document_chat_config_is_the_document_then_follow_up_turns():
     from cp_megatron.preflight import prepare
 

@@ -1,30 +1,34 @@
-"""``context_parallel_attention``: exact attention over a CP group, any token placement.
+"""Exact attention over a CP group: from a round plan, or for any token placement.
 
-One call = one attention layer of one round.  Steps:
+Two entry points:
 
-1. validate the arguments locally; one small all_gather of shapes (and of an error
-   flag) follows, so a bad argument on any rank raises ValueError on every rank before
-   any ring traffic;
-2. choose the variant (``strategy="auto"``: Alg. 1 / Alg. 5 on the global T and P);
-3. pad the rotating block to the longest on any rank (padding has sequence id -1);
-4. run ring pass-KV or ring pass-Q; a CP group of size 1 does no communication.
+* :func:`planned_attention` -- what the model's layers call: the engine built the
+  round's :class:`AttentionPlan` once (no collective), so a layer does the kernels and
+  the ring's P2P only (plus pass-Q's all_to_all).
+* :func:`context_parallel_attention` -- the public, self-contained call for arbitrary
+  placements: it validates the arguments, exchanges shapes and positions with one
+  all_gather each (a bad argument on any rank raises ValueError on every rank before
+  any ring traffic), chooses the variant (``strategy="auto"``: Alg. 1 / Alg. 5 on the
+  global T and P), builds the plan and runs it.
 
-Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); DESIGN §3–§7.
+A CP group of size 1 does no communication.
+
+Source: arXiv 2411.01783 §3 (Alg. 1–3, 5); docs/design.md §2, §4–§9.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from cp_megatron import parallel_state
-from cp_megatron.attention.blocks import LocalAttention
+from cp_megatron.attention.blocks import attend_blocks
 from cp_megatron.attention.heuristic import AUTO, PASS_KV, PASS_Q, STRATEGIES, HeuristicDecision, choose_strategy
 from cp_megatron.attention.pass_kv import ring_pass_kv
+from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.pass_q import ring_pass_q
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.hardware import HardwareProfile, get_profile
@@ -153,47 +157,93 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
 
     if cp_size == 1:
-        start = time.perf_counter()
-        attn = LocalAttention(q, q_pos, q_seq, scale=scale, causal=causal)
-        attn.add(k, v, kv_pos, kv_seq)
-        out, lse = attn.out, attn.lse
-        if stats is not None:  # no ring: all of it is local attention
-            elapsed = time.perf_counter() - start
-            stats.compute_s += elapsed
-            stats.ring_s += elapsed
-            stats.calls += 1
+        layouts_q, layouts_kv = [(q_pos.cpu(), q_seq.cpu())], [(kv_pos.cpu(), kv_seq.cpu())]
+        plan = build_plan(PASS_KV if strategy == AUTO else strategy, 0, layouts_q, layouts_kv,
+                          causal=causal, scale=scale)
     else:
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         meta = _exchange_meta(group, cp_size, device, error, q, k, causal, strategy)
         if error is not None or bool(meta[:, 0].any()):
             _raise_everywhere(group, cp_size, error)
-        if bool((meta[:, 3:] != meta[cp_rank, 3:]).any()):  # every rank sees the same meta
-            rows = [tuple(r) for r in meta[:, 3:].tolist()]
-            common = max(rows, key=rows.count)  # the majority's (rank 0's on a tie)
-            odd = next(r for r, row in enumerate(rows) if row != common)
-            names = lambda row: (f"NH={row[0]}, NKV={row[1]}, DH={row[2]}, dtype={_DTYPES[row[3]]}, "
-                                 f"causal={bool(row[4] // 4)}, strategy={STRATEGIES[row[4] % 4]}")
-            raise ValueError(f"context_parallel_attention: CP rank {odd} has {names(rows[odd])} but CP rank "
-                             f"{rows.index(common)} has {names(common)}; NH, NKV, DH, dtype, causal and "
-                             "strategy must be the same on every CP rank")
-        tq_max, tkv_max = int(meta[:, 1].max()), int(meta[:, 2].max())
+        odd = _odd_ranks(meta[:, 3:].tolist())
+        if odd:
+            # Every rank holds the same meta, so every rank raises the same message.
+            raise ValueError("context_parallel_attention: NH, NKV, DH, dtype, causal and strategy "
+                             f"must be the same on every CP rank; CP rank(s) {odd} differ from the "
+                             f"others: [NH, NKV, DH, dtype, flags] per rank = {meta[:, 3:].tolist()}")
         if strategy == AUTO:
             total_q, total_kv = int(meta[:, 1].sum()), int(meta[:, 2].sum())
             strategy = decide_strategy(total_q, max(total_kv - total_q, 0), cp_size, q.shape[1],
                                        k.shape[1], q.dtype, hardware or default_hardware(q.device)).strategy
-        if tq_max == 0 or tkv_max == 0:
-            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        elif strategy == PASS_KV:
-            out, lse = ring_pass_kv(q, q_pos, q_seq, _pad(k, tkv_max, 0), _pad(v, tkv_max, 0),
-                                    _pad(kv_pos, tkv_max, 0), _pad(kv_seq, tkv_max, -1),
-                                    group=group, scale=scale, causal=causal, stats=stats)
-        else:
-            assert strategy == PASS_Q
-            tq = q.shape[0]
-            out, lse = ring_pass_q(_pad(q, tq_max, 0), _pad(q_pos, tq_max, 0), _pad(q_seq, tq_max, -1),
-                                   k, v, kv_pos, kv_seq, group=group, scale=scale, causal=causal,
-                                   stats=stats)
-            out, lse = out[:tq], lse[:tq]
-    out = out.to(q.dtype)
+        layouts_q = _gather_layout(group, cp_size, q_pos, q_seq, meta[:, 1].tolist())
+        layouts_kv = _gather_layout(group, cp_size, kv_pos, kv_seq, meta[:, 2].tolist())
+        plan = build_plan(strategy, cp_rank, layouts_q, layouts_kv, causal=causal, scale=scale)
+        if plan.strategy == PASS_KV and not plan.empty:
+            k, v = _pad(k, plan.kv_len, 0), _pad(v, plan.kv_len, 0)
+    out, lse = planned_attention(q, k, v, plan.to(q.device), group=group, stats=stats)
     return (out, lse) if return_lse else out
+
+
+def _odd_ranks(rows: list) -> list[int]:
+    """Ranks whose row differs from the most common row (rank 0's row on a tie)."""
+    counts = [rows.count(r) for r in rows]
+    reference = rows[max(range(len(rows)), key=lambda i: (counts[i], -i))]
+    return [i for i, r in enumerate(rows) if r != reference]
+
+
+def _gather_layout(group, size: int, pos: torch.Tensor, seq: torch.Tensor, lengths: list[int]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every rank's (positions, sequence ids), as host tensors, by one all_gather."""
+    longest = max(lengths)
+    if longest == 0:
+        return [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * size
+    mine = torch.stack([_pad(pos, longest, 0), _pad(seq, longest, -1)])        # [2, longest]
+    every = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(every, mine, group=group)
+    return [(t[0, :n].cpu(), t[1, :n].cpu()) for t, n in zip(every, lengths)]
+
+
+def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
+                      group=None, stats: Optional[RingStats] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention from the round's plan: kernels and the ring's P2P only.
+
+    Args:
+        q: ``[Tq, NH, DH]`` this rank's queries (``plan.num_queries`` rows).
+        k, v: ``[Tkv, NKV, DH]`` this rank's KV slots, at least ``plan.sent_kv_len`` of them
+            (pass-KV rotates the first ``plan.kv_len``: give it the cache's reserved
+            storage, a view, so nothing is padded or copied per layer).
+        plan: the round's :class:`AttentionPlan`, index tensors on q's device.
+        group: the CP group (size ``plan.cp_size``); None only for CP 1.
+        stats: opt-in timing accumulator.
+
+    Returns:
+        (out ``[Tq, NH, DH]`` in q's dtype, lse ``[Tq, NH]`` float32).  A query that sees
+        no key gets out 0 and lse -inf.
+
+    Communication: none for CP 1; N-1 ring exchanges for pass-KV; N-1 ring exchanges and
+    one all_to_all for pass-Q.  No host synchronization.
+
+    Source: arXiv 2411.01783 Alg. 2, Alg. 3, Alg. 4.
+    """
+    scale = plan.scale if plan.scale is not None else 1.0 / math.sqrt(q.shape[2])
+    tq = q.shape[0]
+    if plan.cp_size == 1 or plan.empty:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        if plan.cp_size == 1 and not plan.empty:
+            start = stats.mark(q.device) if stats is not None else None
+            attend_blocks(out, lse, q, k, v, plan.steps[0], scale)
+            if stats is not None:       # no ring: all of it is local attention
+                end = stats.mark(q.device)
+                stats.add("compute_s", start, end)
+                stats.add("ring_s", start, end)
+                stats.calls += 1
+    elif plan.strategy == PASS_KV:
+        out, lse = ring_pass_kv(q, k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
+                                stats=stats)
+    else:
+        assert plan.strategy == PASS_Q, plan.strategy
+        out, lse = ring_pass_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)
+        out, lse = out[:tq], lse[:tq]
+    return out.to(q.dtype), lse

@@ -1,22 +1,34 @@
 """The single adapter over local attention kernels that return the LSE.
 
-Every ring step computes attention of a query block against a KV block and needs the
-log-sum-exp of each query row to merge partials (Eq. 4).  This module hides which
-kernel does it:
+Every ring step attends a query block to a KV block and needs the log-sum-exp of each
+query row to merge partials (Eq. 4).  The round plan (plan.py) only ever asks for two
+kinds of block, so no kernel here is handed a mask:
 
-| device | kernel |
-|---|---|
-| CPU  | ``aten._scaled_dot_product_flash_attention_for_cpu`` (GQA native, LSE float32) |
-| CUDA | ``flash_attn.flash_attn_func(return_attn_probs=True)`` when flash-attn is installed and no mask is needed; otherwise ``aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True)`` |
+* a *plain* block: every query sees every key (Tq and Tkv arbitrary, decode: Tq = 1);
+* a *square causal* block: Tq == Tkv, the same positions on both sides (top-left).
 
-Optional imports (flash-attn) are guarded here and nowhere else.
+Which kernel runs:
 
-Source: DESIGN §4; flash-attn ``flash_attn_interface.py``; PyTorch ``aten/native/transformers``.
+| device | dtype, shape | kernel |
+|---|---|---|
+| CPU | plain block of at most 16 queries (decode) | :func:`math_attention` (2x faster than the flash kernel for one query against 4K keys) |
+| CPU | any other block | ``aten._scaled_dot_product_flash_attention_for_cpu`` (GQA native, LSE float32) |
+| CUDA | fp16 / bf16, flash-attn installed | ``flash_attn_func(..., return_attn_probs=True)`` (GQA native) |
+| CUDA | fp16 / bf16, DH % 8 == 0, DH <= 256 | ``aten._scaled_dot_product_flash_attention`` (GQA native) |
+| CUDA | float32, DH % 4 == 0 | ``aten._scaled_dot_product_efficient_attention``, no bias, KV heads expanded locally |
+| any | anything else (float64, odd DH) | :func:`math_attention` (matmul + logsumexp, GQA by reshape) |
+
+Kernel constraints honoured: causal is only requested for square blocks (flash-attn
+aligns causal masks bottom-right, aten's kernels top-left: identical when Tq == Tkv, and
+asserted); inputs are made contiguous in the last dimension; the efficient kernel's LSE
+is padded to a multiple of 32 rows and is sliced back.  On CUDA the aten kernels have
+not yet been run by this project on a GPU (see docs/performance.md, "GPU status").
+
+Source: docs/design.md §5; flash-attn ``flash_attn_interface.py``; PyTorch
+``aten/src/ATen/native/transformers/attention.cpp`` and ``sdp_utils.cpp``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -25,75 +37,119 @@ try:  # optional CUDA kernel; never required
 except Exception:  # ImportError, or a broken CUDA build of flash-attn
     _flash_attn_func = None
 
+_HALF = (torch.float16, torch.bfloat16)
+# On CPU, plain blocks with at most this many queries (decode tokens) use math_attention.
+CPU_MATH_MAX_QUERIES = 16
+
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                       is_causal: bool = False, mask: Optional[torch.Tensor] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query block against one KV block, with the LSE of each row.
 
     Args:
         q: ``[Tq, NH, DH]``; k, v: ``[Tkv, NKV, DH]``, NH a multiple of NKV, same dtype.
         scale: softmax scale (usually 1/sqrt(DH)).
-        is_causal: square causal block (Tq == Tkv, same positions): top-left aligned.
-        mask: optional bool ``[Tq, Tkv]``, True = visible (small/irregular blocks only).
+        is_causal: square causal block (Tq == Tkv, same positions): query i sees keys <= i.
 
     Returns:
         (out ``[Tq, NH, DH]`` in q's dtype, lse ``[Tq, NH]`` float32, natural log).
-        Rows that see no key get out 0 and lse -inf.
+
+    Raises:
+        ValueError: ``is_causal`` with Tq != Tkv (no kernel here agrees on that alignment).
     """
-    if is_causal and mask is not None:
-        raise ValueError("attention_with_lse: pass either is_causal or mask, not both")
-    if q.is_cuda:
-        return _cuda_attention(q, k, v, scale, is_causal, mask)
-    return _cpu_attention(q, k, v, scale, is_causal, mask)
+    if is_causal and q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention_with_lse: a causal block must be square, got Tq={q.shape[0]}, "
+                         f"Tkv={k.shape[0]}")
+    if not q.is_cuda:
+        if not is_causal and q.shape[0] <= CPU_MATH_MAX_QUERIES:
+            return math_attention(q, k, v, scale=scale)
+        return _cpu_attention(q, k, v, scale, is_causal)
+    dh = q.shape[2]
+    if q.dtype in _HALF and _flash_attn_func is not None:
+        return _flash_attn(q, k, v, scale, is_causal)
+    if q.dtype in _HALF and dh % 8 == 0 and dh <= 256:
+        return _aten_flash(q, k, v, scale, is_causal)
+    if q.dtype == torch.float32 and dh % 4 == 0:
+        return _aten_efficient(q, k, v, scale, is_causal)
+    return math_attention(q, k, v, scale=scale, is_causal=is_causal)
 
 
-def _fix_empty_rows(out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows whose mask has no True get (0, -inf): kernels report lse 0 or NaN there."""
-    if mask is None:
-        return out, lse
-    empty = ~mask.any(dim=1)                                      # [Tq]
-    if not bool(empty.any()):
-        return out, lse
-    out = out.masked_fill(empty[:, None, None], 0.0)
-    lse = lse.masked_fill(empty[:, None], float("-inf"))
-    return out, lse
+def kernel_name(device_type: str, dtype: torch.dtype, head_dim: int, num_queries: int = 1024,
+                is_causal: bool = False) -> str:
+    """The kernel :func:`attention_with_lse` uses for a device type, dtype, head dim and block."""
+    if device_type != "cuda":
+        if not is_causal and num_queries <= CPU_MATH_MAX_QUERIES:
+            return "math_attention"
+        return "aten._scaled_dot_product_flash_attention_for_cpu"
+    if dtype in _HALF and _flash_attn_func is not None:
+        return "flash_attn.flash_attn_func"
+    if dtype in _HALF and head_dim % 8 == 0 and head_dim <= 256:
+        return "aten._scaled_dot_product_flash_attention"
+    if dtype == torch.float32 and head_dim % 4 == 0:
+        return "aten._scaled_dot_product_efficient_attention"
+    return "math_attention"
 
 
-def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool [Tq, Tkv] -> additive [1, 1, Tq, Tkv] with 0 / -inf in the kernel's dtype."""
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask, float("-inf"))[None, None]
+def _bhsd(t: torch.Tensor) -> torch.Tensor:
+    """``[T, H, D]`` -> ``[1, H, T, D]`` (a view)."""
+    return t.transpose(0, 1).unsqueeze(0)
 
 
-def _cpu_attention(q, k, v, scale, is_causal, mask):
-    # aten wants [B, H, S, D]; [T, H, D] -> [1, H, T, D] is a view.
-    qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    attn_mask = None if mask is None else _additive_mask(mask, q.dtype)
+def _cpu_attention(q, k, v, scale, is_causal):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qb, kb, vb, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[:2]
-    out = out[0].transpose(0, 1)                                  # [Tq, NH, DH]
-    lse = lse[0].transpose(0, 1).float()                          # [Tq, NH]
-    return _fix_empty_rows(out, lse, mask)
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, is_causal, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
 
 
-def _cuda_attention(q, k, v, scale, is_causal, mask):
-    if _flash_attn_func is not None and mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn: [B, S, H, D]; GQA native; causal is bottom-right aligned, which equals
-        # top-left for the square blocks we pass.
-        out, lse, _ = _flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                       softmax_scale=scale, causal=is_causal,
-                                       return_attn_probs=True)
-        return out[0], lse[0].transpose(0, 1).float()
+def _flash_attn(q, k, v, scale, is_causal):
+    # flash-attn: [B, S, H, D], GQA native.  Causal is bottom-right aligned (flash-attn
+    # >= 2.1), which equals top-left for the square blocks checked above.
+    out, lse, _ = _flash_attn_func(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                   softmax_scale=scale, causal=is_causal, return_attn_probs=True)
+    return out[0], lse[0].transpose(0, 1).float()
+
+
+def _aten_flash(q, k, v, scale, is_causal):
+    # aten flash (FlashAttention-2 inside PyTorch): [B, H, S, D], fp16/bf16, DH <= 256 and
+    # a multiple of 8, KV heads may divide the query heads (GQA native, as SDPA's enable_gqa).
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        _bhsd(q.contiguous()), _bhsd(k.contiguous()), _bhsd(v.contiguous()), 0.0, is_causal,
+        False, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+def _aten_efficient(q, k, v, scale, is_causal):
     group = q.shape[1] // k.shape[1]
-    if group > 1:  # the efficient kernel has no GQA: expand locally (never before sending)
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    attn_bias = None if mask is None else _additive_mask(mask, q.dtype)
+    if group > 1:  # this kernel has no GQA: expand locally (never before sending)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        qb, kb, vb, attn_bias, True, 0.0, is_causal, scale=scale)[:2]
-    out = out[0].transpose(0, 1)
-    lse = lse[0, :, : q.shape[0]].transpose(0, 1).float()          # lse may be padded
-    return _fix_empty_rows(out, lse, mask)
+        _bhsd(q.contiguous()), _bhsd(k.contiguous()), _bhsd(v.contiguous()), None, True, 0.0,
+        is_causal, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse[0, :, : q.shape[0]].transpose(0, 1).float()
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch attention with LSE, valid on every device and dtype (float32 math;
+    float64 for float64 inputs).
+
+    GQA by reshaping the query heads into ``[NKV, group * Tq]`` (K/V never expanded).
+    Memory is ``NH * Tq * Tkv`` float32 scores: for small blocks only.
+
+    Args, Returns: as :func:`attention_with_lse`.
+    """
+    tq, nh, dh = q.shape
+    tkv, nkv = k.shape[0], k.shape[1]
+    group = nh // nkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.to(acc).reshape(tq, nkv, group, dh).permute(1, 2, 0, 3).reshape(nkv, group * tq, dh)
+    scores = torch.bmm(qg, k.to(acc).permute(1, 2, 0)) * scale        # [NKV, group*Tq, Tkv]
+    if is_causal:
+        rows = torch.arange(tq, device=q.device).repeat(group)          # query index per row
+        cols = torch.arange(tkv, device=q.device)
+        scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                # [NKV, group*Tq]
+    out = torch.bmm(torch.exp(scores - lse.unsqueeze(-1)), v.to(acc).transpose(0, 1))
+    out = out.reshape(nkv, group, tq, dh).permute(2, 0, 1, 3).reshape(tq, nh, dh)
+    lse = lse.reshape(nkv, group, tq).permute(2, 0, 1).reshape(tq, nh)
+    return out.to(q.dtype), lse.float()

@@ -56,17 +56,13 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
         lse: ``[*rows]`` partial LSE (-inf where the partial saw no key).
     """
     lse = lse.float()
-    if bool(torch.isneginf(acc_lse).all()):      # first partial: nothing to weigh against
-        acc_out.copy_(out)
-        acc_lse.copy_(lse)
-        return
+    # No host sync: no "is the accumulator empty" test; exp(-inf - m) = 0 does the work.
     m = torch.maximum(acc_lse, lse)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w_acc, w_new = torch.exp(acc_lse - m_safe), torch.exp(lse - m_safe)   # exponents <= 0
     denom = w_acc + w_new
     has_keys = denom > 0
-    scale_acc = torch.where(has_keys, w_acc / denom.clamp_min(1e-30), torch.zeros_like(denom))
-    scale_new = torch.where(has_keys, w_new / denom.clamp_min(1e-30), torch.zeros_like(denom))
-    acc_out.mul_(scale_acc.unsqueeze(-1)).add_(out.float() * scale_new.unsqueeze(-1))
+    inv = torch.where(has_keys, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    acc_out.mul_((w_acc * inv).unsqueeze(-1)).add_(out.float() * (w_new * inv).unsqueeze(-1))
     acc_lse.copy_(torch.where(has_keys, m_safe + torch.log(denom.clamp_min(1e-30)),
                               torch.full_like(m, NEG_INF)))

@@ -1,9 +1,9 @@
 """Ring pass-KV: KV blocks rotate, queries stay (Alg. 2).
 
 Each rank keeps its queries and, over N steps, attends them to every rank's KV block
-as it passes by, merging partials online by LSE.  N-1 transfers of
-``[2, Tkv, NKV, DH]`` (K and V with their NKV heads: GQA is never expanded before
-sending) plus positions; no collective at the end.
+as it passes by, merging partials online by LSE.  N-1 transfers of K and V
+``[Tkv, NKV, DH]`` each (with their NKV heads: GQA is never expanded before sending);
+positions do not travel, the round plan already knows them; no collective at the end.
 
 Source: arXiv 2411.01783 §3.5.1, Alg. 2.
 """
@@ -12,34 +12,33 @@ from __future__ import annotations
 
 import torch
 
-from cp_megatron.attention.blocks import LocalAttention
+from cp_megatron.attention.blocks import attend_blocks
+from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats, ring_loop
 
 
-def ring_pass_kv(q: torch.Tensor, q_pos: torch.Tensor, q_seq: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor, kv_pos: torch.Tensor, kv_seq: torch.Tensor,
-                 *, group, scale: float, causal: bool, stats: RingStats | None = None
+def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
+                 group, scale: float, stats: RingStats | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel attention by rotating KV.
 
     Args:
-        q: ``[Tq, NH, DH]`` this rank's queries (any Tq); q_pos / q_seq int64 ``[Tq]``.
-        k, v: ``[Tkv, NKV, DH]`` this rank's keys/values, padded to the same Tkv on
-            every rank; kv_pos / kv_seq int64 ``[Tkv]``, seq -1 on padding.
+        q: ``[Tq, NH, DH]`` this rank's queries.
+        k, v: ``[plan.kv_len, NKV, DH]`` this rank's KV slots, padded to the same length on
+            every rank (slots past this rank's valid ones are in no block; a view of the
+            cache's reserved storage, so nothing is copied).
+        plan: the round's plan (strategy pass-KV).
         group: CP process group (size >= 2).
-        scale: softmax scale; causal: pos(j) <= pos(i) rule.
-        stats: optional timing accumulator.
+        scale: softmax scale; stats: optional timing accumulator.
 
     Returns:
         (out ``[Tq, NH, DH]`` float32, lse ``[Tq, NH]`` float32).
     """
-    attn = LocalAttention(q, q_pos, q_seq, scale=scale, causal=causal)
-    kv = torch.stack([k, v])                                      # [2, Tkv, NKV, DH]
-    meta = torch.stack([kv_pos, kv_seq]).to(device=k.device, dtype=torch.long)  # [2, Tkv]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
 
-    def step(_src: int, blocks) -> None:
-        kv_block, meta_block = blocks
-        attn.add(kv_block[0], kv_block[1], meta_block[0], meta_block[1])
+    def step(s: int, blocks) -> None:
+        attend_blocks(out, lse, q, blocks[0], blocks[1], plan.steps[s], scale)
 
-    ring_loop(group, (kv, meta), step, stats)
-    return attn.out, attn.lse
+    ring_loop(group, (k, v), step, stats)
+    return out, lse

@@ -1,6 +1,6 @@
 """Float64 reference attention on unsharded inputs, for tests only.
 
-Applies the visibility rule of DESIGN §3 directly: kv token j is visible to query
+Applies the visibility rule of docs/design.md §2 directly: kv token j is visible to query
 token i iff seq(j) == seq(i) and (not causal or pos(j) <= pos(i)).  Loops over heads
 so a [T, T] float64 score matrix is the largest temporary.
 """

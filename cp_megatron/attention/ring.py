@@ -13,7 +13,7 @@ ring-flash-attention's ``RingComm`` (post -> commit -> wait).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +24,12 @@ from cp_megatron.parallel_state import ring_neighbours
 
 @dataclass
 class RingStats:
-    """Timings of ring attention calls, accumulated (seconds, bytes).
+    """Opt-in timings of ring attention calls, accumulated (seconds, bytes).
+
+    Timing is off unless a caller passes a RingStats (the engine does with
+    ``profile=True``).  Intervals are recorded as marks -- ``time.perf_counter()`` on CPU,
+    recorded CUDA events on a GPU -- and summed by :meth:`resolve` once per round, so
+    even a profiled round synchronizes with the device once, at its end.
 
     Attributes:
         ring_s: wall time inside ring loops (compute + exposed communication).
@@ -41,19 +46,42 @@ class RingStats:
     all_to_all_s: float = 0.0
     sent_bytes: int = 0
     calls: int = 0
+    _pending: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def exposed_comm_s(self) -> float:
         """Ring time not spent in local attention (Alg. 2's exposed communication)."""
         return self.ring_s - self.compute_s
 
+    @staticmethod
+    def mark(device: torch.device):
+        """A point in time on ``device``'s stream: a recorded CUDA event, or a host clock."""
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, name: str, start, end) -> None:
+        """Count the interval ``start`` -> ``end`` (two marks) into field ``name``: at once
+        for host clocks, at :meth:`resolve` for CUDA events."""
+        if isinstance(start, float):
+            setattr(self, name, getattr(self, name) + end - start)
+        else:
+            self._pending.append((name, start, end))
+
+    def resolve(self) -> "RingStats":
+        """Sum the recorded intervals into the fields (one device sync on CUDA)."""
+        for name, start, end in self._pending:
+            end.synchronize()
+            setattr(self, name, getattr(self, name) + start.elapsed_time(end) / 1000.0)
+        self._pending.clear()
+        return self
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "exposed_comm_s": self.exposed_comm_s}
-
-
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
+        self.resolve()
+        return {**{k: v for k, v in asdict(self).items() if not k.startswith("_")},
+                "exposed_comm_s": self.exposed_comm_s}
 
 
 class RingComm:
@@ -95,40 +123,40 @@ class RingComm:
 def ring_loop(group, blocks: Sequence[torch.Tensor],
               compute: Callable[[int, Sequence[torch.Tensor]], None],
               stats: RingStats | None = None) -> None:
-    """Rotate ``blocks`` around the ring; call ``compute(src_rank, blocks_in_hand)`` N times.
+    """Rotate ``blocks`` around the ring; call ``compute(step, blocks_in_hand)`` N times.
 
     Args:
         group: the CP process group (size N >= 2).
         blocks: tensors of identical shapes on every rank (pad to the longest).
-        compute: called with the group rank that owns the blocks in hand
-            (step s on rank r holds rank (r - s) mod N's blocks) and those blocks.
-        stats: optional accumulator of timings and bytes.
+        compute: called with the step s and the blocks in hand; step s on rank r holds
+            rank (r - s) mod N's blocks.
+        stats: optional (opt-in) accumulator of timings and bytes.
 
     The caller's tensors are sent but never overwritten: receives go to two buffers
-    that alternate (double buffering).
+    that alternate (double buffering).  Communication: N-1 ``batch_isend_irecv``, nothing
+    else; no host synchronization.
     """
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    size = dist.get_world_size(group)
     comm = RingComm(group)
     buffers = [[torch.empty_like(b) for b in blocks], [torch.empty_like(b) for b in blocks]]
     in_hand = list(blocks)
-    start = time.perf_counter()
+    device = blocks[0].device
+    start = stats.mark(device) if stats is not None else None
     for step in range(size):
         last = step == size - 1
         if not last:
             recv = [comm.send_recv(b, buf) for b, buf in zip(in_hand, buffers[step % 2])]
             comm.commit()
-        t0 = time.perf_counter()
-        compute((rank - step) % size, in_hand)
-        if stats is not None:
-            _sync(in_hand[0])
-            stats.compute_s += time.perf_counter() - t0
+        t0 = stats.mark(device) if stats is not None else None
+        compute(step, in_hand)
+        t1 = stats.mark(device) if stats is not None else None
         if not last:
-            t1 = time.perf_counter()
             comm.wait()
-            if stats is not None:
-                stats.wait_s += time.perf_counter() - t1
             in_hand = recv
+        if stats is not None:
+            stats.add("compute_s", t0, t1)
+            stats.add("wait_s", t1, stats.mark(device))
     if stats is not None:
-        stats.ring_s += time.perf_counter() - start
+        stats.add("ring_s", start, stats.mark(device))
         stats.sent_bytes += comm.sent_bytes
         stats.calls += 1

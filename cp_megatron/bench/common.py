@@ -7,7 +7,7 @@ a job waits (sleeping) until the previous entry of the schedule is marked done, 
 round, and marks it done.  Process start-up, imports and weight loading are never timed,
 and no timed round shares the cores with another job's work.
 
-Source: DESIGN §9 (benchmark results with plots live in docs/).
+Source: docs/design.md §13 (benchmark results with plots live in docs/).
 """
 
 from __future__ import annotations
@@ -279,4 +279,4 @@ def dummy_engine(preset: str, seed: int, topo, *, strategy: str = "auto", kv_cap
     from cp_megatron.model.weights import DummyReader
 
     return build_engine(DummyReader(get_preset(preset), seed=seed), topo, strategy=strategy,
-                        kv_capacity=kv_capacity)
+                        kv_capacity=kv_capacity, profile=True)

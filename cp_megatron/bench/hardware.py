@@ -20,7 +20,7 @@ as its own node: CP and TP both go over loopback) and ``memory_bytes`` is the ma
 It measures CPU ranks on gloo only; for GPUs use a shipped profile (``h100-rdma``, ``h200``
 ...) or write the JSON by hand (CUDA / NCCL measurement is not implemented).
 
-Source: DESIGN §7 (C and BW are configuration, defaults measured or given per profile), §8.
+Source: docs/design.md §8 (C and BW are configuration, defaults measured or given per profile), §13.
 """
 
 from __future__ import annotations

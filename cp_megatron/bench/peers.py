@@ -12,7 +12,7 @@ the two compute the same thing.
 
 transformers (and accelerate) are test extras: imported lazily, with a clear error.
 
-Source: arXiv 2411.01783 §4 (TTFT); DESIGN §10 (transformers is the model oracle).
+Source: arXiv 2411.01783 §4 (TTFT); docs/design.md §14 (transformers is the model oracle).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _ours_job(turns, cfg, prep, ids: list[int], repeats: int) -> dict:
     topo = parallel_state.initialize(tp=1, cp=1, pp=1)
     with turn(turns, "ours/setup"):
         engine = build_engine(open_reader(cfg), topo, dtype=getattr(torch, cfg.model.dtype),
-                              strategy=cfg.attention.strategy, kv_capacity=len(ids))
+                              strategy=cfg.attention.strategy, kv_capacity=len(ids),
+                              profile=True)
     samples, logits = [], None
     for key in ["warmup"] + list(range(repeats)):
         with turn(turns, f"ours/{key}"):

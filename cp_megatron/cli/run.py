@@ -231,6 +231,8 @@ def add_parser(subparsers) -> None:
                    help="override a config field, e.g. --set parallel.cp=4 (repeatable); string fields "
                         "take the text verbatim, relative paths resolve from the working directory")
     p.add_argument("--output", help="write the result (text, token_ids, turns, rounds) as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="time ring attention per round (same as --set runtime.profile=true)")
     p.set_defaults(func=run_command)
 
 
@@ -248,7 +250,7 @@ def run_command(args) -> int:
             print(f"cp-megatron: --output {args.output}: {problem}", file=sys.stderr)
             return 2
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["runtime.profile=true"] if args.profile else []))
         result = run(cfg)
     except ConfigError as exc:
         print(f"cp-megatron: config error: {exc}", file=sys.stderr)

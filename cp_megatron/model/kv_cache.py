@@ -2,9 +2,18 @@
 
 Each CP rank keeps the K/V of the tokens it was given (load-balanced prefill chunks,
 round-robin decode tokens), for the layers of its pipeline stage and the KV heads of
-its TP rank, with the global position and sequence id of each token.  The cache stays
-sharded across turns: a new turn's partial prefill only appends (§3.5.1); nothing is
-ever gathered.  Token order inside the cache is arbitrary; positions say everything.
+its TP rank.  The cache stays sharded across turns: a new turn's partial prefill only
+appends (§3.5.1); nothing is ever gathered.  Token order inside the cache is arbitrary;
+positions say everything.
+
+Two halves (docs/design.md §10):
+
+* :class:`KVLayout` -- host-side bookkeeping: the global position and sequence id of
+  every slot.  The engine keeps one per CP rank (placement is deterministic), so it plans
+  a round without asking any rank and without reading the device.
+* :class:`KVCache` -- device storage ``[capacity, NKV_local, DH]`` per layer, reserved up
+  front (prompt + generation budget) so a long prefill allocates once; the ring sends a
+  view of it (no per-layer copy for padding).
 
 Source: arXiv 2411.01783 §3.5 (persistent KV cache, multi-turn partial prefill).
 """
@@ -14,92 +23,159 @@ from __future__ import annotations
 import torch
 
 
+class KVLayout:
+    """Positions and sequence ids of one rank's cache slots, on the host.
+
+    Shapes: :attr:`positions`, :attr:`seq_ids` int64 ``[num_tokens]`` (CPU).
+    """
+
+    def __init__(self) -> None:
+        self._pos = torch.zeros(0, dtype=torch.long)
+        self._seq = torch.zeros(0, dtype=torch.long)
+        self.num_tokens = 0
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._pos[: self.num_tokens]
+
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        return self._seq[: self.num_tokens]
+
+    def append(self, positions: torch.Tensor, seq_ids: torch.Tensor) -> None:
+        """Add slots for new tokens (int64 ``[T]`` host tensors), growing by doubling."""
+        t = int(positions.numel())
+        need = self.num_tokens + t
+        if need > self._pos.numel():
+            size = max(need, 2 * self._pos.numel())
+            self._pos = torch.cat([self._pos[: self.num_tokens], torch.zeros(size - self.num_tokens, dtype=torch.long)])
+            self._seq = torch.cat([self._seq[: self.num_tokens], torch.full((size - self.num_tokens,), -1, dtype=torch.long)])
+        self._pos[self.num_tokens: need] = positions
+        self._seq[self.num_tokens: need] = seq_ids
+        self.num_tokens = need
+
+    def tokens_of(self, seq_id: int) -> int:
+        """Slots of sequence ``seq_id``."""
+        return int((self.seq_ids == seq_id).sum())
+
+    def truncate(self, seq_id: int, length: int) -> torch.Tensor | None:
+        """Drop slots of ``seq_id`` at positions >= ``length``, compacting.
+
+        Returns:
+            int64 ``[kept]`` host indices of the kept slots (old numbering), or None when
+            nothing was dropped.
+        """
+        keep = (self.seq_ids != seq_id) | (self.positions < length)
+        if bool(keep.all()):
+            return None
+        idx = torch.nonzero(keep).flatten()
+        m = int(idx.numel())
+        self._pos[:m], self._seq[:m] = self.positions[idx], self.seq_ids[idx]
+        self.num_tokens = m
+        return idx
+
+    def clear(self) -> None:
+        self.num_tokens = 0
+
+
 class KVCache:
-    """K/V storage for ``num_layers`` layers of one rank.
+    """K/V storage for ``num_layers`` layers of one rank, with its :class:`KVLayout`.
 
     Args:
         num_layers: layers of this pipeline stage.
         num_kv_heads: KV heads of this TP rank (NKV / tp).
         head_dim: DH.
         dtype, device: storage dtype and device.
-        capacity: tokens to reserve up front (grows by doubling when exceeded).
+        capacity: slots (tokens) to reserve up front; past it the storage grows (by
+            doubling, which copies: reserve enough).
 
-    Shapes: ``k[layer]``, ``v[layer]``: ``[capacity, NKV_local, DH]``; ``positions``,
-    ``seq_ids``: int64 ``[capacity]``; the first :attr:`num_tokens` entries are valid.
+    Shapes: ``k[layer]``, ``v[layer]``: ``[capacity, NKV_local, DH]``; the first
+    ``layout.num_tokens`` slots are valid, later ones are zero padding that the round
+    plan never reads.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 0) -> None:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.num_tokens = 0
+        self.layout = KVLayout()
         self._round_start = 0
-        self._alloc(max(capacity, 0))
+        self.allocations = 0          # storage (re)allocations so far (1 when reserved well)
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        if capacity > 0:
+            self._alloc(capacity)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
 
     def _alloc(self, capacity: int) -> None:
         shape = (capacity, self.num_kv_heads, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_pos = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        new_seq = torch.full((capacity,), -1, dtype=torch.long, device=self.device)
-        n = self.num_tokens
-        if n:
-            for layer in range(self.num_layers):
-                new_k[layer][:n] = self.k[layer][:n]
-                new_v[layer][:n] = self.v[layer][:n]
-            new_pos[:n], new_seq[:n] = self.positions[:n], self.seq_ids[:n]
-        self.k, self.v, self.positions, self.seq_ids = new_k, new_v, new_pos, new_seq
-        self.capacity = capacity
+        n = self.layout.num_tokens
+        new_k, new_v = [], []
+        for layer in range(self.num_layers):
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if n:
+                k[:n], v[:n] = self.k[layer][:n], self.v[layer][:n]
+            new_k.append(k)
+            new_v.append(v)
+        self.k, self.v, self.capacity = new_k, new_v, capacity
+        self.allocations += 1
 
-    def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor) -> None:
-        """Reserve slots for this round's tokens (int64 ``[T]`` positions and sequence ids)."""
-        t = int(positions.numel())
-        needed = self.num_tokens + t
-        if needed > self.capacity:
-            self._alloc(max(needed, 2 * self.capacity))
-        self._round_start = self.num_tokens
-        self.positions[self._round_start:needed] = positions
-        self.seq_ids[self._round_start:needed] = seq_ids
-        self.num_tokens = needed
+    def reserve(self, capacity: int) -> None:
+        """Make room for at least ``capacity`` slots (doubling if it must grow)."""
+        if capacity > self.capacity:
+            self._alloc(max(capacity, 2 * self.capacity))
+
+    def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor, *, min_capacity: int = 0) -> None:
+        """Add this round's slots (int64 host ``[T]`` positions and sequence ids) and make the
+        storage at least ``min_capacity`` slots long (the ring's padded block)."""
+        self._round_start = self.layout.num_tokens
+        self.reserve(max(self._round_start + int(positions.numel()), min_capacity))
+        self.layout.append(positions, seq_ids)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this round's K/V ``[T, NKV_local, DH]`` of ``layer`` into the reserved slots."""
-        a, b = self._round_start, self.num_tokens
+        """Write this round's K/V ``[T, NKV_local, DH]`` of ``layer`` into its slots."""
+        a, b = self._round_start, self.layout.num_tokens
         if k.shape[0] != b - a:
             raise ValueError(f"KVCache.store: layer {layer} got {k.shape[0]} tokens, round reserved {b - a}")
         self.k[layer][a:b] = k
         self.v[layer][a:b] = v
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, v ``[n, NKV_local, DH]``, positions, seq_ids ``[n]``) of all cached tokens."""
-        n = self.num_tokens
-        return self.k[layer][:n], self.v[layer][:n], self.positions[:n], self.seq_ids[:n]
+    def layer(self, layer: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``[length, NKV_local, DH]`` of K and V storage (default: the valid slots)."""
+        n = self.layout.num_tokens if length is None else length
+        return self.k[layer][:n], self.v[layer][:n]
 
     def tokens_of(self, seq_id: int) -> int:
         """Tokens of sequence ``seq_id`` held by this rank."""
-        return int((self.seq_ids[: self.num_tokens] == seq_id).sum())
+        return self.layout.tokens_of(seq_id)
 
     def nbytes(self) -> int:
         """Bytes of valid K/V held (all layers, K and V), excluding spare capacity."""
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return self.num_tokens * per_token
+        return self.layout.num_tokens * per_token
+
+    def reserved_bytes(self) -> int:
+        """Bytes of K/V storage allocated (capacity, all layers, K and V)."""
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return self.capacity * per_token
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Drop the tokens of sequence ``seq_id`` at positions >= ``length`` (compacting)."""
-        n = self.num_tokens
-        keep = (self.seq_ids[:n] != seq_id) | (self.positions[:n] < length)
-        if bool(keep.all()):
+        idx = self.layout.truncate(seq_id, length)
+        if idx is None:
             return
-        idx = torch.nonzero(keep).flatten()
         m = int(idx.numel())
+        dev_idx = idx.to(self.device)
         for layer in range(self.num_layers):
-            self.k[layer][:m] = self.k[layer][:n].index_select(0, idx)
-            self.v[layer][:m] = self.v[layer][:n].index_select(0, idx)
-        self.positions[:m] = self.positions[:n].index_select(0, idx)
-        self.seq_ids[:m] = self.seq_ids[:n].index_select(0, idx)
-        self.seq_ids[m:n] = -1
-        self.num_tokens = self._round_start = m
+            self.k[layer][:m] = self.k[layer].index_select(0, dev_idx)
+            self.v[layer][:m] = self.v[layer].index_select(0, dev_idx)
+        self._round_start = m
 
     def clear(self) -> None:
-        self.num_tokens = 0
+        self.layout.clear()
         self._round_start = 0

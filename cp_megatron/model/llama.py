@@ -3,8 +3,9 @@
 Tokens are packed without a batch dimension: ``hidden [T, D]`` holds this rank's T
 tokens of any number of sequences, each with its global position and sequence id.
 TP uses megatron-core's column / row parallel linear layers and vocab-parallel
-embedding; attention goes through :func:`context_parallel_attention` over the CP
-group with this round's K/V appended to the sharded :class:`KVCache` first.  PP stages
+embedding; attention stores this round's K/V in the sharded :class:`KVCache`, then runs
+:func:`planned_attention` over the CP group with the round's plan, which the engine built
+once: a layer does device work and the ring's communication only.  PP stages
 hold a contiguous range of layers; the engine passes activations between stages.
 
     embed -> [RMSNorm -> GQA attention (RoPE at global positions) -> +res
@@ -24,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cp_megatron.attention import context_parallel_attention
+from cp_megatron.attention.api import planned_attention
+from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
-from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.rope import apply_rope, inv_frequencies, rope_cos_sin
@@ -90,15 +91,14 @@ class RMSNorm(nn.Module):
 
 
 class RoundContext:
-    """What every layer of one forward round shares: token positions, cos/sin, the cache,
-    the ring variant and the statistics accumulator."""
+    """What every layer of one forward round shares: cos/sin of the tokens' global
+    positions, the cache, the round's attention plan, the CP group and the (opt-in)
+    timing accumulator."""
 
-    def __init__(self, positions: torch.Tensor, seq_ids: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, kv_cache: KVCache, strategy: str, cp_group,
-                 hardware: Optional[HardwareProfile], stats: Optional[RingStats]) -> None:
-        self.positions, self.seq_ids, self.cos, self.sin = positions, seq_ids, cos, sin
-        self.kv_cache, self.strategy, self.cp_group = kv_cache, strategy, cp_group
-        self.hardware, self.stats = hardware, stats
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan,
+                 cp_group, stats: Optional[RingStats]) -> None:
+        self.cos, self.sin, self.kv_cache, self.plan = cos, sin, kv_cache, plan
+        self.cp_group, self.stats = cp_group, stats
 
 
 class Attention(nn.Module):
@@ -126,10 +126,8 @@ class Attention(nn.Module):
         v = self.v_proj(x)[0].view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         ctx.kv_cache.store(self.layer, k, v)
-        k_all, v_all, kv_pos, kv_seq = ctx.kv_cache.layer(self.layer)
-        out = context_parallel_attention(q, k_all, v_all, ctx.positions, kv_pos, q_seq=ctx.seq_ids,
-                                         kv_seq=kv_seq, strategy=ctx.strategy, group=ctx.cp_group,
-                                         hardware=ctx.hardware, stats=ctx.stats)
+        k_all, v_all = ctx.kv_cache.layer(self.layer, ctx.plan.sent_kv_len)     # views
+        out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))[0]
 
 
@@ -212,19 +210,19 @@ class LlamaStage(nn.Module):
         return KVCache(self.num_local_layers, self.config.num_kv_heads // self.layout.tp_size,
                        self.config.head_dim, dtype=self.dtype, device=self.device, capacity=capacity)
 
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
-                kv_cache: KVCache, *, strategy: str = "auto", cp_group=None,
-                hardware: Optional[HardwareProfile] = None, stats: Optional[RingStats] = None,
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                plan: AttentionPlan, *, cp_group=None, stats: Optional[RingStats] = None,
                 logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run this stage on this rank's tokens of one round.
 
         Args:
             inputs: token ids int64 ``[T]`` on the first stage, else hidden ``[T, D]``.
-            positions, seq_ids: int64 ``[T]`` global positions and sequence ids.
-            kv_cache: this rank's cache; this round's K/V are appended to it.
-            strategy: "auto", "pass-kv" or "pass-q" (same on every CP rank).
-            cp_group: the CP group (None: parallel state's).
-            hardware, stats: heuristic constants and ring timings (see the attention API).
+            positions: int64 ``[T]`` global positions (on the stage's device).
+            kv_cache: this rank's cache, with this round's slots already added
+                (:meth:`KVCache.begin_round`); each layer stores its K/V there.
+            plan: the round's :class:`AttentionPlan` (index tensors on the device).
+            cp_group: the CP group (None for CP 1).
+            stats: opt-in ring timings.
             logits_index: int64 ``[n]`` token rows whose logits the last stage returns
                 (default all).
 
@@ -232,9 +230,8 @@ class LlamaStage(nn.Module):
             last stage: logits ``[n, vocab]`` float32, gathered over TP; other stages:
             hidden ``[T, D]`` for the next stage.
         """
-        kv_cache.begin_round(positions, seq_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
-        ctx = RoundContext(positions, seq_ids, cos, sin, kv_cache, strategy, cp_group, hardware, stats)
+        ctx = RoundContext(cos, sin, kv_cache, plan, cp_group, stats)
         x = self.embed_tokens(inputs) if self.layout.is_first else inputs                  # [T, D]
         for layer in self.layers.values():
             x = layer(x, ctx)

@@ -1,0 +1,238 @@
+"""The attention plan of one round: built once on the host, read by every layer.
+
+Every layer of a round attends the same query tokens to the same KV slots (only the
+values differ), so everything that depends on positions alone is decided once per round
+(docs/design.md §9): the ring variant, the padded length of the rotating block, and for
+each ring step the list of kernel calls (*blocks*) that attend the queries in hand to the
+KV in hand.  A layer then does device work and the ring's P2P only: no host transfer,
+no shape exchange, no mask built.  This is vLLM's per-step ``AttentionMetadata`` idea.
+
+Visibility comes from positions and sequence ids alone (docs/design.md §2):
+
+    kv token j is visible to query token i  <=>  seq(j) == seq(i) and pos(j) <= pos(i)
+
+Queries are grouped into *runs* (one sequence, consecutive positions).  For a run with
+positions [qa, qb] the KV slots of its sequence split into
+
+* pos < qa             -> every query sees every key: one plain (non-causal) block;
+* qa <= pos <= qb      -> the diagonal, cut into runs of consecutive positions [x, y]:
+                          queries [x, y] against it form a square causal block, queries
+                          (y, qb] see all of it (plain block), queries before x none;
+* pos > qb             -> invisible: no block.
+
+So no block ever needs an explicit mask, whatever the placement (load-balanced chunks,
+round-robin decode tokens, uneven caches, several sequences): kernels see only plain or
+square causal blocks.  A decode token is a run of one query: one plain block over the
+KV slots of its sequence.  Padding slots (sequence id < 0) are in no block.
+
+Source: arXiv 2411.01783 §3.3–3.5 (sharding, ring variants, decode); docs/design.md §2, §4, §9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from cp_megatron.attention.heuristic import PASS_KV, PASS_Q
+
+KVIndex = Union[slice, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Rows ``[start, stop)`` of a block: one sequence, consecutive positions from ``pos``."""
+
+    start: int
+    stop: int
+    seq: int
+    pos: int
+
+    @property
+    def last_pos(self) -> int:
+        return self.pos + self.stop - self.start - 1
+
+
+def find_runs(pos: torch.Tensor, seq: torch.Tensor) -> list[Run]:
+    """Maximal runs of consecutive positions within one sequence; padding (seq < 0) dropped.
+
+    Args:
+        pos: int64 ``[T]`` global positions (host tensor).
+        seq: int64 ``[T]`` sequence ids (host tensor), negative for padding.
+    """
+    n = pos.numel()
+    if n == 0:
+        return []
+    breaks = (seq[1:] != seq[:-1]) | (pos[1:] != pos[:-1] + 1)
+    starts = [0] + (torch.nonzero(breaks).flatten() + 1).tolist()
+    stops = starts[1:] + [n]
+    pos_l, seq_l = pos.tolist(), seq.tolist()
+    return [Run(a, b, seq_l[a], pos_l[a]) for a, b in zip(starts, stops) if seq_l[a] >= 0]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: query rows ``[q0, q1)`` of the block in hand against KV slots ``kv``.
+
+    Attributes:
+        q0, q1: query rows (contiguous) of the query block in hand.
+        kv: KV slots of the KV block in hand: a ``slice`` (a view, no copy) or an int64
+            index tensor (gathered with ``index_select``), on the plan's device.
+        causal: square block with the same positions on both sides (q1 - q0 == KV slots,
+            ascending positions): top-left causal.  Otherwise every query sees every key.
+    """
+
+    q0: int
+    q1: int
+    kv: KVIndex
+    causal: bool = False
+
+    def to(self, device: torch.device) -> "Block":
+        if isinstance(self.kv, slice):
+            return self
+        return Block(self.q0, self.q1, self.kv.to(device, non_blocking=True), self.causal)
+
+
+def _as_index(idx: torch.Tensor) -> KVIndex:
+    """A slice when ``idx`` (host, ascending) is one contiguous range, else the tensor."""
+    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx.clone()
+
+
+def plan_blocks(q_pos: torch.Tensor, q_seq: torch.Tensor, kv_pos: torch.Tensor,
+                kv_seq: torch.Tensor, *, causal: bool = True) -> list[Block]:
+    """The blocks that attend queries (q_pos, q_seq) to KV slots (kv_pos, kv_seq) exactly.
+
+    Args:
+        q_pos, q_seq: int64 ``[Tq]`` host tensors, seq < 0 for padding rows.
+        kv_pos, kv_seq: int64 ``[Tkv]`` host tensors, seq < 0 for padding slots.
+        causal: apply pos(j) <= pos(i); otherwise only the sequences must match.
+
+    Returns:
+        Blocks (host index tensors) whose LSE-merge (Eq. 4) is the exact attention of
+        every query row; rows that see no key are in no block.
+    """
+    blocks: list[Block] = []
+    for run in find_runs(q_pos, q_seq):
+        in_seq = kv_seq == run.seq
+        if not causal:
+            idx = torch.nonzero(in_seq).flatten()
+            if idx.numel():
+                blocks.append(Block(run.start, run.stop, _as_index(idx)))
+            continue
+        qa, qb = run.pos, run.last_pos
+        if qa == qb:     # one query (a decode token): every key up to it, one plain block
+            idx = torch.nonzero(in_seq & (kv_pos <= qa)).flatten()
+            if idx.numel():
+                blocks.append(Block(run.start, run.stop, _as_index(idx)))
+            continue
+        before = torch.nonzero(in_seq & (kv_pos < qa)).flatten()
+        if before.numel():
+            blocks.append(Block(run.start, run.stop, _as_index(before)))
+        diag = torch.nonzero(in_seq & (kv_pos >= qa) & (kv_pos <= qb)).flatten()
+        if diag.numel() == 0:
+            continue
+        diag = diag[torch.argsort(kv_pos[diag], stable=True)]
+        for kr in find_runs(kv_pos[diag], torch.zeros_like(diag)):
+            idx = diag[kr.start: kr.stop]
+            q0 = run.start + (kr.pos - qa)                          # the query at position x
+            q1 = run.start + (kr.last_pos - qa) + 1                 # one past position y
+            blocks.append(Block(q0, q1, _as_index(idx), causal=q1 - q0 > 1))
+            if q1 < run.stop:
+                blocks.append(Block(q1, run.stop, _as_index(idx)))
+    return blocks
+
+
+@dataclass
+class AttentionPlan:
+    """What every layer of one round needs to run ring attention, decided once.
+
+    Attributes:
+        strategy: "pass-kv" or "pass-q" (docs/design.md §7).
+        cp_rank, cp_size: this rank and N.
+        num_queries: this rank's query rows (Tq).
+        q_len: pass-Q's rotating query block length: max Tq over ranks (padding rows
+            are in no block).
+        kv_len: pass-KV's rotating KV block length: max Tkv over ranks.  The caller
+            passes KV with at least this many slots (cache storage is reserved that
+            large, so the padded block is a view).
+        local_kv_len: this rank's valid KV slots.
+        steps: ``steps[s]`` are the blocks of ring step s, which holds rank
+            ``(cp_rank - s) % N``'s rotating block: pass-KV: local queries against that
+            rank's KV; pass-Q: that rank's queries against the local KV.
+        causal, scale: the visibility rule and the softmax scale.
+    """
+
+    strategy: str
+    cp_rank: int
+    cp_size: int
+    num_queries: int
+    q_len: int
+    kv_len: int
+    local_kv_len: int
+    steps: list[list[Block]] = field(default_factory=list)
+    causal: bool = True
+    scale: Optional[float] = None
+
+    @property
+    def empty(self) -> bool:
+        """No rank has a query or no rank has a key: the output is (0, -inf), no ring."""
+        return self.q_len == 0 or self.kv_len == 0
+
+    @property
+    def sent_kv_len(self) -> int:
+        """KV slots the layer must provide: the padded ring block (pass-KV) or its own."""
+        return self.kv_len if self.strategy == PASS_KV and self.cp_size > 1 else self.local_kv_len
+
+    def num_blocks(self) -> int:
+        return sum(len(s) for s in self.steps)
+
+    def to(self, device: torch.device | str) -> "AttentionPlan":
+        """Move the index tensors to ``device`` (once per round)."""
+        device = torch.device(device)
+        self.steps = [[b.to(device) for b in step] for step in self.steps]
+        return self
+
+
+def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               kv_layouts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, causal: bool = True,
+               scale: Optional[float] = None) -> AttentionPlan:
+    """Plan one round of ring attention from every rank's token placement.
+
+    Args:
+        strategy: "pass-kv" or "pass-q" (already decided: Alg. 1 / Alg. 5).
+        cp_rank: this rank.
+        q_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tq_r]`` of its queries.
+        kv_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tkv_r]`` of its KV
+            slots, in slot order (seq < 0: an empty slot).
+        causal, scale: visibility rule and softmax scale (None: 1/sqrt(DH)).
+
+    Returns:
+        :class:`AttentionPlan` with host index tensors (call :meth:`AttentionPlan.to`).
+
+    Raises:
+        ValueError: an unknown strategy or layouts of different lengths.
+
+    Source: arXiv 2411.01783 Alg. 2 (pass-KV), Alg. 3 (pass-Q), Alg. 4 (decode).
+    """
+    if strategy not in (PASS_KV, PASS_Q):
+        raise ValueError(f"build_plan: strategy must be {PASS_KV!r} or {PASS_Q!r}, got {strategy!r}")
+    size = len(q_layouts)
+    if len(kv_layouts) != size or not 0 <= cp_rank < size:
+        raise ValueError(f"build_plan: {len(q_layouts)} query layouts, {len(kv_layouts)} KV layouts, "
+                         f"rank {cp_rank}")
+    plan = AttentionPlan(strategy=strategy, cp_rank=cp_rank, cp_size=size,
+                         num_queries=int(q_layouts[cp_rank][0].numel()),
+                         q_len=max(int(p.numel()) for p, _ in q_layouts),
+                         kv_len=max(int(p.numel()) for p, _ in kv_layouts),
+                         local_kv_len=int(kv_layouts[cp_rank][0].numel()), causal=causal, scale=scale)
+    if plan.empty:
+        return plan
+    for step in range(size):
+        src = (cp_rank - step) % size
+        q_pos, q_seq = q_layouts[cp_rank] if strategy == PASS_KV else q_layouts[src]
+        kv_pos, kv_seq = kv_layouts[src] if strategy == PASS_KV else kv_layouts[cp_rank]
+        plan.steps.append(plan_blocks(q_pos, q_seq, kv_pos, kv_seq, causal=causal))
+    return plan

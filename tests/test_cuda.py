@@ -1,0 +1,118 @@
+"""CUDA paths against the float64 reference: every block kind, decode, GQA, and a
+single-rank NCCL engine run.  They run when ``torch.cuda.is_available()``; on a machine
+without a GPU they are skipped with that reason (CI has none; ``benchmarks/gpu_check.py``
+runs them on a GPU machine).
+
+Shapes follow Llama 3.1 405B at TP8 per rank: NH 16, NKV 1, DH 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_megatron.attention.blocks import attend_blocks
+from cp_megatron.attention.kernels import attention_with_lse, kernel_name, math_attention
+from cp_megatron.attention.plan import plan_blocks
+from cp_megatron.attention.reference import reference_attention
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+NH, NKV, DH = 16, 1, 128
+# bf16 has an 8-bit mantissa, fp16 11 bits: relative bounds on the output (unit-variance
+# inputs), absolute on the LSE (float32 inside every kernel).
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _inputs(tq, tkv, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(tq, NH, DH, generator=g)
+    k = torch.randn(tkv, NKV, DH, generator=g)
+    v = torch.randn(tkv, NKV, DH, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+    tol = TOLERANCE[dtype]
+    rel = (out.double().cpu() - ref_out).norm() / ref_out.norm()
+    assert rel.item() <= tol, f"relative error {rel.item():.3g} > {tol}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse.cpu()))
+    torch.testing.assert_close(lse.double().cpu()[finite], ref_lse[finite], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "square-causal", "decode"])
+def test_cuda_kernel_block_matches_reference(kind, dtype):
+    tq, tkv = {"plain": (300, 1000), "square-causal": (512, 512), "decode": (1, 4096)}[kind]
+    q, k, v = _inputs(tq, tkv, dtype)
+    causal = kind == "square-causal"
+    out, lse = attention_with_lse(q.cuda(), k.cuda(), v.cuda(), scale=DH ** -0.5, is_causal=causal)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape
+    pos_q = torch.arange(tq) if causal else torch.full((tq,), tkv)
+    ref_out, ref_lse = reference_attention(q, k, v, pos_q, torch.arange(tkv))
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_planned_blocks_of_a_load_balanced_chunk_pair_match_reference(dtype):
+    # Rank 1 of CP2 at 1,000 tokens: chunks [250, 500) and [500, 750) against every key,
+    # with the keys gathered by index (two KV runs out of order) and sliced.
+    q_pos = torch.cat([torch.arange(250, 500), torch.arange(500, 750)])
+    kv_pos = torch.cat([torch.arange(500, 1000), torch.arange(0, 500)])
+    zeros = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
+    q, k, v = _inputs(len(q_pos), len(kv_pos), dtype, seed=1)
+    blocks = plan_blocks(q_pos, zeros(len(q_pos)), kv_pos, zeros(len(kv_pos)))
+    assert {b.causal for b in blocks} == {True, False}
+    out = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
+    lse = torch.full(q.shape[:2], float("-inf"), device="cuda")
+    attend_blocks(out, lse, q.cuda(), k.cuda(), v.cuda(), [b.to(torch.device("cuda")) for b in blocks],
+                  DH ** -0.5)
+    ref_out, ref_lse = reference_attention(q, k, v, q_pos, kv_pos)
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_cuda_math_attention_matches_reference():
+    q, k, v = _inputs(7, 7, torch.float64)
+    out, lse = math_attention(q.cuda(), k.cuda(), v.cuda(), scale=DH ** -0.5, is_causal=True)
+    ref_out, ref_lse = reference_attention(q, k, v, torch.arange(7), torch.arange(7))
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_names_per_dtype():
+    assert kernel_name("cuda", torch.float32, 128) == "aten._scaled_dot_product_efficient_attention"
+    assert kernel_name("cuda", torch.float64, 128) == "math_attention"
+    assert kernel_name("cuda", torch.bfloat16, 128) in ("flash_attn.flash_attn_func",
+                                                         "aten._scaled_dot_product_flash_attention")
+
+
+def _nccl_engine_job(device: str) -> list[int]:
+    import dataclasses
+
+    from cp_megatron import parallel_state
+    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.llama import LlamaStage, StageLayout
+    from cp_megatron.model.weights import DummyReader, load_weights
+
+    topo = parallel_state.initialize(1, 1, 1)
+    config = dataclasses.replace(get_preset("tiny"), num_layers=2)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    stage = LlamaStage(config, StageLayout(), dtype=torch.float32, device=dev)
+    load_weights(stage, DummyReader(config, seed=5))
+    engine = InferenceEngine(stage, topo, kv_capacity=300)
+    prompt = torch.randint(0, config.vocab_size, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    gens, _ = generate(engine, {0: prompt}, SamplingParams(max_new_tokens=8))
+    return gens[0].token_ids
+
+
+@pytest.mark.timeout(300)
+def test_single_rank_nccl_engine_matches_cpu_gloo():
+    from cp_megatron.launcher import spawn
+
+    on_gpu = spawn(_nccl_engine_job, 1, ("cuda",), backend="nccl", timeout_s=240)[0]
+    on_cpu = spawn(_nccl_engine_job, 1, ("cpu",), backend="gloo", timeout_s=240)[0]
+    assert len(on_gpu) == 8 and on_gpu == on_cpu
