@@ -98,7 +98,6 @@ def _dtype_mismatch(odd_rank: int) -> str:
 @pytest.mark.parametrize("odd_rank", [0, 2])
 def test_dtype_mismatch_names_the_rank_that_differs(odd_rank):
     messages = spawn(_dtype_mismatch, 3, (odd_rank,), timeout_s=100)
-    for message in messages:  # the same message on every rank
-        assert message.startswith(f"context_parallel_attention: CP rank {odd_rank} has "), message
-        assert "dtype=torch.bfloat16, " in message and "dtype=torch.float32, " in message, message
+    for message in messages:  # the same message on every rank, naming the odd one
+        assert f"CP rank(s) [{odd_rank}] differ from the others" in message, message
     assert len(set(messages)) == 1
