@@ -72,7 +72,6 @@ def attention_rates(lengths: list[int], repeats: int) -> dict:
         seconds = _cuda_time(lambda: attention_with_lse(q, k, v, scale=DH ** -0.5, is_causal=True), repeats)
         flops = 4 * NH * DH * t * t / 2
         out["by_tokens"][str(t)] = {"seconds": seconds, "tflops_per_s": flops / seconds / 1e12}
-        del q, k, v
     return out
 
 

@@ -42,13 +42,12 @@ import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))   # serve_helpers.Server: the tests' server process
 
 
 def prompt_ids(cfg, doc_tokens: int) -> tuple[list[int], str, int]:
     """(token ids of the document + question in the chat template -- or random ids for a
     dummy model --, where they come from, the model's vocabulary size)."""
-    from cp_megatron.run import check_model
+    from cp_megatron.preflight import check_model
 
     reader, tok = check_model(cfg)
     p = cfg.prompt
@@ -134,7 +133,7 @@ def throughput(server, model, vocab, clients, per_client, prompt_tokens, max_tok
 def main(argv=None) -> int:
     from cp_megatron.bench.common import write_json
     from cp_megatron.config import load_config
-    from serve_helpers import Server
+    from tests.serve_helpers import Server   # the tests' server process (run from the repo root: python -m)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", default=str(REPO / "configs/default.yaml"))

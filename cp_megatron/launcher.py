@@ -6,24 +6,40 @@ MASTER_PORT, joins torch.distributed (gloo on CPU), runs ``fn(*args)`` and sends
 its return value.  If any rank raises or dies, every other rank is killed at once and
 :class:`RankFailure` carries the failing rank's traceback; if the whole job outlives
 ``timeout_s``, every rank is killed and :class:`RankFailure` says so.  Nothing is left
-running either way.
+running either way:
+
+* under :func:`stop_on_signals` (the CLI), SIGTERM / SIGINT / SIGHUP to the launcher
+  raise :class:`Interrupted`; :func:`spawn` then stops its ranks and removes its
+  temporary folder before the exception leaves it (what Slurm's cancel or Ctrl-C expect);
+* a rank whose launcher disappears without a word (SIGKILL, a crash) notices within a
+  fraction of a second -- Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) and a
+  watchdog thread on the parent pid as the portable fallback -- removes the job's
+  temporary folders and exits.
 
 Source: torch.distributed.run (torchrun) environment contract.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
+_ORPHAN_SIGNAL = signal.SIGUSR1  # what the kernel sends a rank when its launcher dies
+_WATCHDOG_S = 0.2              # how often a rank checks that its launcher is alive
 
 
 class RankFailure(RuntimeError):
@@ -34,22 +50,100 @@ class RankFailure(RuntimeError):
         self.rank = rank
 
 
-def cli_job(job: Callable[[], Any]) -> tuple[int, Any]:
-    """Run a CLI job (pre-flight, then ranks) and map its failures to exit codes, each with
-    one line on stderr: ``(2, None)`` for a :class:`~cp_megatron.config.ConfigError`,
-    ``(1, None)`` for a :class:`RankFailure`, else ``(0, job's result)``."""
-    import sys
+class Interrupted(BaseException):
+    """The launcher got SIGTERM, SIGINT or SIGHUP; ``exit_code`` is 128 + the signal number.
 
-    from cp_megatron.config import ConfigError
+    A BaseException (like KeyboardInterrupt) so that ``except Exception`` blocks let it pass.
+    """
 
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopRequest:
+    """The first stop signal received under :func:`stop_on_signals` (seen by every thread)."""
+
+    def __init__(self) -> None:
+        self.event, self.signum = threading.Event(), 0
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Interrupted(self.signum)
+
+
+_STOP = _StopRequest()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM / SIGINT / SIGHUP into :class:`Interrupted` for the body.
+
+    The main thread gets the exception at once; :func:`spawn` running in any thread sees
+    the request within its polling interval, stops its ranks, removes its temporary
+    folder and raises :class:`Interrupted` too.  A second signal while stopping is only
+    recorded.  Outside the main thread this is a no-op (Python delivers signals there only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame) -> None:
+        first = not _STOP.event.is_set()
+        if first:
+            _STOP.signum = signum
+            _STOP.event.set()
+            raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        return 0, job()
-    except ConfigError as exc:
-        print(f"cp-megatron: config error: {exc}", file=sys.stderr)
-        return 2, None
-    except RankFailure as exc:
-        print(f"cp-megatron: {str(exc).rstrip()}", file=sys.stderr)
-        return 1, None
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.event.clear()
+
+
+def _die_with_launcher(launcher_pid: int, folders: Sequence[str]) -> None:
+    """In a rank: when the launcher process goes away, remove ``folders`` and exit.
+
+    The kernel's parent-death signal (Linux) and a watchdog thread polling the parent pid
+    (everywhere) both lead here; either is enough.  SIGINT is ignored: a Ctrl-C reaches
+    the whole process group, and the launcher stops the ranks in order.
+    """
+    def orphaned() -> None:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        os._exit(1)
+
+    def on_signal(_signum, _frame) -> None:
+        if os.getppid() != launcher_pid:
+            orphaned()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(_ORPHAN_SIGNAL, on_signal)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(_ORPHAN_SIGNAL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watchdog below does the job
+        pass
+
+    def watchdog() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(_WATCHDOG_S)
+        orphaned()
+
+    if os.getppid() != launcher_pid:  # the launcher died before the signal was armed
+        orphaned()
+    threading.Thread(target=watchdog, name="launcher-watchdog", daemon=True).start()
+
+
+def under_launcher() -> bool:
+    """True when torchrun / the deepspeed launcher started this process (RANK and WORLD_SIZE set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def free_port() -> int:
@@ -60,7 +154,9 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: int,
-               backend: str | None, timeout_s: float, fn: Callable, args: Sequence) -> None:
+               backend: str | None, timeout_s: float, launcher_pid: int, orphan_folders: Sequence[str],
+               fn: Callable, args: Sequence) -> None:
+    _die_with_launcher(launcher_pid, (result_dir, *orphan_folders))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = Path(result_dir) / f"rank{rank}.pkl"
@@ -83,9 +179,12 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: 
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         payload = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     tmp = out.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(payload, f)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(payload, f)
+        os.replace(tmp, out)
+    except OSError:  # the launcher is gone and its folder with it
+        os._exit(1)
     if payload[0] == "error":
         os._exit(1)  # do not wait on collectives the failed rank will never join
     try:
@@ -97,7 +196,8 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: 
 
 
 def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: float = 300.0,
-          threads_per_rank: int = 1, backend: str | None = "gloo", forward_signals: bool = False,
+          threads_per_rank: int = 1, backend: str | None = "gloo",
+          orphan_folders: Sequence[str] = (), forward_signals: bool = False,
           grace_s: float = 0.0) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes; return their results by rank.
 
@@ -108,8 +208,11 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
         timeout_s: the whole job's limit in seconds; also the collective timeout.
         threads_per_rank: ``torch.set_num_threads`` in each rank.
         backend: "gloo", "nccl", or None to leave torch.distributed alone.
+        orphan_folders: further folders of this job that a rank removes when the
+            launcher dies without cleaning up (its own result folder always is).
         forward_signals: pass SIGTERM / SIGINT received here on to every rank (as torchrun
-            does) and keep waiting for them, instead of dying at once.
+            does; a server's ranks drain) and keep waiting for them, instead of stopping
+            them at once.  SIGHUP still stops them.
         grace_s: after a rank fails, give the others this long to exit on their own
             (e.g. to answer clients) before terminating them.
 
@@ -119,58 +222,70 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
     Raises:
         RankFailure: a rank raised or died (message: its traceback or exit code), or the
             job timed out.  All ranks are terminated before it is raised.
+        Interrupted: a stop signal arrived (see :func:`stop_on_signals`); all ranks are
+            terminated and the temporary folder removed before it is raised.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="cp_megatron_ranks_") as result_dir:
-        procs = [ctx.Process(target=_rank_main, daemon=True,
-                             args=(r, world_size, port, result_dir, threads_per_rank, backend,
-                                   timeout_s, fn, tuple(args)))
-                 for r in range(world_size)]
+    result_dir = tempfile.mkdtemp(prefix="cp_megatron_ranks_")
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(r, world_size, port, result_dir, threads_per_rank, backend,
+                               timeout_s, os.getpid(), tuple(orphan_folders), fn, tuple(args)))
+             for r in range(world_size)]
+    previous = {}
+    try:
         for p in procs:
             p.start()
-        previous = {}
         if forward_signals and threading.current_thread() is threading.main_thread():
-            def forward(signum, _frame):
+            def forward(signum, _frame) -> None:
                 for p in procs:
                     if p.pid is not None and p.exitcode is None:
                         os.kill(p.pid, signum)
             previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         deadline = time.monotonic() + timeout_s
+        while True:
+            _STOP.check()
+            codes = [p.exitcode for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank = failed[0]
+                grace_end = time.monotonic() + grace_s
+                while any(p.exitcode is None for p in procs) and time.monotonic() < grace_end:
+                    time.sleep(0.05)
+                path = Path(result_dir) / f"rank{rank}.pkl"
+                if path.exists():
+                    message = pickle.loads(path.read_bytes())[1]
+                else:
+                    message = f"rank {rank} died with exit code {codes[rank]}"
+                raise RankFailure(f"rank {rank} failed: {message}", rank)
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                raise RankFailure(f"timed out after {timeout_s:.0f} s; ranks still running: "
+                                  f"{[r for r, c in enumerate(codes) if c is None]}")
+            time.sleep(0.05)
+        return [pickle.loads((Path(result_dir) / f"rank{r}.pkl").read_bytes())[1]
+                for r in range(world_size)]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # A stop signal now waits until the ranks are gone and the folder removed.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            while True:
-                codes = [p.exitcode for p in procs]
-                failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    rank = failed[0]
-                    grace_end = time.monotonic() + grace_s
-                    while any(p.exitcode is None for p in procs) and time.monotonic() < grace_end:
-                        time.sleep(0.05)
-                    path = Path(result_dir) / f"rank{rank}.pkl"
-                    if path.exists():
-                        message = pickle.loads(path.read_bytes())[1]
-                    else:
-                        message = f"rank {rank} died with exit code {codes[rank]}"
-                    raise RankFailure(f"rank {rank} failed: {message}", rank)
-                if all(c == 0 for c in codes):
-                    break
-                if time.monotonic() > deadline:
-                    raise RankFailure(f"timed out after {timeout_s:.0f} s; ranks still running: "
-                                      f"{[r for r, c in enumerate(codes) if c is None]}")
-                time.sleep(0.05)
-            results = []
-            for r in range(world_size):
-                status, value = pickle.loads((Path(result_dir) / f"rank{r}.pkl").read_bytes())
-                results.append(value)
-            return results
+            _stop_ranks(procs)
+            shutil.rmtree(result_dir, ignore_errors=True)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _stop_ranks(procs) -> None:
+    """SIGTERM every rank still running, SIGKILL what is left after 5 s; reap them all."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -34,11 +34,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from cp_megatron.attention.heuristic import PASS_KV, choose_strategy
+from cp_megatron.dtypes import BY_SHORT
 from cp_megatron.hardware import HardwareProfile, load_profile
 from cp_megatron.model.config import ModelConfig, get_preset
+from cp_megatron.model.tp_rule import tp_problem
 
 WEIGHT_DTYPES = ("bf16", "fp8", "fp32")
-DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
+DTYPE_BYTES = {name: BY_SHORT[name].bytes for name in WEIGHT_DTYPES}  # the one dtype table
 LSE_BYTES = 4  # LSE travels in float32 (docs/design.md §6)
 ID_BYTES = 4  # a rotating query row carries its batch (sequence) id as int32 (Alg. 4)
 # Presets the paper serves with FP8 row-wise weights (§4); others default to bf16.
@@ -410,11 +412,9 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     _check_positive("--cached", cached_tokens, minimum=0)
     if cached_tokens >= context_tokens:
         raise PlanInputError("--cached", f"must be < --context ({context_tokens}), got {cached_tokens}")
-    if cfg.num_heads % tp:
-        raise PlanInputError("--tp", f"must divide num_heads={cfg.num_heads} of {cfg.name}, got {tp}")
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        raise PlanInputError("--tp", f"must divide num_kv_heads={cfg.num_kv_heads} or be a multiple "
-                                     f"of it, got {tp}")
+    problem = tp_problem(cfg, tp, replicate_kv_heads=True)  # the runtime's rule + the paper's multi-node TP
+    if problem:
+        raise PlanInputError("--tp", problem)
     dtype = dtype or DEFAULT_DTYPE.get(cfg.name, "bf16")
     if dtype not in WEIGHT_DTYPES:
         raise PlanInputError("--dtype", f"expected one of {WEIGHT_DTYPES}, got {dtype!r}")

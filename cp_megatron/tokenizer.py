@@ -154,7 +154,7 @@ class Tokenizer:
         """
         from tokenizers import Tokenizer as RustTokenizer
 
-        from cp_megatron.checkpoint.base import CheckpointError
+        from cp_megatron.errors import CheckpointError
 
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
@@ -197,7 +197,7 @@ class Tokenizer:
         """
         import tiktoken
 
-        from cp_megatron.checkpoint.base import CheckpointError
+        from cp_megatron.errors import CheckpointError
 
         ranks: dict[bytes, int] = {}
         with open(path, "rb") as f:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cp_megatron import bench
+from cp_megatron.cli import bench
 from cp_megatron.bench.common import BenchOptions, Turns
 
 MACHINE_KEYS = {"cpu_count", "torch", "load_average_before", "load_average_after"}
@@ -46,7 +46,7 @@ def _positive_summary(s: dict, n: int) -> None:
 def test_bench_is_registered_as_a_cli_subcommand():
     from cp_megatron.cli import SUBCOMMANDS
 
-    assert SUBCOMMANDS["bench"] == "cp_megatron.bench"
+    assert SUBCOMMANDS["bench"] == "cp_megatron.cli.bench"
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "miss-rate", "--quick", "--output-dir", "x"])

@@ -20,7 +20,7 @@ from cp_megatron.engine import InferenceEngine, SamplingParams, generate
 from cp_megatron.launcher import spawn
 from cp_megatron.model.llama import LlamaStage, StageLayout
 from cp_megatron.model.weights import load_weights
-from cp_megatron.run import _next_turn
+from cp_megatron.session import next_turn_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cp_megatron.cli", "run"]
@@ -47,8 +47,8 @@ def three_turns_job(gguf: str, cp: int):
         conversation += feed
         if i < 2:
             conversation += g.token_ids[:-1]
-            feed, messages = _next_turn(tok, messages, tok.decode(g.token_ids, skip_special_tokens=True),
-                                        g, TURNS[i + 1])
+            feed, messages = next_turn_tokens(tok, messages, tok.decode(g.token_ids, skip_special_tokens=True),
+                                              g, TURNS[i + 1])
     fresh = InferenceEngine(stage, topo)
     fresh_gens, fresh_rounds = generate(fresh, {0: conversation}, params, eos_ids=tok.eos_ids)
     return turns, fresh_gens[0].token_ids, fresh_rounds[0].kind
@@ -190,7 +190,7 @@ def test_truncate_rolls_back_a_round_exactly_and_fork_branches_cp2():
 def test_heuristic_hardware_from_profile_file_with_overrides(tmp_path):
     from cp_megatron.config import ConfigError, load_config
     from cp_megatron.hardware import get_profile
-    from cp_megatron.run import heuristic_hardware
+    from cp_megatron.preflight import heuristic_hardware
 
     profile = {**get_profile("cpu-gloo").to_dict(), "name": "mine", "attn_flops_per_s": 7e10}
     (tmp_path / "hw.json").write_text(json.dumps({"profile": profile}))

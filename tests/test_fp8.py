@@ -332,7 +332,7 @@ def test_convert_fp8_to_hf_is_refused(tmp_path):
 @pytest.mark.unit
 def test_max_context_allows_prompts_past_the_trained_length_with_a_warning(capsys):
     from cp_megatron.config import ConfigError, load_config
-    from cp_megatron.run import prepare
+    from cp_megatron.preflight import prepare
 
     text = ("model: {format: dummy, preset: tiny-64k}\nprompt: {random_tokens: 70000}\n"
             "generation: {max_new_tokens: 4}\n")

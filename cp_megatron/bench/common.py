@@ -12,7 +12,6 @@ Source: docs/design.md §13 (benchmark results with plots live in docs/).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
+
+from cp_megatron.preflight import random_prompt  # noqa: F401 -- the suites' prompts
+from cp_megatron.atomic import pyplot, save_figure, write_atomic, write_json  # noqa: F401 -- the suites' output
 
 BUSY_LOAD = 2.5  # 1-minute load average above which a run is flagged as disturbed
 
@@ -127,6 +129,37 @@ def busy_note(machine: dict) -> list[str]:
             "the repeats are reported, raw samples are kept."]
 
 
+# -- the suite template: start_suite ... finish_report ---------------------------------------------
+def start_suite(opts: BenchOptions, suite: str, full: dict, quick: dict) -> tuple[Log, dict, list[float]]:
+    """The suite template's first step: a log for ``suite``, its sizes (:meth:`BenchOptions.suite_config`)
+    and the load average before any work (logged, with a warning on a busy machine)."""
+    log = Log(suite)
+    return log, opts.suite_config(full, quick), log.load_check()
+
+
+# -- the report every suite writes -----------------------------------------------------------------
+def finish_report(opts: BenchOptions, log: Log, *, suite: str, stem: str, cfg: dict,
+                  load_before: Sequence[float], results, notes: Sequence[str], plot: Callable,
+                  versions: Optional[dict] = None, **extra) -> dict:
+    """The suite template's last step: assemble the report, write ``<stem>.json`` and the
+    ``<stem>.png`` that ``plot(report, path)`` draws, log where they went; return the report.
+
+    The report holds ``suite``, ``command``, ``quick``, ``machine`` (with the load average
+    before and after; ``versions`` adds library versions), ``config``, ``elapsed_s``,
+    ``results``, the suite's ``extra`` fields, and ``notes`` (with a warning when other work
+    loaded the machine).
+    """
+    machine = machine_info(load_before, **(versions or {}))
+    report = {"suite": suite, "command": opts.command, "quick": opts.quick, "machine": machine,
+              "config": cfg, "elapsed_s": log.elapsed(), "results": results, **extra,
+              "notes": list(notes) + busy_note(machine)}
+    json_path, png_path = opts.path(stem, "json"), opts.path(stem, "png")
+    write_json(json_path, report)
+    plot(report, png_path)
+    log(f"wrote {json_path} and {png_path}")
+    return report
+
+
 # -- statistics ---------------------------------------------------------------------------------
 def summary(samples: Sequence[float]) -> dict:
     """Median, min, max and count of timing samples (seconds)."""
@@ -134,42 +167,7 @@ def summary(samples: Sequence[float]) -> dict:
             "n": len(samples)}
 
 
-# -- output ------------------------------------------------------------------------------------
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` (mode 0666 & ~umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, report: dict) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    pyplot().close(fig)
-
-
+# -- output (files through cp_megatron.atomic) -----------------------------------------------
 # -- taking turns between concurrent jobs -------------------------------------------------------
 @dataclass(frozen=True)
 class Turns:
@@ -252,16 +250,22 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
         def target(i: int, job: Job) -> None:
             try:
                 results[i] = spawn(job.fn, job.world_size, (turns, *job.args), timeout_s=timeout_s,
-                                   threads_per_rank=job.threads_per_rank, backend=job.backend)
+                                   threads_per_rank=job.threads_per_rank, backend=job.backend,
+                                   orphan_folders=(folder,))
             except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others stop
                 errors[i] = exc
                 Path(folder, "ABORT").touch()
 
         threads = [threading.Thread(target=target, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:  # after a stop signal each spawn stops its own ranks; wait for that
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
     failed = [e for e in errors if e is not None]
     if failed:  # the job that failed first, not one that stopped because of the ABORT file
         first = next((e for e in failed if "another job of this benchmark failed" not in str(e)), failed[0])
@@ -274,20 +278,10 @@ def dummy_engine(preset, seed: int, topo, *, strategy: str = "auto", kv_capacity
                  profile: bool = True):
     """An :class:`InferenceEngine` over seeded random weights of ``preset`` (a preset name or
     a ``ModelConfig``; this rank's stage); ``profile`` times the ring (``RoundMetrics``)."""
-    from cp_megatron.engine import InferenceEngine
+    from cp_megatron.factory import build_engine
     from cp_megatron.model.config import get_preset
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import DummyReader, load_weights
+    from cp_megatron.model.weights import DummyReader
 
     config = get_preset(preset) if isinstance(preset, str) else preset
-    stage = LlamaStage(config, StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank))
-    load_weights(stage, DummyReader(config, seed=seed))
-    return InferenceEngine(stage, topo, strategy=strategy, kv_capacity=kv_capacity, profile=profile)
-
-
-def random_prompt(num_tokens: int, vocab_size: int, seed: int) -> list[int]:
-    """Seeded random token ids (the same on every rank and job)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (num_tokens,), generator=g).tolist()
+    return build_engine(DummyReader(config, seed=seed), topo, strategy=strategy,
+                        kv_capacity=kv_capacity, profile=profile)

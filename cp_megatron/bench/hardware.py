@@ -35,8 +35,7 @@ import platform
 import statistics
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Log, busy_note, machine_info, pyplot, save_figure,
-                                      write_json)
+from cp_megatron.bench.common import BenchOptions, finish_report, pyplot, save_figure, start_suite
 
 FULL = {"attention_tokens": [1024, 2048, 4096, 8192], "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
         "linear_mkn": [4096, 512, 1024], "copy_mib": 128, "gemv_nk": [4096, 4096], "message_mib": 16,
@@ -288,9 +287,7 @@ def run(opts: BenchOptions) -> dict:
     """Measure, write ``hardware.json`` (with a loadable ``profile``) and ``hardware.png``."""
     from cp_megatron.launcher import spawn
 
-    log = Log("hardware")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "hardware", FULL, QUICK)
     log(f"{cfg['ranks']} ranks, {opts.threads} thread(s) each: attention at {cfg['attention_tokens']} "
         f"tokens, linear, copy, ring step, all_reduce; {cfg['repeats']} repeats")
     per_rank = spawn(_measure, cfg["ranks"], (cfg,), timeout_s=opts.timeout_s,
@@ -300,26 +297,17 @@ def run(opts: BenchOptions) -> dict:
     decode_cp1, decode_cp2 = (spawn(_decode_overhead, n, (cfg,), timeout_s=opts.timeout_s,
                                     threads_per_rank=opts.threads, backend="gloo") for n in (1, 2))
     results, profile = summarise(cfg, per_rank, decode_cp1, decode_cp2)
-    machine = machine_info(load_before)
-    json_path, png_path = opts.path("hardware", "json"), opts.path("hardware", "png")
-    report = {
-        "suite": "hardware", "command": opts.command, "quick": opts.quick, "machine": machine,
-        "config": cfg, "elapsed_s": log.elapsed(), "results": results, "profile": profile,
-        "samples": per_rank, "decode_samples": {"cp1": decode_cp1, "cp2": decode_cp2},
-        "json_path": str(json_path),
-        "notes": [
+    return finish_report(
+        opts, log, suite="hardware", stem="hardware", cfg=cfg, load_before=load_before, results=results,
+        plot=plot, profile=profile, samples=per_rank, decode_samples={"cp1": decode_cp1, "cp2": decode_cp2},
+        json_path=str(opts.path("hardware", "json")), notes=[
             "Every figure: per repeat the slowest rank's time, then the median over repeats; the decode "
             "fixed costs use the steps' CPU time (busiest rank), which a shared machine does not inflate.",
+            "layer_overhead_s / ring_step_overhead_s: growth of a decode step per block of models "
+            "with negligible bytes and FLOPs, at CP1 and CP2 (results.decode_overhead); they "
+            "measure this runtime's fixed cost per block on this machine.",
             "profile: HardwareProfile fields (FLOP/s, bytes/s, bytes, seconds); load it with "
             "`cp-megatron plan --hardware <this file>` or attention.hardware in a run config.",
             "attn_flops_per_s is the rate of the largest attention block; FLOPs are counted as "
             "the planner counts them (4*D*T^2/2 for a causal block).",
-            "layer_overhead_s / ring_step_overhead_s: growth of a decode step per block of models "
-            "with negligible bytes and FLOPs, at CP1 and CP2 (results.decode_overhead); they "
-            "measure this runtime's fixed cost per block on this machine.",
-        ] + busy_note(machine),
-    }
-    write_json(json_path, report)
-    plot(report, png_path)
-    log(f"wrote {json_path} and {png_path}")
-    return report
+        ])

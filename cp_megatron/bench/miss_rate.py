@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Log, busy_note, dummy_engine, machine_info, pyplot,
-                                      random_prompt, save_figure, summary, write_json)
+from cp_megatron.bench.common import (BenchOptions, dummy_engine, finish_report, pyplot, start_suite,
+                                      random_prompt, save_figure, summary)
 
 VARIANTS = ("pass-kv", "pass-q", "auto")
 FULL = {"preset": "tiny-long", "context_tokens": 16384, "cp": 2,
@@ -205,18 +205,14 @@ def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``miss_rate.json`` / ``miss_rate.png``; return the report."""
     from cp_megatron.launcher import spawn
 
-    log = Log("miss-rate")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "miss-rate", FULL, QUICK)
     log(f"{cfg['preset']}, T + P = {cfg['context_tokens']} at CP{cfg['cp']}, miss rates "
         f"{cfg['miss_rates']}, variants {VARIANTS}, {cfg['repeats']} repeats")
     per_rank = spawn(_job, cfg["cp"], (cfg,), timeout_s=opts.timeout_s, threads_per_rank=opts.threads)
-    machine = machine_info(load_before)
     rows = summarise(cfg, per_rank)
-    report = {
-        "suite": "miss-rate", "command": opts.command, "quick": opts.quick, "machine": machine,
-        "config": cfg, "elapsed_s": log.elapsed(), "results": rows, "crossover": crossover(rows),
-        "notes": [
+    return finish_report(
+        opts, log, suite="miss-rate", stem="miss_rate", cfg=cfg, load_before=load_before, results=rows,
+        plot=plot, crossover=crossover(rows), notes=[
             "ttft_s: RoundMetrics.time_s of the partial-prefill round with the T new tokens (max over "
             "ranks); the P cached tokens were prefilled beforehand (untimed).",
             "pass-kv / pass-q: forced; auto: the engine's choice (Alg. 1 / Alg. 5 with the cpu-gloo "
@@ -226,10 +222,4 @@ def run(opts: BenchOptions) -> dict:
             "faster_measured compares the medians of the two forced variants; separated: every "
             "sample of the faster one beat every sample of the slower one (else the difference is "
             "within the run-to-run spread).",
-        ] + busy_note(machine),
-    }
-    json_path, png_path = opts.path("miss_rate", "json"), opts.path("miss_rate", "png")
-    write_json(json_path, report)
-    plot(report, png_path)
-    log(f"wrote {json_path} and {png_path}")
-    return report
+        ])

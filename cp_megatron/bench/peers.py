@@ -21,8 +21,8 @@ import importlib.util
 import os
 import time
 
-from cp_megatron.bench.common import (BenchError, BenchOptions, Job, Log, busy_note, machine_info, pyplot,
-                                      run_interleaved, save_figure, summary, turn, write_json)
+from cp_megatron.bench.common import (BenchError, BenchOptions, Job, Log, finish_report, pyplot,
+                                      run_interleaved, save_figure, summary, turn)
 
 FULL = {"repeats": 5, "prompt_tokens": None}
 QUICK = {"repeats": 1, "prompt_tokens": 128}
@@ -46,17 +46,14 @@ def _ours_job(turns, cfg, prep, ids: list[int], repeats: int) -> dict:
     import torch
 
     from cp_megatron import parallel_state
-    from cp_megatron.engine import InferenceEngine
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import load_weights
-    from cp_megatron.run import open_reader
+    from cp_megatron.factory import build_engine
+    from cp_megatron.preflight import open_reader
 
     topo = parallel_state.initialize(tp=1, cp=1, pp=1)
     with turn(turns, "ours/setup"):
-        stage = LlamaStage(prep.model_config, StageLayout(), dtype=getattr(torch, cfg.model.dtype))
-        load_weights(stage, open_reader(cfg))
-        engine = InferenceEngine(stage, topo, strategy=cfg.attention.strategy, kv_capacity=len(ids),
-                                 profile=True)
+        engine = build_engine(open_reader(cfg), topo, dtype=getattr(torch, cfg.model.dtype),
+                              strategy=cfg.attention.strategy, kv_capacity=len(ids),
+                              profile=True)
     samples, logits = [], None
     for key in ["warmup"] + list(range(repeats)):
         with turn(turns, f"ours/{key}"):
@@ -158,7 +155,7 @@ def run(opts: BenchOptions) -> dict:
     import torch
 
     from cp_megatron.config import load_config
-    from cp_megatron.run import prepare
+    from cp_megatron.preflight import prepare
 
     log = Log("peers")
     _check_extras()
@@ -179,7 +176,6 @@ def run(opts: BenchOptions) -> dict:
             Job(_transformers_job, 1, (source, ids, knobs["repeats"]), threads_per_rank=opts.threads,
                 backend=None, name="transformers")]
     (ours,), (theirs,) = run_interleaved(jobs, schedule(knobs["repeats"]), opts.timeout_s)
-    machine = machine_info(load_before, transformers=theirs["transformers"])
     a, b = torch.tensor(ours["logits"]), torch.tensor(theirs["logits"])
     results = {
         "prompt_tokens": len(ids),
@@ -194,14 +190,13 @@ def run(opts: BenchOptions) -> dict:
     }
     results["ratio_ours_over_transformers"] = (results["ours"]["ttft_s"]["median"]
                                                / results["transformers"]["ttft_s"]["median"])
-    report = {
-        "suite": "peers", "command": opts.command, "quick": opts.quick, "machine": machine,
-        "config": {"run_config": os.path.abspath(opts.config), "model": prep.model_config.name,
-                   "checkpoint": source, "dtype": cfg.model.dtype, "threads": opts.threads,
-                   "cp": 1, "attention_strategy": cfg.attention.strategy, **knobs,
-                   "prompt_tokens": len(ids), "token_ids": ids},
-        "elapsed_s": log.elapsed(), "results": results,
-        "notes": [
+    config = {"run_config": os.path.abspath(opts.config), "model": prep.model_config.name,
+              "checkpoint": source, "dtype": cfg.model.dtype, "threads": opts.threads,
+              "cp": 1, "attention_strategy": cfg.attention.strategy, **knobs,
+              "prompt_tokens": len(ids), "token_ids": ids}
+    return finish_report(
+        opts, log, suite="peers", stem=stem(opts.threads), cfg=config, load_before=load_before,
+        results=results, plot=plot, versions={"transformers": theirs["transformers"]}, notes=[
             "ours: RoundMetrics.time_s of the prefill round (engine.forward at CP1, logits of the last "
             "token only); transformers: wall time of model(input_ids, use_cache=True, logits_to_keep=1) "
             "under torch.inference_mode (what generate() runs for its prefill).",
@@ -209,10 +204,4 @@ def run(opts: BenchOptions) -> dict:
             "each, then the timed repeats in the order ours, transformers, transformers, ours, ... "
             "Loading is not timed.",
             "ratio_ours_over_transformers = median ours / median transformers (< 1: ours faster).",
-        ] + busy_note(machine),
-    }
-    json_path, png_path = opts.path(stem(opts.threads), "json"), opts.path(stem(opts.threads), "png")
-    write_json(json_path, report)
-    plot(report, png_path)
-    log(f"wrote {json_path} and {png_path}")
-    return report
+        ])

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import time
 
-from cp_megatron.bench.common import (BenchOptions, Job, Log, busy_note, dummy_engine, machine_info,
-                                      pyplot, random_prompt, run_interleaved, save_figure, summary,
-                                      turn, write_json)
+from cp_megatron.bench.common import (BenchOptions, Job, dummy_engine, finish_report, pyplot, start_suite,
+                                      random_prompt, run_interleaved, save_figure, summary, turn)
 
 FULL = {"preset": "tiny-long", "lengths": [8192, 16384, 32768], "cp_sizes": [1, 2], "repeats": 3,
         "warmup_tokens": 2048, "strategy": "auto", "seed": 0}
@@ -166,20 +165,15 @@ def plot(report: dict, path) -> None:
 
 def run(opts: BenchOptions) -> dict:
     """Run the suite, write ``scaling.json`` / ``scaling.png``; return the report."""
-    log = Log("scaling")
-    cfg = opts.suite_config(FULL, QUICK)
-    load_before = log.load_check()
+    log, cfg, load_before = start_suite(opts, "scaling", FULL, QUICK)
     log(f"{cfg['preset']}, lengths {cfg['lengths']}, CP {cfg['cp_sizes']} interleaved, "
         f"{cfg['repeats']} repeats each")
     jobs = [Job(_job, n, (cfg, n), threads_per_rank=opts.threads, name=f"cp{n}") for n in cfg["cp_sizes"]]
     results = run_interleaved(jobs, schedule(cfg), opts.timeout_s)
     per_cp = dict(zip(cfg["cp_sizes"], results))
-    machine = machine_info(load_before)
-    rows = summarise(cfg, per_cp)
-    report = {
-        "suite": "scaling", "command": opts.command, "quick": opts.quick, "machine": machine,
-        "config": cfg, "elapsed_s": log.elapsed(), "results": rows,
-        "notes": [
+    return finish_report(
+        opts, log, suite="scaling", stem="scaling", cfg=cfg, load_before=load_before,
+        results=summarise(cfg, per_cp), plot=plot, notes=[
             "ttft_s: RoundMetrics.time_s of the prefill round (engine.forward), max over the CP ranks; "
             "process start-up and weight init are outside it.",
             "Jobs take turns (CP1, CP2, CP1, CP2, ...); a job waiting for its turn sleeps.",
@@ -187,10 +181,4 @@ def run(opts: BenchOptions) -> dict:
             "speedup_of_minima uses the fastest repeat of each (least disturbed by other work).",
             "attention_s / comm_s: local attention and exposed ring communication inside the round "
             "(RoundMetrics.attention_s / comm_s); cpu_s: process CPU time of the round.",
-        ] + busy_note(machine),
-    }
-    json_path, png_path = opts.path("scaling", "json"), opts.path("scaling", "png")
-    write_json(json_path, report)
-    plot(report, png_path)
-    log(f"wrote {json_path} and {png_path}")
-    return report
+        ])

@@ -16,10 +16,8 @@ from __future__ import annotations
 import torch
 
 from cp_megatron.checkpoint import keys, layout
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file and the tensor."""
+from cp_megatron.errors import CheckpointError
+from cp_megatron.model.tp_rule import tp_problem
 
 
 def check_tp(config, tp_size: int) -> None:
@@ -30,15 +28,12 @@ def check_tp(config, tp_size: int) -> None:
         tp_size: tensor-parallel degree.
 
     Raises:
-        CheckpointError: ``tp_size`` < 1, or it does not divide num_kv_heads (and hence
-            cannot give every TP rank whole KV heads) or num_heads.
+        CheckpointError: the one TP rule (:func:`cp_megatron.model.tp_rule.tp_problem`)
+            refuses ``tp_size``, e.g. it does not divide num_kv_heads.
     """
-    if tp_size < 1:
-        raise CheckpointError(f"{config.name}: tp={tp_size} must be >= 1")
-    if config.num_kv_heads % tp_size or config.num_heads % tp_size:
-        raise CheckpointError(
-            f"{config.name}: tp={tp_size} does not divide num_kv_heads={config.num_kv_heads} "
-            f"(num_heads={config.num_heads}); use a TP size that divides num_kv_heads")
+    problem = tp_problem(config, tp_size)
+    if problem:
+        raise CheckpointError(problem)
 
 
 class CheckpointReader:
@@ -133,6 +128,11 @@ class CheckpointReader:
             CheckpointError: the checkpoint carries no tokenizer.
         """
         raise NotImplementedError
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` is stored in (reads one element; float32 for formats
+        that dequantize, e.g. quantized GGUF)."""
+        return self._read_stored(name, (0, 1), (0, 1) if len(self.shape(name)) == 2 else None).dtype
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, layers={self.config.num_layers})"

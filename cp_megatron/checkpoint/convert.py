@@ -1,9 +1,8 @@
-"""``cp-megatron convert``: HF / Meta / GGUF / sharded checkpoints -> TP-sharded or HF safetensors.
+"""Checkpoint conversion: HF / Meta / GGUF / sharded checkpoints -> TP-sharded or HF safetensors.
 
-    cp-megatron convert --from hf|meta|gguf|sharded SRC --to sharded|hf DST
-                        [--tp N] [--dtype bf16|fp32] [--weights fp8-rowwise] [--verify] [--overwrite]
+    convert("hf", SRC, "sharded", DST, tp=2)   # what `cp-megatron convert` (cli/convert.py) calls
 
-``--weights fp8-rowwise`` (sharded output) stores the attention and MLP weights as float8_e4m3fn
+``weights="fp8-rowwise"`` (sharded output) stores the attention and MLP weights as float8_e4m3fn
 with one float32 scale per output row (:mod:`cp_megatron.model.fp8`), quantised from whole rows
 so any TP size reads them back without re-quantising.
 
@@ -23,30 +22,28 @@ Source: safetensors format; HF ``model.safetensors.index.json`` and ``config.jso
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from cp_megatron.checkpoint import CheckpointError, check_tp, open_checkpoint
 from cp_megatron.checkpoint.base import CheckpointReader
+from cp_megatron.dtypes import torch_dtype
 from cp_megatron.checkpoint.sharded import (
     DTYPE_NAME, METADATA_FILE, SAFETENSORS_DTYPE, SafetensorsWriter, TensorPlan, build_metadata, write_shards)
 from cp_megatron.model import fp8
 
 TO_FORMATS = ("sharded", "hf")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp32")}  # --dtype choices
 WEIGHTS = ("dtype", "fp8-rowwise")
 # Copied from the source folder when present (GGUF: tokenizer.json is exported from the vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -55,9 +52,11 @@ DEFAULT_MAX_SHARD = "5GB"            # --to hf: size of one safetensors file (as
 REOPEN_BYTES = 1 << 30               # Meta / GGUF sources: reopen (drop the maps) after this much
 DIGEST_FULL_BYTES = 16 << 20         # source digest: files up to this size are hashed whole,
 DIGEST_HEAD_BYTES = 1 << 20          # bigger (weight) files by name, size and their first MiB
-VERIFY_TOKENS = 32
 VERIFY_ATOL = 1e-5                   # float32 logits; both sides use the same rounded weights
-_PROG = "cp-megatron convert"
+
+
+# verify(src_fmt, src, dst_fmt, converted_folder, {tensor name: stored dtype}) -> max |logit diff|
+Verifier = Callable[[str, str, str, str, dict], float]
 
 
 class VerifyError(RuntimeError):
@@ -102,9 +101,9 @@ class _Source:
         """The dtype ``name`` is stored in (float32 for quantized GGUF or a non-file reader)."""
         if not isinstance(self.reader, CheckpointReader):
             return torch.float32
-        probe = self.reader._read_stored(name, (0, 1), (0, 1) if len(self.reader.shape(name)) == 2 else None)
+        stored = self.reader.stored_dtype(name)
         self._release(0)
-        return probe.dtype if probe.dtype in SAFETENSORS_DTYPE else torch.float32
+        return stored if stored in SAFETENSORS_DTYPE else torch.float32
 
     def read(self, name: str, dtype: torch.dtype, **slice_args) -> torch.Tensor:
         tensor = self.reader.read(name, dtype=dtype, **slice_args)
@@ -112,12 +111,8 @@ class _Source:
         return tensor
 
     def _release(self, nbytes: int) -> None:
-        from cp_megatron.checkpoint.hf import HFReader
-
-        if hasattr(self.reader, "release"):
+        if hasattr(self.reader, "release"):  # HF / sharded: maps reopened lazily by the reader
             self.reader.release()
-        elif isinstance(self.reader, HFReader):
-            self.reader._handles.clear()  # safe_open maps; reopened lazily by the reader
         elif self._reopen is not None:
             self._since += nbytes
             if self._since >= REOPEN_BYTES:
@@ -317,7 +312,7 @@ def _move_into_place(tmp: str, dst: str) -> None:
 
 
 def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype | None = None,
-            overwrite: bool = False, verify: bool = False, max_shard_bytes: int = 5 * 10**9,
+            overwrite: bool = False, verify: Verifier | None = None, max_shard_bytes: int = 5 * 10**9,
             progress: bool = True, weights: str = "dtype") -> ConvertResult:
     """Convert checkpoint ``src`` (format ``src_fmt``) into ``dst`` (format ``dst_fmt``).
 
@@ -327,7 +322,10 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.d
         tp: TP size of a sharded output (divides the KV heads and every split dim).
         dtype: output dtype; None keeps each tensor's stored dtype (quantized GGUF -> float32).
         overwrite: replace an existing checkpoint folder at ``dst``.
-        verify: before moving into place, compare float32 logits of source and output.
+        verify: before moving into place, ``verify(src_fmt, src, dst_fmt, written_folder,
+            dtypes)`` returns the max |logit difference| of source and output (the CLI
+            passes :func:`cp_megatron.cli.convert.verify_logits`, which runs the engine);
+            above VERIFY_ATOL the conversion is refused.
         max_shard_bytes: HF output: bytes per safetensors file.
         progress: tqdm bar on stderr.
         weights: "dtype" (every tensor in ``dtype``) or "fp8-rowwise" (sharded output only:
@@ -351,7 +349,7 @@ def convert(src_fmt: str, src, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.d
 
 
 def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype | None = None,
-                   overwrite: bool = False, verify: bool = False, max_shard_bytes: int = 5 * 10**9,
+                   overwrite: bool = False, verify: Verifier | None = None, max_shard_bytes: int = 5 * 10**9,
                    progress: bool = True, source: tuple[str, str] | None = None,
                    weights: str = "dtype") -> ConvertResult:
     """:func:`convert` from an open reader (``source`` = (format, path) of a file checkpoint, or
@@ -389,10 +387,10 @@ def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype
             _write_json(os.path.join(tmp, "config.json"), hf_config(reader.config, emb))
         nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
         result = ConvertResult(dst, dst_fmt, sorted(os.listdir(tmp)), nbytes, time.perf_counter() - t0)
-        if verify:
+        if verify is not None:
             if source is None:
                 raise CheckpointError(f"{dst}: --verify needs a source checkpoint on disk")
-            diff = verify_logits(source[0], source[1], dst_fmt, tmp, {t.name: t.dtype for t in plan})
+            diff = verify(source[0], source[1], dst_fmt, tmp, {t.name: t.dtype for t in plan})
             result.verify_max_abs_diff = diff
             if not diff <= VERIFY_ATOL:  # also catches NaN
                 raise VerifyError(f"{dst}: --verify: max |logits(source) - logits(converted)| = {diff:.3e} "
@@ -408,137 +406,3 @@ def _version() -> str:
     from cp_megatron import __version__
 
     return __version__
-
-
-# -- --verify ------------------------------------------------------------------------------------
-class _CastReader:
-    """A reader whose tensors are first rounded to the converted dtypes, then returned as asked
-    (FP8 weights: quantised on whole rows and dequantised, as the converted checkpoint reads)."""
-
-    def __init__(self, reader, dtypes: dict) -> None:
-        self.config, self._reader, self._dtypes = reader.config, reader, dtypes
-
-    def read(self, name, shard_dim=None, tp_rank=0, tp_size=1, dtype=torch.float32):
-        stored = self._dtypes.get(name, dtype)
-        if stored == fp8.FP8_DTYPE:
-            whole = fp8.dequantize_rowwise(*fp8.quantize_rowwise(self._reader.read(name, dtype=torch.float32)))
-            part = whole if shard_dim is None else whole.chunk(tp_size, dim=shard_dim)[tp_rank]
-            return part.to(dtype).contiguous()
-        return self._reader.read(name, shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size, dtype=stored).to(dtype)
-
-
-def _verify_job(src_fmt, src, dst_fmt, dst, dtypes, num_tokens):
-    """World-1 rank: float32 logits of the same token ids through both checkpoints; max |diff|."""
-    from cp_megatron import parallel_state
-    from cp_megatron.engine import InferenceEngine
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import load_weights
-
-    topo = parallel_state.initialize(1, 1, 1)
-    source, converted = _CastReader(open_checkpoint(src_fmt, src), dtypes), open_checkpoint(dst_fmt, dst)
-    if source.config.with_(name="") != converted.config.with_(name=""):
-        raise VerifyError(f"{dst}: model config differs from the source's: {converted.config} vs {source.config}")
-    tokens = torch.randint(0, source.config.vocab_size, (num_tokens,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-    logits = []
-    for reader in (source, converted):
-        stage = LlamaStage(reader.config, StageLayout(), dtype=torch.float32)
-        load_weights(stage, reader)
-        logits.append(InferenceEngine(stage, topo).forward({0: tokens}, all_logits=True)[0])
-        del stage
-    return (logits[0] - logits[1]).abs().max().item()
-
-
-def verify_logits(src_fmt: str, src: str, dst_fmt: str, dst: str, dtypes: dict,
-                  num_tokens: int = VERIFY_TOKENS, timeout_s: float = 3600.0) -> float:
-    """Max |logit difference| of source and converted checkpoints on ``num_tokens`` seeded random
-    ids, float32, one process (world 1; both models are loaded whole, one after the other).
-    The source's weights are rounded to the converted dtypes first, so a faithful conversion gives 0.
-    """
-    from cp_megatron.launcher import spawn
-
-    return spawn(_verify_job, 1, (src_fmt, str(src), dst_fmt, str(dst), dtypes, num_tokens),
-                 timeout_s=timeout_s)[0]
-
-
-# -- command line --------------------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``"20KB"`` / ``"1000"`` -> bytes (decimal units, as save_pretrained)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 5GB, 500MB)")
-    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[(match.group(2) or "B").upper()]
-    return int(float(match.group(1)) * unit)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``cp-megatron convert`` (sets ``func=run_convert``)."""
-    p = subparsers.add_parser(
-        "convert", help="convert a checkpoint to the TP-sharded format (or back to HF)",
-        description="Convert HF / Meta / GGUF / sharded checkpoints to a TP-sharded checkpoint that "
-                    "every TP rank loads from its own file (model.format: sharded), or to HF "
-                    "safetensors. Streams one tensor at a time; see docs/convert.md.")
-    p.add_argument("--from", dest="src_format", required=True, metavar="{hf,meta,gguf,sharded}",
-                   help="source format")
-    p.add_argument("src", metavar="SRC", help="source folder (hf, meta, sharded) or .gguf file")
-    p.add_argument("--to", dest="dst_format", required=True, metavar="{sharded,hf}", help="output format")
-    p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--tp", type=int, default=None, help="TP size of a sharded output (default 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="output dtype (default: each tensor's stored dtype; quantized GGUF -> fp32)")
-    p.add_argument("--weights", choices=WEIGHTS, default="dtype",
-                   help="fp8-rowwise: attention and MLP weights as float8_e4m3fn with a float32 scale "
-                        "per output row (sharded output; model.weights: fp8-rowwise reads them as stored)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare float32 logits of source and output on 32 tokens before finishing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder DST")
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD, metavar="SIZE",
-                   help=f"--to hf: bytes per safetensors file (default {DEFAULT_MAX_SHARD})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_convert)
-    return p
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Run ``cp-megatron convert``; exit code 0, 2 (bad input: one line), 1 (write/verify failed)."""
-    from cp_megatron.launcher import RankFailure
-
-    if args.tp is not None and (args.dst_format != "sharded" or args.tp < 1):
-        print(f"{_PROG}: error: --tp {args.tp}: needs --to sharded and a value >= 1", file=sys.stderr)
-        return 2
-    parent, base = os.path.split(os.path.abspath(args.dst))
-    stale = sorted(f for f in os.listdir(parent) if f.startswith(base + ".tmp-")) if os.path.isdir(parent) else []
-    if stale:
-        print(f"{_PROG}: note: {', '.join(stale)} left by an interrupted conversion; safe to delete",
-              file=sys.stderr)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # cleanup as on Ctrl-C
-    try:
-        result = convert(args.src_format, args.src, args.dst_format, args.dst, tp=args.tp or 1,
-                         dtype=DTYPES.get(args.dtype), overwrite=args.overwrite, verify=args.verify,
-                         weights=args.weights,
-                         max_shard_bytes=args.max_shard_size, progress=not args.no_progress)
-    except CheckpointError as exc:
-        print(f"{_PROG}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except (VerifyError, RankFailure) as exc:
-        print(f"{_PROG}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. disk full: the temporary folder is gone already
-        print(f"{_PROG}: {exc.filename or args.dst}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{_PROG}: interrupted; the partial output was removed", file=sys.stderr)
-        return 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    if result.verify_max_abs_diff is not None:
-        print(f"verify: max |logits(source) - logits(converted)| = {result.verify_max_abs_diff:.3e} over "
-              f"{VERIFY_TOKENS} tokens (float32, world 1; tolerance {VERIFY_ATOL:g})")
-    print(result.summary())
-    return 0

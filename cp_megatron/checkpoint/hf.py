@@ -140,6 +140,10 @@ class HFReader(CheckpointReader):
                 raise CheckpointError(f"{path}: tensor {name} not found in file")
             self._check_shape(name, handle.get_slice(name).get_shape(), path)
 
+    def release(self) -> None:
+        """Drop the open safetensors maps (reopened lazily by the next read)."""
+        self._handles.clear()
+
     def _open(self, path: str, name: str):
         if path not in self._handles:
             if not os.path.exists(path):

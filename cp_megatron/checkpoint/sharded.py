@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 
 from cp_megatron.checkpoint import layout
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader
+from cp_megatron.dtypes import BY_SHORT, torch_dtype
 from cp_megatron.model.config import ModelConfig
 
 METADATA_FILE = "cp_megatron_checkpoint.json"
@@ -46,10 +47,9 @@ FORMAT_NAME = "cp_megatron-sharded"
 FORMAT_VERSION = 2            # 2: FP8 weights with scale entries; 1: float weights only
 
 # torch dtype <-> safetensors dtype code <-> name used in the metadata file
-SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                     torch.float8_e4m3fn: "F8_E4M3"}
-DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-              torch.float8_e4m3fn: "float8_e4m3fn"}
+_STORED = ("fp32", "bf16", "fp16", "fp8")  # dtypes a sharded checkpoint stores (rows of the one dtype table)
+SAFETENSORS_DTYPE = {torch_dtype(s): BY_SHORT[s].safetensors for s in _STORED}
+DTYPE_NAME = {torch_dtype(s): BY_SHORT[s].name for s in _STORED}
 DTYPE_BY_NAME = {v: k for k, v in DTYPE_NAME.items()}
 
 

@@ -28,11 +28,11 @@ from torch import nn
 from cp_megatron.attention.api import planned_attention
 from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
-from cp_megatron.checkpoint.base import check_tp as checkpoint_check_tp
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.fp8 import linear_classes
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from cp_megatron.model.tp_rule import tp_problem
 from cp_megatron.sharding import chunk_bounds
 
 with warnings.catch_warnings():
@@ -70,12 +70,11 @@ class StageLayout:
 
 
 def check_tp(config: ModelConfig, tp_size: int) -> None:
-    """Raise ValueError unless ``tp_size`` gives every TP rank whole heads (the checkpoint
-    rule) and an equal share of the vocabulary and of the FFN (megatron-core's layers)."""
-    checkpoint_check_tp(config, tp_size)
-    for what, n in (("vocab_size", config.vocab_size), ("intermediate_size", config.intermediate_size)):
-        if n % tp_size:
-            raise ValueError(f"{config.name}: tp={tp_size} must divide {what}={n}")
+    """Raise ValueError unless ``tp_size`` gives every TP rank whole heads and an equal
+    share of the vocabulary and of the FFN (the one rule, :mod:`cp_megatron.model.tp_rule`)."""
+    problem = tp_problem(config, tp_size)
+    if problem:
+        raise ValueError(problem)
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ sharded over the CP ranks.
     metrics.py    Prometheus metrics
     ranks.py      every rank's loop (rank 0 leads, the others run the broadcast rounds)
 
-Start-up is ``run``'s: pre-flight in one process (exit code 2 on a bad config), then the
+The command line is :mod:`cp_megatron.cli.serve`.  Start-up is ``run``'s: pre-flight in one process (exit code 2 on a bad config), then the
 ranks are spawned here, or this process joins as one rank under torchrun / the deepspeed
 launcher.  Rank 0 serves HTTP on ``serve.host:serve.port``.
 
@@ -46,8 +46,8 @@ def serve(cfg: RunConfig) -> int:
         ConfigError: pre-flight failures (before any rank starts).
         RankFailure: a rank failed (every rank is stopped).
     """
-    from cp_megatron.launcher import spawn
-    from cp_megatron.run import Prepared, check_model, context_limit, heuristic_hardware, under_launcher
+    from cp_megatron.launcher import spawn, under_launcher
+    from cp_megatron.preflight import Prepared, check_model, context_limit, heuristic_hardware
     from cp_megatron.serve.ranks import rank_main
 
     def prepare(world_size=None) -> Prepared:
@@ -71,28 +71,3 @@ def serve(cfg: RunConfig) -> int:
           threads_per_rank=cfg.runtime.threads_per_rank, backend=None, forward_signals=True,
           grace_s=RANK_FAILURE_GRACE_S)
     return 0
-
-
-def add_parser(subparsers) -> None:
-    """The ``serve`` subcommand."""
-    p = subparsers.add_parser("serve", help="serve the OpenAI API (chat, completions) from CP ranks",
-                              description="OpenAI-compatible HTTP server on global rank 0; every "
-                              "sequence's KV stays sharded over the CP ranks. Ranks start as for "
-                              "`run` (spawned here, or joined under torchrun / deepspeed).")
-    p.add_argument("config", help="YAML config (model, parallel, runtime, attention, serve; prompt unused)")
-    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (serve.port, default 8000; 0 = any free port)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config field, e.g. --set serve.kv_cache_tokens=32768 (repeatable)")
-    p.set_defaults(func=main)
-
-
-def main(args) -> int:
-    """``cp-megatron serve``: exit 0 after a drained stop, 2 bad config, 1 a rank failed."""
-    from cp_megatron.config import load_config
-    from cp_megatron.launcher import cli_job
-
-    overrides = list(args.overrides)
-    overrides += [f"serve.host={args.host}"] if args.host is not None else []
-    overrides += [f"serve.port={args.port}"] if args.port is not None else []
-    return cli_job(lambda: serve(load_config(args.config, overrides)))[0]

@@ -69,9 +69,9 @@ def _broadcast(message: Optional[dict]) -> dict:
 
 def rank_main(cfg, prep) -> Optional[int]:
     """Entry of every rank: build the engine, then lead (rank 0) or follow."""
-    from cp_megatron.run import build_engine
+    from cp_megatron.factory import rank_engine
 
-    topo, engine, tok = build_engine(cfg, prep)
+    topo, engine, tok = rank_engine(cfg, prep)
     if topo.rank == 0:
         return _lead(cfg, prep, engine, tok)
     # SIGTERM / Ctrl-C reach every rank (torchrun forwards them, so does our spawner):

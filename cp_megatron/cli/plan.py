@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
+
+from cp_megatron.atomic import pyplot, save_figure
 
 from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, plan, sweep_batch, sweep_cp
 
@@ -67,7 +71,21 @@ def format_plan(p: dict) -> str:
         "",
     ] + format_memory(p["memory"])
     rows += [f"warning   {w}" for w in p["warnings"]]
-    return "\n".join(rows)
+    return _device_words("\n".join(rows), p["hardware"])
+
+
+# Profiles of CPU ranks: the shipped cpu-gloo and those `cp-megatron bench hardware` measures.
+_CPU_PROFILES = ("cpu", "measured-")
+
+
+def _device_words(text: str, hardware: str) -> str:
+    """On a CPU profile, say ranks and machines instead of GPUs and nodes."""
+    if not hardware.startswith(_CPU_PROFILES):
+        return text
+    text = re.sub(r" \(\d+ nodes?\)", "", text)  # ranks on one machine or many: the planner cannot tell
+    for gpu_word, cpu_word in (("GPUs", "CPU ranks"), ("GPU", "rank"), ("nodes", "machines"), ("node", "machine")):
+        text = text.replace(gpu_word, cpu_word)
+    return text
 
 
 # (label, RoundCost key) of the time breakdown; decode names the linear term "weights read"
@@ -119,16 +137,12 @@ def format_sweep(points: list[dict]) -> str:
         rows.append(f"{p['cp']:>5}{p['gpus']:>6}  {p['strategy']:8}{_secs(p['ttft_s']):>12}"
                     f"{p['speedup']:>9.2f}x{p['efficiency']:>12.1%}{_secs(p['ttit_s']):>12}"
                     f"{'fits' if p['fits_in_memory'] else 'no fit':>9}")
-    return "\n".join(rows)
+    return _device_words("\n".join(rows), points[0]["hardware"])
 
 
 def plot_sweep(points: list[dict], path: str) -> None:
     """Write the TTFT-vs-CP curve (with ideal linear scaling) and the efficiency to a PNG."""
-    import matplotlib  # optional dependency, only for --plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # matplotlib: optional dependency, only for --plot
     cps = [p["cp"] for p in points]
     ttft = [p["ttft_s"] for p in points]
     ideal = [ttft[0] * cps[0] / c for c in cps]
@@ -147,8 +161,7 @@ def plot_sweep(points: list[dict], path: str) -> None:
     fig.suptitle(f"{points[0]['model']} on {points[0]['hardware']}, "
                  f"context {points[0]['context_tokens']:,} tokens (predicted)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, Path(path))
 
 
 def _parse_sweep(text: str) -> tuple[str, list[int]]:

@@ -1,0 +1,97 @@
+"""Build this rank's inference engine from a checkpoint reader: the one place that puts a
+model stage, its weight slice and an :class:`~cp_megatron.engine.InferenceEngine` together.
+
+``cp-megatron run``, the benchmark suites, ``convert --verify`` and the tests all call
+:func:`build_engine`; the process groups come first (:func:`cp_megatron.parallel_state.initialize`).
+:func:`rank_engine` does both for a run config (what every rank of ``run`` -- and of a
+server -- does after pre-flight).
+
+Source: megatron-core TP partitioning (column / row parallel layers) and the stage layout
+of pipeline parallelism (contiguous layer ranges); arXiv 2411.01783 §3 (CP inference).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from cp_megatron.engine import InferenceEngine
+from cp_megatron.hardware import HardwareProfile
+from cp_megatron.model.llama import LlamaStage, StageLayout
+from cp_megatron.model.weights import load_weights
+from cp_megatron.parallel_state import Topology
+
+
+def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", strategy: str = "auto",
+                 hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
+                 profile: bool = False, progress: bool = False, weights: str = "dtype") -> InferenceEngine:
+    """This rank's stage (its TP slice and PP layer range) with weights from ``reader``,
+    wrapped in an engine.
+
+    Args:
+        reader: a checkpoint reader (:func:`cp_megatron.checkpoint.open_checkpoint`) or a
+            :class:`~cp_megatron.model.weights.DummyReader`; its ``config`` is the model's.
+        topo: this rank's place in the TP x CP x PP grid.
+        dtype: weights and activations (torch.float32 or torch.bfloat16).
+        device: where the stage lives.
+        strategy: "auto" (Alg. 1 / Alg. 5 per round), "pass-kv" or "pass-q".
+        hardware: C and BW for the heuristic (None: by device).
+        kv_capacity: tokens to reserve in the KV cache up front.
+        profile: time ring attention per round (attention_s, comm_s); off, the hot path
+            has no timing.
+        progress: a weight-loading bar on stderr.
+        weights: "dtype" (linear weights in ``dtype``) or "fp8-rowwise" (attention and MLP
+            weights float8_e4m3fn with per-row scales, :mod:`cp_megatron.model.fp8`).
+
+    Raises:
+        ValueError: the TP size does not split the model (:mod:`cp_megatron.model.tp_rule`),
+            or a tensor is missing or mis-shaped in the checkpoint (CheckpointError).
+    """
+    layout = StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank)
+    stage = LlamaStage(reader.config, layout, dtype=dtype, device=device, weights=weights)
+    load_weights(stage, reader, progress=progress)
+    return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
+                           profile=profile)
+
+
+def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
+    """On every rank of a run config's job: join the process groups, open the checkpoint and
+    the tokenizer, build this rank's engine.
+
+    Args:
+        cfg: the :class:`~cp_megatron.config.RunConfig`.
+        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware).
+        status: called on global rank 0 with one line before and after loading the weights.
+        progress: a weight-loading bar on rank 0.
+
+    Returns:
+        (:class:`~cp_megatron.parallel_state.Topology`, the engine, the tokenizer or None).
+
+    Raises:
+        ConfigError: the checkpoint or tokenizer cannot be opened on this rank.
+    """
+    from cp_megatron import parallel_state
+    from cp_megatron.preflight import open_reader, open_tokenizer
+    from cp_megatron.sharding import kv_slots_per_rank
+
+    par, rt = cfg.parallel, cfg.runtime
+    torch.set_num_threads(rt.threads_per_rank)
+    parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
+    topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device()) if rt.device == "cuda" else torch.device("cpu")
+    reader = open_reader(cfg)
+    tok = open_tokenizer(cfg, reader)
+    say = status if status is not None and topo.rank == 0 else (lambda _line: None)
+    say(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, {cfg.model.dtype})")
+    t0 = time.perf_counter()
+    engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
+                          strategy=cfg.attention.strategy, hardware=prep.hardware,
+                          kv_capacity=kv_slots_per_rank(len(prep.first_turn), cfg.generation.max_new_tokens,
+                                                        par.cp),
+                          profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights)
+    del reader  # drop the checkpoint's memory maps: the stage holds its own copy
+    say(f"weights loaded in {time.perf_counter() - t0:.1f} s")
+    return topo, engine, tok

@@ -1,0 +1,137 @@
+"""Ranks never outlive their launcher: SIGTERM / SIGINT to a `cp-megatron run` parent stop
+every rank in order (one line, exit 128+signal, temporary folder removed); after SIGKILL
+of the parent, which no handler sees, the ranks notice and stop by themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STOP_WITHIN_S = 10.0
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its new parent to reap it is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _rank_pids(parent: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    pids = []
+    for pid in children:  # the rank processes, not multiprocessing's resource tracker
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+class _Job:
+    """A ``cp-megatron`` command started with its own TMPDIR; stderr drained into ``lines``
+    (so that no rank blocks on a full pipe); every process of it killed at exit."""
+
+    def __init__(self, args: list[str], tmp_path: Path) -> None:
+        self.tmp = tmp_path / "tmp"
+        self.tmp.mkdir()
+        self.proc = subprocess.Popen([sys.executable, "-m", "cp_megatron.cli", *args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                                     env={**os.environ, "TMPDIR": str(self.tmp), "OMP_NUM_THREADS": "1"})
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def temp_folders(self) -> list[Path]:
+        return list(self.tmp.glob("cp_megatron_*"))
+
+    def signal_and_wait(self, sig: signal.Signals, ranks: list[int]) -> int:
+        """Send ``sig`` to the launcher; assert that within STOP_WITHIN_S it has exited, no
+        rank runs and no temporary folder is left; return its exit code."""
+        os.kill(self.proc.pid, sig)
+        start = time.monotonic()
+        code = self.proc.wait(timeout=STOP_WITHIN_S)
+        while time.monotonic() - start < STOP_WITHIN_S and (
+                any(_alive(pid) for pid in ranks) or self.temp_folders()):
+            time.sleep(0.1)
+        left = [pid for pid in ranks if _alive(pid)]
+        assert not left, f"ranks still running {time.monotonic() - start:.1f} s after {sig.name}: {left}"
+        assert not self.temp_folders(), f"left behind: {self.temp_folders()}"
+        return code
+
+    def __enter__(self) -> "_Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pid in [self.proc.pid] + _rank_pids(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        self.reader.join(5)
+
+
+def _wait_for(condition, timeout_s: float, job: _Job) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline and job.proc.poll() is None, job.text()[-3000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_signal_to_the_launcher_mid_prefill_leaves_no_rank_and_no_temp_folder(tmp_path, sig):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
+                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
+    with _Job(["run", str(cfg)], tmp_path) as job:
+        _wait_for(lambda: "weights loaded" in job.text(), 240, job)
+        time.sleep(1.5)                          # the ranks are in the prefill now
+        ranks = _rank_pids(job.proc.pid)
+        assert len(ranks) == 2 and job.temp_folders(), (ranks, job.text()[-2000:])
+        code = job.signal_and_wait(sig, ranks)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        text = job.text()
+        assert code == 128 + sig, text[-2000:]
+        assert text.count("cp-megatron run:") == 1, text[-2000:]
+        assert f"cp-megatron run: stopped by {sig.name}; every rank stopped\n" in text, text[-2000:]
+        assert "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_signal_to_a_bench_suite_stops_its_concurrent_jobs_and_removes_their_folders(tmp_path, sig):
+    """`bench scaling` runs a CP1 and a CP2 job at once (3 ranks, a shared turns folder)."""
+    out = tmp_path / "out"
+    with _Job(["bench", "scaling", "--output-dir", str(out)], tmp_path) as job:
+        _wait_for(lambda: len(_rank_pids(job.proc.pid)) == 3, 200, job)
+        time.sleep(3.0)                          # the ranks are importing, loading or measuring
+        ranks = _rank_pids(job.proc.pid)
+        assert len(ranks) == 3, (ranks, job.text()[-2000:])
+        folders = [p.name for p in job.temp_folders()]
+        for prefix in ("cp_megatron_bench_", "cp_megatron_ranks_"):  # the turns folder, a job's results
+            assert any(name.startswith(prefix) for name in folders), folders
+        code = job.signal_and_wait(sig, ranks)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), job.text()[-2000:]
+    assert not (out / "scaling.json").exists()
+    if sig == signal.SIGTERM:
+        assert "cp-megatron bench: stopped by SIGTERM; every rank stopped\n" in job.text()
