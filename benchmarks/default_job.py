@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cp_megatron.atomic import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -84,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[default_job] {label} cp={cp}: median TTFT {m['ttft_s']:.3f} s, TTIT {m['ttit_s']:.4f} s, "
                   f"TTIT / TTIT(cp={args.cp[0]}) = {m['ttit_s'] / base:.2f}")
     if args.output:
-        path = Path(args.output)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        write_json(Path(args.output), report)
     return 0
 
 

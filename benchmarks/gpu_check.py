@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from cp_megatron.atomic import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 NH, NKV, DH = 16, 1, 128
 
@@ -160,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = failed or report.get("tests", {}).get("exit_code", 0) != 0
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json(path, json.loads(json.dumps(report, default=str)))
     print(f"[gpu_check] wrote {path}")
     return 1 if failed else 0
 

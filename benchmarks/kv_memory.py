@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 
+
 def _job(tokens: int, decode: int, cp: int) -> dict:
     import resource
 
@@ -93,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['kv_valid_bytes'] / 2**20:.0f} MiB valid in {r['kv_storage_slots']} slots, "
                   f"allocations {r['kv_allocations']}; TTFT {r['ttft_s']:.2f} s", flush=True)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        from cp_megatron.atomic import write_json   # the driver's checkout (workers may be older)
+
+        write_json(Path(args.output), report)
     return 0
 
 
