@@ -169,11 +169,6 @@ class KVCache:
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
         return self.layout.num_tokens * per_token
 
-    def reserved_bytes(self) -> int:
-        """Bytes of K/V storage allocated (capacity, all layers, K and V)."""
-        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return self.capacity * per_token
-
     def truncate(self, seq_id: int, length: int) -> None:
         """Drop the tokens of sequence ``seq_id`` at positions >= ``length`` (compacting)."""
         idx = self.layout.truncate(seq_id, length)
