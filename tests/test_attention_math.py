@@ -171,6 +171,11 @@ def test_plan_uses_views_and_few_blocks_for_load_balanced_prefill():
     # step 1 (rank 1's chunks 1 and 2): chunk 0 sees nothing, chunk 3 sees both.
     assert [(b.q0, b.q1, b.kv, b.causal) for b in plan.steps[1]] == [(100, 200, slice(0, 200), False)]
     assert all(isinstance(b.kv, slice) for step in plan.steps for b in step)
+    # The first block to write its rows copies; later ones merge (one accumulator over steps).
+    assert [b.first for step in plan.steps for b in step] == [True, True, False, False]
+    # Pass-Q: every step fills another rank's partials, so each step starts afresh.
+    plan_q = build_plan("pass-q", 0, [kv[0], kv[1]], kv)
+    assert [[b.first for b in step] for step in plan_q.steps] == [[True, True, False], [True]]
 
 
 def test_decode_query_is_one_plain_block_over_its_sequence():

@@ -3,7 +3,7 @@
 The plan (plan.py) names, for each ring step, which rows of the query block in hand
 meet which slots of the KV block in hand, and whether the block is square causal.  Here
 each block is one kernel call (kernels.py) and one in-place merge (Eq. 4) into float32
-accumulators.  Only device work: slices are views, index tensors are already on the
+accumulators -- or a copy, for the first block to write its rows (the plan knows which).  Only device work: slices are views, index tensors are already on the
 device, nothing is read back to the host.
 
 Source: arXiv 2411.01783 §3.4 (Eq. 4); docs/design.md §4–§6.
@@ -38,4 +38,8 @@ def attend_blocks(acc_out: torch.Tensor, acc_lse: torch.Tensor, q: torch.Tensor,
     for b in blocks:
         out, lse = attention_with_lse(q[b.q0:b.q1], _select(k, b.kv), _select(v, b.kv),
                                       scale=scale, is_causal=b.causal)
-        merge_into(acc_out[b.q0:b.q1], acc_lse[b.q0:b.q1], out, lse)
+        if b.first:     # nothing to merge with yet: every row of a block sees a key
+            acc_out[b.q0:b.q1].copy_(out)
+            acc_lse[b.q0:b.q1].copy_(lse)
+        else:
+            merge_into(acc_out[b.q0:b.q1], acc_lse[b.q0:b.q1], out, lse)

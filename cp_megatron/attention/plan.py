@@ -30,7 +30,7 @@ Source: arXiv 2411.01783 §3.3–3.5 (sharding, ring variants, decode); docs/des
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -81,17 +81,21 @@ class Block:
             index tensor (gathered with ``index_select``), on the plan's device.
         causal: square block with the same positions on both sides (q1 - q0 == KV slots,
             ascending positions): top-left causal.  Otherwise every query sees every key.
+        first: no earlier block of the same accumulator wrote rows ``[q0, q1)``
+            (set by :func:`build_plan`): the executor copies the result instead of
+            merging it into an empty accumulator.
     """
 
     q0: int
     q1: int
     kv: KVIndex
     causal: bool = False
+    first: bool = False
 
     def to(self, device: torch.device) -> "Block":
         if isinstance(self.kv, slice):
             return self
-        return Block(self.q0, self.q1, self.kv.to(device, non_blocking=True), self.causal)
+        return replace(self, kv=self.kv.to(device, non_blocking=True))
 
 
 def _as_index(idx: torch.Tensor) -> KVIndex:
@@ -230,9 +234,22 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
                          local_kv_len=int(kv_layouts[cp_rank][0].numel()), causal=causal, scale=scale)
     if plan.empty:
         return plan
+    written = torch.zeros(plan.q_len, dtype=torch.bool)      # rows of the accumulator written
     for step in range(size):
         src = (cp_rank - step) % size
         q_pos, q_seq = q_layouts[cp_rank] if strategy == PASS_KV else q_layouts[src]
         kv_pos, kv_seq = kv_layouts[src] if strategy == PASS_KV else kv_layouts[cp_rank]
-        plan.steps.append(plan_blocks(q_pos, q_seq, kv_pos, kv_seq, causal=causal))
+        if strategy == PASS_Q:   # each step fills its own accumulator (that rank's partials)
+            written.zero_()
+        plan.steps.append(_mark_first(plan_blocks(q_pos, q_seq, kv_pos, kv_seq, causal=causal), written))
     return plan
+
+
+def _mark_first(blocks: list[Block], written: torch.Tensor) -> list[Block]:
+    """Flag the blocks whose rows no earlier block wrote; mark their rows written."""
+    out = []
+    for b in blocks:
+        rows = written[b.q0:b.q1]
+        out.append(replace(b, first=not bool(rows.any())))
+        rows.fill_(True)
+    return out
