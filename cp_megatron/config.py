@@ -6,7 +6,7 @@ CLI turns it into exit code 2 before any rank starts.
 
     model:      {format: hf|meta|gguf|sharded|dummy, path | preset, dtype, weights, max_context}
     parallel:   {tp, cp, pp}
-    runtime:    {device, backend, threads_per_rank, seed, timeout_s}
+    runtime:    {device, backend, threads_per_rank, bind_cores, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
     prompt:     {text | file (+ question, + turns) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
@@ -98,6 +98,8 @@ class RuntimeSection(_Strict):
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
     backend: Optional[Literal["gloo", "nccl"]] = Field(None, description="default: gloo on cpu, nccl on cuda")
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
+    bind_cores: bool = Field(True, description="on CPU, pin each rank to threads_per_rank cores of its own "
+                                               "(when the machine has enough cores)")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
     timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
     profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "

@@ -12,6 +12,7 @@ of pipeline parallelism (contiguous layer ranges); arXiv 2411.01783 §3 (CP infe
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -78,6 +79,11 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     from cp_megatron.sharding import kv_slots_per_rank
 
     par, rt = cfg.parallel, cfg.runtime
+    local = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    if rt.bind_cores and rt.device == "cpu" and None not in local:   # set by spawn and torchrun
+        from cp_megatron.launcher import bind_cores
+
+        bind_cores(int(local[0]), int(local[1]), rt.threads_per_rank)
     torch.set_num_threads(rt.threads_per_rank)
     parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
     topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)

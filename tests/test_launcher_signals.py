@@ -4,6 +4,7 @@ of the parent, which no handler sees, the ranks notice and stop by themselves.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -135,3 +136,29 @@ def test_signal_to_a_bench_suite_stops_its_concurrent_jobs_and_removes_their_fol
     assert not (out / "scaling.json").exists()
     if sig == signal.SIGTERM:
         assert "cp-megatron bench: stopped by SIGTERM; every rank stopped\n" in job.text()
+
+
+_BIND = """
+import json, os, threading
+from cp_megatron.launcher import bind_cores
+before = sorted(os.sched_getaffinity(0))
+ready, done = threading.Event(), threading.Event()
+worker = threading.Thread(target=lambda: (ready.set(), done.wait()))
+worker.start(); ready.wait()                   # a thread that exists before binding
+too_many = bind_cores(0, len(before) + 1, 1)    # more ranks than cores: nothing changes
+unchanged = sorted(os.sched_getaffinity(0))
+last = bind_cores(len(before) - 1, len(before), 1)
+print(json.dumps([before, too_many, unchanged, last, sorted(os.sched_getaffinity(0)),
+                  sorted(os.sched_getaffinity(worker.native_id))]))
+done.set()
+"""
+
+
+@pytest.mark.integration
+def test_bind_cores_pins_every_thread_of_a_rank_to_its_own_cores():
+    proc = subprocess.run([sys.executable, "-c", _BIND], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    before, too_many, unchanged, last, after, worker = json.loads(proc.stdout)
+    assert too_many is None and unchanged == before
+    assert last == [before[-1]] and after == [before[-1]] and worker == [before[-1]]
