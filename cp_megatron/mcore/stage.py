@@ -120,6 +120,11 @@ class McoreLlamaStage(nn.Module):
         return self.config.num_layers
 
     @property
+    def layers(self) -> dict:
+        """Global layer index (str) -> megatron-core TransformerLayer, as LlamaStage.layers."""
+        return {str(i): layer for i, layer in enumerate(self.model.decoder.layers)}
+
+    @property
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies ``[DH/2]`` float32 (the model's ``rotary_pos_emb``)."""
         return self.model.rotary_pos_emb.inv_freq
