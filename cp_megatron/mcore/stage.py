@@ -36,7 +36,7 @@ from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.mcore.core_attention import RingRoundParams
 from cp_megatron.mcore.spec import llama_layer_spec, transformer_config
-from cp_megatron.model.config import ModelConfig, RopeScaling
+from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.llama import StageLayout, _gather_last_dim, check_tp
 from cp_megatron.model.rope import inv_frequencies
@@ -45,9 +45,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-# The Llama 3.1 scaling that megatron-core's ``rope_scaling=True`` implements (only the factor
-# is an argument; low/high frequency factors and the original context are fixed).
-_MCORE_ROPE = RopeScaling(factor=8.0)
+# megatron-core's ``rope_scaling=True`` is Llama 3.1's scaling with only the factor as an argument:
+# (low_freq_factor, high_freq_factor, original_max_position_embeddings) are fixed at these.
+_MCORE_ROPE_FIXED = (1.0, 4.0, 8192)
 
 
 def megatron_rope_args(config: ModelConfig) -> dict:
@@ -55,9 +55,7 @@ def megatron_rope_args(config: ModelConfig) -> dict:
     megatron-core's Llama 3.1 scaling expresses ``config.rope_scaling``, else none (the stage
     then installs :func:`~cp_megatron.model.rope.inv_frequencies` itself)."""
     s = config.rope_scaling
-    if s is not None and s == RopeScaling(factor=s.factor, low_freq_factor=_MCORE_ROPE.low_freq_factor,
-                                          high_freq_factor=_MCORE_ROPE.high_freq_factor,
-                                          original_max_position_embeddings=_MCORE_ROPE.original_max_position_embeddings):
+    if s is not None and (s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) == _MCORE_ROPE_FIXED:
         return {"rope_scaling": True, "rope_scaling_factor": s.factor}
     return {"rope_scaling": False}
 
