@@ -66,7 +66,8 @@ class RingRoundParams(PackedSeqParams):
         plan: the round's AttentionPlan (device index tensors).
         kv_cache: this rank's KVCache (this round's slots added).
         first_layer: global index (0-based) of this pipeline stage's first layer.
-        ring_group: the CP process group (None for CP 1).
+        ring_group: the CP process group (None for CP 1).  Not the inherited ``cp_group``:
+            megatron-core reads that one to slice RoPE / THD sequences in training's CP layout.
         stats: opt-in RingStats.
         num_tokens: this rank's real tokens T; rows past it are padding (megatron-core's
             ``SelfAttention`` cannot reshape an empty ``[0, b, ...]`` batch, so a rank with
