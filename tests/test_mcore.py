@@ -189,3 +189,20 @@ def test_ring_core_attention_refuses_what_the_ring_does_not_compute():
         ok(q, q[:, :, :2], q[:, :, :2], None)
     with pytest.raises(ValueError, match="qkv_format"):
         RingRoundParams(qkv_format="thd")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides, key", [
+    (["model.implementation=megatron-core", "parallel.pp=2"], "parallel.pp"),
+    (["model.implementation=megatron-core", "model.weights=fp8-rowwise"], "model"),
+    (["model.implementation=mcore"], "model.implementation"),
+])
+def test_megatron_core_implementation_refuses_pp_fp8_and_typos_with_exit_2(tmp_path, capsys, overrides, key):
+    from cp_megatron.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny}\nprompt: {random_tokens: 8}\ngeneration: {max_new_tokens: 1}\n")
+    code = main(["run", str(cfg), *[a for o in overrides for a in ("--set", o)]])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cp-megatron:")]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith(f"cp-megatron: config error: {key}"), lines
