@@ -79,7 +79,7 @@ class ModelSection(_Strict):
                                 "with a warning: quality past the trained length is not guaranteed")
     implementation: Literal["native", "megatron-core"] = Field(
         "native", description="'native': our Llama stage (TP, CP, PP, FP8 rowwise); 'megatron-core': a "
-                              "megatron-core GPTModel whose core attention is the ring (TP, CP; PP 1, "
+                              "megatron-core GPTModel whose core attention is the ring (TP, CP, PP; "
                               "weights dtype), see docs/megatron.md")
 
     @model_validator(mode="after")

@@ -48,12 +48,12 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
             weights float8_e4m3fn with per-row scales, :mod:`cp_megatron.model.fp8`).
         implementation: "native" (:class:`LlamaStage`) or "megatron-core" (a megatron-core
             ``GPTModel`` with ring core attention, :class:`cp_megatron.mcore.stage.McoreLlamaStage`;
-            PP 1 and ``weights="dtype"`` only).
+            ``weights="dtype"`` only).
 
     Raises:
         ValueError: the TP size does not split the model (:mod:`cp_megatron.model.tp_rule`),
             a tensor is missing or mis-shaped in the checkpoint (CheckpointError), an unknown
-            implementation, or PP / FP8 with the megatron-core implementation.
+            implementation, or FP8 weights with the megatron-core implementation.
     """
     layout = StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank)
     if implementation == "native":

@@ -88,7 +88,7 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
     Raises:
         ConfigError: world size vs the launcher's, TP vs the model (the one TP rule), PP vs
             layers, missing or unreadable files, FP8 weights on a dtype / device without an
-            FP8 path, PP > 1 with the megatron-core implementation.
+            FP8 path.
     """
     import torch
 
@@ -111,9 +111,6 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
         raise ConfigError(f"parallel.tp: {problem}")
     if par.pp > config.num_layers:
         raise ConfigError(f"parallel.pp={par.pp} exceeds the model's {config.num_layers} layers")
-    if cfg.model.implementation == "megatron-core" and par.pp > 1:
-        raise ConfigError(f"parallel.pp={par.pp}: model.implementation megatron-core runs PP 1 only "
-                          "(use model.implementation: native for pipeline parallelism)")
     return reader, open_tokenizer(cfg, reader)
 
 

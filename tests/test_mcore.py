@@ -1,6 +1,6 @@
 """Ring attention as a megatron-core module: a megatron-core GPTModel (local spec, CPU) with
 RingCoreAttention against transformers' LlamaForCausalLM on the same weights, against our
-LlamaStage (greedy tokens), at CP 1, 2, 4 and TP 1, 2; the megatron-core checkpoint reader;
+LlamaStage (greedy tokens), at CP 1, 2, 4, TP 1, 2 and PP 2; the megatron-core checkpoint reader;
 the pure weight maps; megatron-core's RoPE frequencies against transformers'."""
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ OTHER = list(REAL_TEXT.encode()[600:640])                 # sequence 1, fresh, i
 
 
 def engines_job(cases: list, megatron_file: str | None):
-    """Per ``(folder, tp, cp)`` case (one spawn, parallel state rebuilt per case)."""
-    results = [_engines(folder, tp, cp, megatron_file) for folder, tp, cp in cases]
-    return results if parallel_state.topology().rank == 0 else None
+    """Per ``(folder, tp, cp, pp)`` case (one spawn, parallel state rebuilt per case)."""
+    results = [_engines(folder, tp, cp, pp, megatron_file) for folder, tp, cp, pp in cases]
+    return results if parallel_state.topology().rank == 0 else None  # engine.forward: logits on every rank
 
 
-def _engines(folder: str, tp: int, cp: int, megatron_file: str | None):
+def _engines(folder: str, tp: int, cp: int, pp: int, megatron_file: str | None):
     """Turn 1 of sequence 0 (prefill then partial prefill: all logits), then a round of
     turn 2 of sequence 0 (cached) with a fresh sequence 1 and greedy decode, on the
     megatron-core path and on LlamaStage; at TP 1 CP 1 also from a megatron-core state dict
     saved by the GPTModel itself (``megatron_file``)."""
-    topo = parallel_state.initialize(tp, cp, 1)
-    megatron_file = megatron_file if tp * cp == 1 else None
+    topo = parallel_state.initialize(tp, cp, pp)
+    megatron_file = megatron_file if tp * cp * pp == 1 else None
     hf = open_checkpoint("hf", folder)
     runs = [("megatron-core", hf), ("native", hf)]
     if megatron_file is not None:
@@ -84,8 +84,9 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("mcore"))
 
 
-# (world size, [(tied embeddings, tp, cp)]): CP 1, 2, 4 and TP 1, 2 in two spawns
-GRIDS = {"tp1-cp1": (1, [(False, 1, 1)]), "cp4-and-tp2-cp2": (4, [(False, 1, 4), (True, 2, 2)])}
+# (world size, [(tied embeddings, tp, cp, pp)]): CP 1, 2, 4, TP 1, 2 and PP 2 in two spawns
+GRIDS = {"tp1-cp1": (1, [(False, 1, 1, 1)]),
+         "world4": (4, [(False, 1, 4, 1), (True, 2, 2, 1), (True, 1, 2, 2)])}
 
 
 @pytest.mark.integration
@@ -93,14 +94,14 @@ GRIDS = {"tp1-cp1": (1, [(False, 1, 1)]), "cp4-and-tp2-cp2": (4, [(False, 1, 4),
 @pytest.mark.parametrize("grid", list(GRIDS))
 def test_megatron_core_gpt_matches_transformers_and_llama_stage(root, tmp_path, grid):
     world, cases = GRIDS[grid]
-    refs = [_reference(root, tie) for tie, _tp, _cp in cases]
+    refs = [_reference(root, tie) for tie, *_grid in cases]
     megatron_file = str(tmp_path / "model_optim_rng.pt")
     shutil.copy(Path(refs[0][0]) / "config.json", tmp_path / "config.json")
-    results = spawn(engines_job, world, ([(r[0], tp, cp) for r, (_t, tp, cp) in zip(refs, cases)], megatron_file),
+    results = spawn(engines_job, world, ([(r[0], *grid) for r, (_t, *grid) in zip(refs, cases)], megatron_file),
                     timeout_s=JOB_TIMEOUT_S)[0]
-    for (folder, ref, turn2, other), (tie, tp, cp), runs in zip(refs, cases, results):
-        case = f"tp={tp} cp={cp} tied={tie}"
-        assert [r[0] for r in runs] == ["megatron-core", "native"] + (["megatron-core"] if tp * cp == 1 else [])
+    for (folder, ref, turn2, other), (tie, tp, cp, pp), runs in zip(refs, cases, results):
+        case = f"tp={tp} cp={cp} pp={pp} tied={tie}"
+        assert [r[0] for r in runs] == ["megatron-core", "native"] + (["megatron-core"] if tp * cp * pp == 1 else [])
         for implementation, logits, tokens0, tokens1 in runs:
             # float32 end to end; the same bound as the LlamaStage tests (test_model.py).
             assert (logits - ref).abs().max().item() <= LOGITS_ATOL, (case, implementation)
@@ -193,11 +194,10 @@ def test_ring_core_attention_refuses_what_the_ring_does_not_compute():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("overrides, key", [
-    (["model.implementation=megatron-core", "parallel.pp=2"], "parallel.pp"),
     (["model.implementation=megatron-core", "model.weights=fp8-rowwise"], "model"),
     (["model.implementation=mcore"], "model.implementation"),
 ])
-def test_megatron_core_implementation_refuses_pp_fp8_and_typos_with_exit_2(tmp_path, capsys, overrides, key):
+def test_megatron_core_implementation_refuses_fp8_and_typos_with_exit_2(tmp_path, capsys, overrides, key):
     from cp_megatron.cli import main
 
     cfg = tmp_path / "run.yaml"

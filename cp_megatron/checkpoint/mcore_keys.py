@@ -75,6 +75,15 @@ def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fc1.chunk(2, dim=0)
 
 
+def global_layer_name(param_name: str, first_layer: int) -> str:
+    """A PP stage's parameter name with its global layer index: megatron-core numbers a stage's
+    ``decoder.layers.{i}`` from 0 (``first_layer`` = the stage's first global layer)."""
+    match = _LAYER.fullmatch(param_name)
+    if match is None or first_layer == 0:
+        return param_name
+    return f"decoder.layers.{int(match.group(1)) + first_layer}.{match.group(2)}"
+
+
 def hf_sources(param_name: str, config) -> tuple[list[str], int | None]:
     """(HF tensor names, TP shard dim) that make megatron-core parameter ``param_name``.
 

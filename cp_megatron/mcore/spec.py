@@ -43,14 +43,27 @@ def llama_layer_spec() -> ModuleSpec:
     return dataclasses.replace(spec, submodules=layer_sub)
 
 
+def pipeline_layout(stage_sizes: list[int]) -> list[list[str]]:
+    """megatron-core's ``pipeline_model_parallel_layout`` for stages of ``stage_sizes`` decoder
+    layers: the embedding on the first stage, the output layer ("loss") on the last."""
+    layout = [["decoder"] * n for n in stage_sizes]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
 def transformer_config(config: ModelConfig, *, tp_size: int = 1, cp_size: int = 1, pp_size: int = 1,
-                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TransformerConfig:
+                       stage_sizes: list[int] | None = None, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> TransformerConfig:
     """The megatron-core TransformerConfig of a Llama ``config`` for inference.
 
     No bias, RMSNorm (``rms_norm_eps``), SwiGLU (``gated_linear_unit`` + SiLU), GQA
     (``num_query_groups`` = NKV), no dropout, no fusions (they need CUDA kernels; the ring's
     kernels are ours), parameters in ``dtype`` allocated on the CPU when ``device`` is the CPU.
+    With PP > 1, ``stage_sizes`` (decoder layers per stage) becomes megatron-core's
+    ``pipeline_model_parallel_layout`` (:func:`pipeline_layout`), so any split works.
     """
+    layout = pipeline_layout(stage_sizes) if pp_size > 1 else None
     with warnings.catch_warnings():   # 0.16 warns about its own default cuda_graph_scope
         warnings.simplefilter("ignore", UserWarning)
         return TransformerConfig(
@@ -64,6 +77,7 @@ def transformer_config(config: ModelConfig, *, tp_size: int = 1, cp_size: int = 
             bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
             apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
             tensor_model_parallel_size=tp_size, context_parallel_size=cp_size,
-            pipeline_model_parallel_size=pp_size, sequence_parallel=False,
-            params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            pipeline_model_parallel_size=pp_size, pipeline_model_parallel_layout=layout,
+            sequence_parallel=False,
+            params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
             use_cpu_initialization=torch.device(device).type == "cpu", perform_initialization=False)

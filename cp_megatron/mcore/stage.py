@@ -16,8 +16,11 @@ per-token embedding ``[T, 1, 1, DH]`` from the model's ``rotary_pos_emb.inv_freq
 token's global position and passes it to the decoder with the round's
 :class:`~cp_megatron.mcore.core_attention.RingRoundParams`.
 
-Limits: pipeline parallelism (PP > 1) and FP8 rowwise weights are refused (use
-``model.implementation: native``); see docs/megatron.md.
+Pipeline parallelism: each stage is a ``GPTModel(pre_process=first, post_process=last)``
+whose layers are the engine's layer range (:func:`~cp_megatron.sharding.chunk_bounds`, given to
+megatron-core as ``pipeline_model_parallel_layout``); the engine sends activations between
+stages.  FP8 rowwise weights are refused (use ``model.implementation: native``); see
+docs/megatron.md.
 
 Source: megatron-core 0.16 ``models/gpt/gpt_model.py`` (``_preprocess``, ``_postprocess``),
 ``models/common/embeddings/rotary_pos_embedding.py``; arXiv 2411.01783 §3.
@@ -40,6 +43,7 @@ from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.llama import StageLayout, _gather_last_dim, check_tp
 from cp_megatron.model.rope import inv_frequencies
+from cp_megatron.sharding import chunk_bounds
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -65,7 +69,7 @@ class McoreLlamaStage(nn.Module):
 
     Args:
         config: model dimensions.
-        layout: TP / PP coordinates of this rank (PP must be 1).
+        layout: TP / PP coordinates of this rank (as parallel state's).
         dtype: parameter and activation dtype.
         device: "cpu" or a CUDA device.
         weights: only "dtype" (no FP8 rowwise layers in the megatron-core path).
@@ -78,15 +82,12 @@ class McoreLlamaStage(nn.Module):
     :mod:`cp_megatron.mcore.weights`.
 
     Raises:
-        ValueError: PP > 1, FP8 weights, or a TP size that does not split the model.
+        ValueError: FP8 weights, or a TP size that does not split the model.
     """
 
     def __init__(self, config: ModelConfig, layout: StageLayout, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", weights: str = "dtype") -> None:
         super().__init__()
-        if layout.pp_size != 1:
-            raise ValueError(f"model.implementation megatron-core: parallel.pp must be 1, got {layout.pp_size} "
-                             "(use model.implementation: native for pipeline parallelism)")
         if weights != "dtype":
             raise ValueError(f"model.implementation megatron-core: model.weights must be 'dtype', got {weights!r} "
                              "(FP8 rowwise weights need model.implementation: native)")
@@ -94,16 +95,21 @@ class McoreLlamaStage(nn.Module):
         self.config, self.layout, self.dtype, self.weights = config, layout, dtype, weights
         self.device = torch.device(device)
         topo = parallel_state.topology()
-        if topo.tp_size != layout.tp_size:
-            raise ValueError(f"layout TP {layout.tp_size} differs from parallel state's TP {topo.tp_size}")
-        tc = transformer_config(config, tp_size=layout.tp_size, cp_size=topo.cp_size, pp_size=1,
-                                dtype=dtype, device=self.device)
+        if (topo.tp_size, topo.pp_size, topo.pp_rank) != (layout.tp_size, layout.pp_size, layout.pp_rank):
+            raise ValueError(f"layout {layout} differs from parallel state's {topo}")
+        self.first_layer, self.last_layer = layout.layer_range(config.num_layers)
+        stage_sizes = [b - a for a, b in chunk_bounds(config.num_layers, layout.pp_size)]
+        tc = transformer_config(config, tp_size=layout.tp_size, cp_size=topo.cp_size, pp_size=layout.pp_size,
+                                stage_sizes=stage_sizes, dtype=dtype, device=self.device)
         self.model = GPTModel(
             config=tc, transformer_layer_spec=llama_layer_spec(), vocab_size=config.vocab_size,
-            max_sequence_length=config.max_position_embeddings, pre_process=True, post_process=True,
+            max_sequence_length=config.max_position_embeddings, pre_process=layout.is_first,
+            post_process=layout.is_last,
             parallel_output=True, share_embeddings_and_output_weights=config.tie_word_embeddings,
             position_embedding_type="rope", rotary_percent=1.0, rotary_base=config.rope_theta,
             pg_collection=parallel_state.process_groups(), **megatron_rope_args(config))
+        built = [layer.layer_number - 1 for layer in self.model.decoder.layers]
+        assert built == list(range(self.first_layer, self.last_layer)), (built, self.first_layer, self.last_layer)
         rotary = self.model.rotary_pos_emb
         if config.rope_scaling is not None and not megatron_rope_args(config)["rope_scaling"]:
             rotary.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -115,12 +121,12 @@ class McoreLlamaStage(nn.Module):
 
     @property
     def num_local_layers(self) -> int:
-        return self.config.num_layers
+        return self.last_layer - self.first_layer
 
     @property
     def layers(self) -> dict:
         """Global layer index (str) -> megatron-core TransformerLayer, as LlamaStage.layers."""
-        return {str(i): layer for i, layer in enumerate(self.model.decoder.layers)}
+        return {str(layer.layer_number - 1): layer for layer in self.model.decoder.layers}
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -128,7 +134,7 @@ class McoreLlamaStage(nn.Module):
         return self.model.rotary_pos_emb.inv_freq
 
     def new_kv_cache(self, capacity: int = 0) -> KVCache:
-        """An empty cache for all layers and this TP rank's KV heads."""
+        """An empty cache for this stage's layers and this TP rank's KV heads."""
         return KVCache(self.num_local_layers, self.config.num_kv_heads // self.layout.tp_size,
                        self.config.head_dim, dtype=self.dtype, device=self.device, capacity=capacity)
 
@@ -141,30 +147,38 @@ class McoreLlamaStage(nn.Module):
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 plan: AttentionPlan, *, cp_group=None, stats: Optional[RingStats] = None,
                 logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the model on this rank's tokens of one round.
+        """Run this stage on this rank's tokens of one round.
 
         Args:
-            inputs: int64 ``[T]`` token ids.
+            inputs: int64 ``[T]`` token ids on the first stage, else hidden ``[T, D]``.
             positions: int64 ``[T]`` global positions (on the stage's device).
             kv_cache: this rank's cache, this round's slots added (``KVCache.begin_round``).
             plan: the round's AttentionPlan (index tensors on the device).
             cp_group: the CP group (None for CP 1).
             stats: opt-in ring timings.
-            logits_index: int64 ``[n]`` rows whose logits are returned (default all).
+            logits_index: int64 ``[n]`` rows whose logits the last stage returns (default all).
 
         Returns:
-            logits ``[n, vocab]`` float32, gathered over TP.
+            last stage: logits ``[n, vocab]`` float32, gathered over TP; other stages: hidden
+            ``[T, D]`` for the next stage.
         """
         m = self.model
         t = inputs.shape[0]
         if t == 0:  # megatron-core's SelfAttention cannot run 0 tokens: one padding row
-            inputs, positions = inputs.new_zeros(1), positions.new_zeros(1)
-        params = RingRoundParams(plan=plan, kv_cache=kv_cache, first_layer=0, ring_group=cp_group,
-                                 stats=stats, num_tokens=t)
-        x = m.embedding(input_ids=inputs[None, :], position_ids=None)                   # [T, 1, D]
+            inputs = inputs.new_zeros((1, *inputs.shape[1:]))
+            positions = positions.new_zeros(1)
+        params = RingRoundParams(plan=plan, kv_cache=kv_cache, first_layer=self.first_layer,
+                                 ring_group=cp_group, stats=stats, num_tokens=t)
+        if self.layout.is_first:
+            x = m.embedding(input_ids=inputs[None, :], position_ids=None)               # [T, 1, D]
+        else:
+            x = inputs[:, None, :]                                                      # [T, 1, D]
+            m.decoder.set_input_tensor(x)  # what a non-first TransformerBlock reads
         x = m.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=self.rotary_pos_emb(positions),
-                      packed_seq_params=params)                                          # [T, 1, D], normed
+                      packed_seq_params=params)                          # [T, 1, D] (normed on the last stage)
         x = x[:t, 0]
+        if not self.layout.is_last:
+            return x
         if logits_index is not None:
             x = x.index_select(0, logits_index)
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None

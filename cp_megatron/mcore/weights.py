@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cp_megatron.checkpoint.mcore_keys import FC1, QKV, fuse_fc1, fuse_qkv, hf_sources
+from cp_megatron.checkpoint.mcore_keys import FC1, QKV, fuse_fc1, fuse_qkv, global_layer_name, hf_sources
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def load_weights(stage, reader, progress: bool = False) -> None:
     cfg, tp_rank, tp_size = stage.config, stage.layout.tp_rank, stage.layout.tp_size
     params = [(n, p) for n, p in stage.model.named_parameters()]
     for name, param in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
-        sources, dim = hf_sources(name, cfg)
+        sources, dim = hf_sources(global_layer_name(name, stage.first_layer), cfg)
         parts = [reader.read(s, dtype=param.dtype) if dim is None else
                  reader.read(s, shard_dim=dim, tp_rank=tp_rank, tp_size=tp_size, dtype=param.dtype)
                  for s in sources]
