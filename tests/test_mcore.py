@@ -206,3 +206,52 @@ def test_megatron_core_implementation_refuses_fp8_and_typos_with_exit_2(tmp_path
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cp-megatron:")]
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(f"cp-megatron: config error: {key}"), lines
+
+
+def _megatron_state_dict(reader) -> dict:
+    """A megatron-core GPTModel state dict (TP 1) of ``reader``'s tensors, built with the maps."""
+    from cp_megatron.checkpoint.mcore_keys import FC1, QKV
+
+    config, state = reader.config, {}
+    for hf in reader.names():
+        source, _part = mcore_source(hf)
+        if source in state:
+            continue
+        parts = [reader.read(name) for name in hf_sources(source, config)[0]]
+        state[source] = (fuse_qkv(*parts, num_groups=config.num_kv_heads) if source.endswith(QKV)
+                         else fuse_fc1(*parts) if source.endswith(FC1) else parts[0])
+    return state
+
+
+@pytest.mark.unit
+def test_megatron_lm_save_folder_with_args_reads_back_every_tensor(tmp_path):
+    import argparse
+
+    from cp_megatron.checkpoint.megatron import MegatronReader
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.weights import DummyReader
+
+    preset = get_preset("tiny")
+    dummy = DummyReader(preset, seed=3)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, position_embedding_type="rope",
+        normalization="RMSNorm", swiglu=True, add_bias_linear=False, num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size, ffn_hidden_size=preset.intermediate_size,
+        num_attention_heads=preset.num_heads, group_query_attention=True, num_query_groups=preset.num_kv_heads,
+        kv_channels=preset.head_dim, padded_vocab_size=preset.vocab_size, rotary_base=preset.rope_theta,
+        norm_epsilon=preset.rms_norm_eps, max_position_embeddings=preset.max_position_embeddings,
+        untie_embeddings_and_output_weights=True, use_rope_scaling=False)
+    folder = tmp_path / "iter_0000020" / "mp_rank_00"
+    folder.mkdir(parents=True)
+    torch.save({"model": _megatron_state_dict(dummy), "args": args, "iteration": 20}, folder / "model_optim_rng.pt")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("20\n")
+    reader = MegatronReader(tmp_path)
+    assert reader.config == preset.with_(name=str(tmp_path))
+    for name in dummy.names():
+        assert torch.equal(reader.read(name), dummy.read(name)), name
+        if name.endswith("_proj.weight"):   # a TP slice of a fused tensor is that of the HF tensor
+            assert torch.equal(reader.read(name, shard_dim=0, tp_rank=1, tp_size=2),
+                               dummy.read(name, shard_dim=0, tp_rank=1, tp_size=2)), name
+    (tmp_path / "iter_0000020" / "mp_rank_01").mkdir()
+    with pytest.raises(ValueError, match="TP 1 PP 1"):
+        MegatronReader(tmp_path)
