@@ -38,6 +38,20 @@ TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 
 
+def _safe_globals() -> list:
+    """What a Megatron-LM ``args`` may hold besides builtins and torch dtypes: the Namespace
+    itself and megatron-core's enums (e.g. ``attention_backend: AttnBackend``)."""
+    import enum
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.transformer import enums as mc_enums
+    found = [v for v in vars(mc_enums).values() if isinstance(v, type) and issubclass(v, enum.Enum)
+             and v.__module__ == mc_enums.__name__]
+    return [argparse.Namespace, *found]
+
+
 def find_file(path: str) -> str:
     """The ``.pt`` file of a megatron checkpoint path (file, folder, or Megatron-LM save dir).
 
@@ -102,8 +116,8 @@ class MegatronReader(CheckpointReader):
     """A megatron-core GPTModel state dict (TP 1, PP 1) under HF tensor names.
 
     Raises (on construction):
-        CheckpointError: no file, a file with pickled objects beyond tensors and
-            ``argparse.Namespace``, no config (config.json or args), a missing tensor or
+        CheckpointError: no file, a file with pickled objects beyond tensors, containers,
+            ``argparse.Namespace`` and megatron-core's enums, no config (config.json or args), a missing tensor or
             one whose shape disagrees with the config.
     """
 
@@ -113,12 +127,13 @@ class MegatronReader(CheckpointReader):
         path = str(path)
         file = find_file(path)
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals(_safe_globals()):
                 obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-            raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): "
-                                  f"{str(err).splitlines()[0]} (save the model state dict only, e.g. "
-                                  "Megatron-LM --no-save-optim --no-save-rng)") from None
+            lines = str(err).splitlines()
+            why = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+            raise CheckpointError(f"{file}: cannot load with torch.load(weights_only=True): {why} (save "
+                                  "tensors only, e.g. Megatron-LM --no-save-optim --no-save-rng)") from None
         if not isinstance(obj, dict):
             raise CheckpointError(f"{file}: expected a state dict or {{'model': state dict}}, got {type(obj).__name__}")
         state = obj.get("model", obj)
