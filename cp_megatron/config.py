@@ -4,7 +4,8 @@ Every field is documented where it is declared.  An unknown key, a wrong type or
 impossible value is reported as one line naming the key path (``ConfigError``); the
 CLI turns it into exit code 2 before any rank starts.
 
-    model:      {format: hf|meta|gguf|sharded|dummy, path | preset, dtype, weights, max_context}
+    model:      {format: hf|meta|gguf|sharded|megatron|dummy, path | preset, dtype, weights, max_context,
+                 implementation: native|megatron-core}
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, bind_cores, seed, timeout_s}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
@@ -61,9 +62,11 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    format: Literal["hf", "meta", "gguf", "sharded", "dummy"] = Field(
-        "gguf", description="checkpoint format; 'dummy' = seeded random weights of a preset")
-    path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta, sharded) or .gguf file")
+    format: Literal["hf", "meta", "gguf", "sharded", "megatron", "dummy"] = Field(
+        "gguf", description="checkpoint format; 'dummy' = seeded random weights of a preset; 'megatron' = "
+                            "a megatron-core GPTModel state dict saved at TP 1 PP 1 (docs/megatron.md)")
+    path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta, sharded, megatron), "
+                                                          ".gguf file or megatron .pt file")
     preset: Optional[str] = Field(None, description="model preset name (format dummy)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
     weights: Literal["dtype", "fp8-rowwise"] = Field(
@@ -74,6 +77,10 @@ class ModelSection(_Strict):
         None, ge=1, description="longest context (prompt + generated tokens) a sequence may reach; "
                                 "default the checkpoint's max_position_embeddings. Larger values run "
                                 "with a warning: quality past the trained length is not guaranteed")
+    implementation: Literal["native", "megatron-core"] = Field(
+        "native", description="'native': our Llama stage (TP, CP, PP, FP8 rowwise); 'megatron-core': a "
+                              "megatron-core GPTModel whose core attention is the ring (TP, CP, PP; "
+                              "weights dtype), see docs/megatron.md")
 
     @model_validator(mode="after")
     def _source(self):
@@ -81,6 +88,9 @@ class ModelSection(_Strict):
             raise ValueError("format 'dummy' needs model.preset")
         if self.format != "dummy" and not self.path:
             raise ValueError(f"format '{self.format}' needs model.path")
+        if self.implementation == "megatron-core" and self.weights != "dtype":
+            raise ValueError("implementation 'megatron-core' needs weights 'dtype' (FP8 rowwise weights "
+                             "are native only)")
         return self
 
 

@@ -28,7 +28,8 @@ from cp_megatron.parallel_state import Topology
 def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
-                 profile: bool = False, progress: bool = False, weights: str = "dtype") -> InferenceEngine:
+                 profile: bool = False, progress: bool = False, weights: str = "dtype",
+                 implementation: str = "native") -> InferenceEngine:
     """This rank's stage (its TP slice and PP layer range) with weights from ``reader``,
     wrapped in an engine.
 
@@ -46,14 +47,27 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
         progress: a weight-loading bar on stderr.
         weights: "dtype" (linear weights in ``dtype``) or "fp8-rowwise" (attention and MLP
             weights float8_e4m3fn with per-row scales, :mod:`cp_megatron.model.fp8`).
+        implementation: "native" (:class:`LlamaStage`) or "megatron-core" (a megatron-core
+            ``GPTModel`` with ring core attention, :class:`cp_megatron.mcore.stage.McoreLlamaStage`;
+            ``weights="dtype"`` only).
 
     Raises:
         ValueError: the TP size does not split the model (:mod:`cp_megatron.model.tp_rule`),
-            or a tensor is missing or mis-shaped in the checkpoint (CheckpointError).
+            a tensor is missing or mis-shaped in the checkpoint (CheckpointError), an unknown
+            implementation, or FP8 weights with the megatron-core implementation.
     """
     layout = StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank)
-    stage = LlamaStage(reader.config, layout, dtype=dtype, device=device, weights=weights)
-    load_weights(stage, reader, progress=progress)
+    if implementation == "native":
+        stage = LlamaStage(reader.config, layout, dtype=dtype, device=device, weights=weights)
+        load_weights(stage, reader, progress=progress)
+    elif implementation == "megatron-core":
+        from cp_megatron.mcore.stage import McoreLlamaStage
+        from cp_megatron.mcore.weights import load_weights as load_mcore_weights
+
+        stage = McoreLlamaStage(reader.config, layout, dtype=dtype, device=device, weights=weights)
+        load_mcore_weights(stage, reader, progress=progress)
+    else:
+        raise ValueError(f"implementation: expected 'native' or 'megatron-core', got {implementation!r}")
     return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
                            profile=profile)
 
@@ -97,7 +111,8 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
                           strategy=cfg.attention.strategy, hardware=prep.hardware,
                           kv_capacity=kv_slots_per_rank(len(prep.first_turn), cfg.generation.max_new_tokens,
                                                         par.cp),
-                          profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights)
+                          profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights,
+                          implementation=cfg.model.implementation)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     say(f"weights loaded in {time.perf_counter() - t0:.1f} s")
     return topo, engine, tok

@@ -123,6 +123,18 @@ def get_pp_group():
     return mpu.get_pipeline_model_parallel_group()
 
 
+def process_groups():
+    """This rank's groups as megatron-core's ``ProcessGroupCollection`` (``tp``, ``cp``,
+    ``pp``, ``embd``), the explicit ``pg_collection`` that megatron-core modules take
+    instead of reading global parallel state.  ``embd`` is None: the LM head of a tied model
+    reads the embedding on the same stage (PP 1), so no embedding group is needed.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection(tp=get_tp_group(), cp=mpu.get_context_parallel_group(),
+                                  pp=get_pp_group(), embd=None)
+
+
 def pp_neighbours() -> tuple[Optional[int], Optional[int]]:
     """Global ranks of the previous and next pipeline stage (None at the ends)."""
     stage, stages = mpu.get_pipeline_model_parallel_rank(), mpu.get_pipeline_model_parallel_world_size()

@@ -89,21 +89,20 @@ def test_kernel_names_per_dtype():
                                                          "aten._scaled_dot_product_flash_attention")
 
 
-def _nccl_engine_job(device: str) -> list[int]:
+def _nccl_engine_job(device: str, implementation: str = "native") -> list[int]:
     import dataclasses
 
     from cp_megatron import parallel_state
-    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+    from cp_megatron.engine import SamplingParams, generate
+    from cp_megatron.factory import build_engine
     from cp_megatron.model.config import get_preset
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import DummyReader, load_weights
+    from cp_megatron.model.weights import DummyReader
 
     topo = parallel_state.initialize(1, 1, 1)
     config = dataclasses.replace(get_preset("tiny"), num_layers=2)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    stage = LlamaStage(config, StageLayout(), dtype=torch.float32, device=dev)
-    load_weights(stage, DummyReader(config, seed=5))
-    engine = InferenceEngine(stage, topo, kv_capacity=300)
+    engine = build_engine(DummyReader(config, seed=5), topo, dtype=torch.float32, device=dev, kv_capacity=300,
+                          implementation=implementation)
     prompt = torch.randint(0, config.vocab_size, (200,), generator=torch.Generator().manual_seed(1)).tolist()
     gens, _ = generate(engine, {0: prompt}, SamplingParams(max_new_tokens=8))
     return gens[0].token_ids
@@ -114,5 +113,16 @@ def test_single_rank_nccl_engine_matches_cpu_gloo():
     from cp_megatron.launcher import spawn
 
     on_gpu = spawn(_nccl_engine_job, 1, ("cuda",), backend="nccl", timeout_s=240)[0]
+    on_cpu = spawn(_nccl_engine_job, 1, ("cpu",), backend="gloo", timeout_s=240)[0]
+    assert len(on_gpu) == 8 and on_gpu == on_cpu
+
+
+
+@pytest.mark.timeout(300)
+def test_megatron_core_gpt_on_cuda_matches_llama_stage_on_cpu():
+    # megatron-core GPTModel (local spec, RingCoreAttention) built on the GPU (no CPU init)
+    from cp_megatron.launcher import spawn
+
+    on_gpu = spawn(_nccl_engine_job, 1, ("cuda", "megatron-core"), backend="nccl", timeout_s=240)[0]
     on_cpu = spawn(_nccl_engine_job, 1, ("cpu",), backend="gloo", timeout_s=240)[0]
     assert len(on_gpu) == 8 and on_gpu == on_cpu

@@ -1,7 +1,8 @@
 """Checkpoint readers: Hugging Face safetensors, Meta consolidated .pth, llama.cpp GGUF, and
-our own TP-sharded safetensors (written by ``cp-megatron convert``, see docs/convert.md).
+our own TP-sharded safetensors (written by ``cp-megatron convert``, see docs/convert.md), and a
+megatron-core GPTModel state dict (TP 1 PP 1, see docs/megatron.md).
 
-    reader = open_checkpoint("hf" | "meta" | "gguf" | "sharded", path)
+    reader = open_checkpoint("hf" | "meta" | "gguf" | "sharded" | "megatron", path)
     reader.config                       # ModelConfig from the checkpoint's own metadata
     reader.names()                      # canonical HF Llama tensor names
     reader.read(name, shard_dim=0, tp_rank=r, tp_size=n, dtype=torch.bfloat16)
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader, check_tp
 
-FORMATS = ("hf", "meta", "gguf", "sharded")
+FORMATS = ("hf", "meta", "gguf", "sharded", "megatron")
 
 
 def open_checkpoint(fmt: str, path) -> CheckpointReader:
@@ -25,7 +26,9 @@ def open_checkpoint(fmt: str, path) -> CheckpointReader:
         fmt: "hf" (folder: config.json + model.safetensors or model.safetensors.index.json
             and shards), "meta" (folder: params.json + consolidated.NN.pth [+ tokenizer.model])
             "gguf" (the .gguf file) or "sharded" (folder: cp_megatron_checkpoint.json +
-            model-tpRR-of-NN.safetensors, from ``cp-megatron convert --to sharded``).
+            model-tpRR-of-NN.safetensors, from ``cp-megatron convert --to sharded``) or "megatron"
+            (a megatron-core GPTModel state dict at TP 1 PP 1: .pt file or Megatron-LM save folder,
+            :mod:`cp_megatron.checkpoint.megatron`).
         path: folder or file (str or PathLike).
 
     Raises:
@@ -48,6 +51,10 @@ def open_checkpoint(fmt: str, path) -> CheckpointReader:
         from cp_megatron.checkpoint.sharded import ShardedReader
 
         return ShardedReader(path)
+    if fmt == "megatron":
+        from cp_megatron.checkpoint.megatron import MegatronReader
+
+        return MegatronReader(path)
     raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
 
 

@@ -97,9 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Convert HF / Meta / GGUF / sharded checkpoints to a TP-sharded checkpoint that "
                     "every TP rank loads from its own file (model.format: sharded), or to HF "
                     "safetensors. Streams one tensor at a time; see docs/convert.md.")
-    p.add_argument("--from", dest="src_format", required=True, metavar="{hf,meta,gguf,sharded}",
+    p.add_argument("--from", dest="src_format", required=True, metavar="{hf,meta,gguf,sharded,megatron}",
                    help="source format")
-    p.add_argument("src", metavar="SRC", help="source folder (hf, meta, sharded) or .gguf file")
+    p.add_argument("src", metavar="SRC", help="source folder (hf, meta, sharded, megatron) or .gguf / megatron .pt file")
     p.add_argument("--to", dest="dst_format", required=True, metavar="{sharded,hf}", help="output format")
     p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, default=None, help="TP size of a sharded output (default 1)")

@@ -1,0 +1,46 @@
+"""Filling a megatron-core GPTModel (:class:`~cp_megatron.mcore.stage.McoreLlamaStage`) from any
+checkpoint reader (Hugging Face tensor names), one TP slice at a time: q/k/v fused into
+``linear_qkv`` per query group, gate/up into ``linear_fc1`` per TP shard
+(:mod:`cp_megatron.checkpoint.mcore_keys`).
+
+Source: megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear`` partitioning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cp_megatron.checkpoint.mcore_keys import FC1, QKV, fuse_fc1, fuse_qkv, global_layer_name, hf_sources
+
+
+@torch.no_grad()
+def load_weights(stage, reader, progress: bool = False) -> None:
+    """Copy this TP rank's slice of every parameter of ``stage.model`` from ``reader``.
+
+    Args:
+        stage: a :class:`~cp_megatron.mcore.stage.McoreLlamaStage`.
+        reader: a checkpoint reader (HF tensor names) or :class:`~cp_megatron.model.weights.DummyReader`.
+        progress: a tqdm bar on stderr.
+
+    Raises:
+        ValueError: a tensor missing in the checkpoint or whose slice has the wrong shape.
+    """
+    from tqdm import tqdm
+
+    cfg, tp_rank, tp_size = stage.config, stage.layout.tp_rank, stage.layout.tp_size
+    params = [(n, p) for n, p in stage.model.named_parameters()]
+    for name, param in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        sources, dim = hf_sources(global_layer_name(name, stage.first_layer), cfg)
+        parts = [reader.read(s, dtype=param.dtype) if dim is None else
+                 reader.read(s, shard_dim=dim, tp_rank=tp_rank, tp_size=tp_size, dtype=param.dtype)
+                 for s in sources]
+        if name.endswith(QKV):
+            tensor = fuse_qkv(*parts, num_groups=cfg.num_kv_heads // tp_size)
+        elif name.endswith(FC1):
+            tensor = fuse_fc1(*parts)
+        else:
+            tensor = parts[0]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"tensor(s) {', '.join(sources)}: expected shape {tuple(param.shape)} for "
+                             f"{name} on TP rank {tp_rank}/{tp_size}, checkpoint gives {tuple(tensor.shape)}")
+        param.copy_(tensor)
