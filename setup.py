@@ -14,7 +14,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.17",
+        # 0.17+ declare Python >= 3.12, so pip on 3.11 installs 0.16.1; tested on 0.16.1, 0.19.2
+        # and 0.20.0 (docs/megatron.md §7).  0.19+ import triton unguarded (NVIDIA/Megatron-LM#6891),
+        # which a CPU build of torch does not bring.
+        "megatron-core>=0.16.1,<0.21",
+        "triton; python_version >= '3.12' and sys_platform == 'linux'",
         "numpy",
         "safetensors>=0.4",
         "gguf>=0.10",
