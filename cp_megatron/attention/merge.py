@@ -32,16 +32,10 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
         (out ``[*rows, DH]`` float32, lse ``[*rows]`` float32).
     """
     lses = lses.float()
-    m = lses.amax(dim=0)                                         # [*rows]
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    weights = torch.exp(lses - m_safe)                            # [S, *rows], exp(-inf) = 0
-    denom = weights.sum(dim=0)                                    # [*rows]
-    num = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)       # [*rows, DH]
-    has_keys = denom > 0
-    out = torch.where(has_keys.unsqueeze(-1), num / denom.clamp_min(1e-30).unsqueeze(-1),
-                      torch.zeros_like(num))
-    lse = torch.where(has_keys, m_safe + torch.log(denom.clamp_min(1e-30)),
-                      torch.full_like(m, NEG_INF))
+    lse = torch.logsumexp(lses, dim=0)                            # [*rows], -inf: no key anywhere
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weights = torch.exp(lses - lse_safe)                          # [S, *rows], exponents <= 0
+    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)       # rows with no key: 0
     return out, lse
 
 
