@@ -359,3 +359,35 @@ def test_megatron_bad_files_get_one_line_naming_the_file_or_key(tmp_path):
     for path in (tracker.parent, it):
         with pytest.raises(ValueError, match="torch_dist checkpoint .*--ckpt-format torch"):
             MegatronReader(path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("defect, first_words", [
+    ("1-layer config", "tensor(s) that the model of"),
+    ("tracker abc", "expected an iteration number or 'release'"),
+])
+def test_megatron_reader_refusals_are_one_line_exit_2_before_any_rank(tmp_path, capsys, monkeypatch, defect,
+                                                                      first_words):
+    import json
+
+    import cp_megatron.launcher
+    from cp_megatron.checkpoint.convert import hf_config
+    from cp_megatron.cli import main
+
+    file, dummy = _tiny_megatron_file(tmp_path)
+    if defect == "1-layer config":
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(dummy.config.with_(num_layers=1), torch.float32)))
+        path = file
+    else:
+        path = tmp_path / "save"
+        path.mkdir()
+        (path / "latest_checkpointed_iteration.txt").write_text("abc")
+    monkeypatch.setattr(cp_megatron.launcher, "spawn", lambda *a, **k: pytest.fail("ranks started"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{format: megatron, path: {path}}}\nprompt: {{random_tokens: 8}}\n"
+                   "generation: {max_new_tokens: 1}\n")
+    code = main(["run", str(cfg)])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cp-megatron:")]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("cp-megatron: config error: model: ") and first_words in lines[0], \
+        lines
