@@ -352,9 +352,12 @@ def test_megatron_bad_files_get_one_line_naming_the_file_or_key(tmp_path):
     tracker.write_text("abc\n")
     with pytest.raises(ValueError, match=rf"^{tracker}: expected an iteration number or 'release', got 'abc'$"):
         MegatronReader(tracker.parent)
-    tracker.write_text("20\n")      # Megatron-LM's default --ckpt-format torch_dist
+    tracker.write_text("20\n")
     it = tracker.parent / "iter_0000020"
-    it.mkdir()
+    (it / "mp_rank_00").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng\.pt: no such file"):
+        MegatronReader(tracker.parent)
+    (it / "mp_rank_00").rmdir()     # Megatron-LM's default --ckpt-format torch_dist
     for name in (".metadata", "__0_0.distcp", "common.pt", "metadata.json"):
         (it / name).write_bytes(b"")
     for path in (tracker.parent, it):

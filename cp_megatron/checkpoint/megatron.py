@@ -166,6 +166,8 @@ class MegatronReader(CheckpointReader):
     def __init__(self, path: str) -> None:
         path = str(path)
         file = find_file(path)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: no such file (expected Megatron-LM's {FILE} there)")
         if not zipfile.is_zipfile(file):   # torch.save's format since torch 1.6 (mmap needs it)
             raise CheckpointError(f"{file}: not a torch zip checkpoint as torch.save writes it (empty, truncated, "
                                   "another format, or saved with _use_new_zipfile_serialization=False)")
