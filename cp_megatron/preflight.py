@@ -86,9 +86,9 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
     """Pre-flight of the model and the grid: (checkpoint reader, tokenizer or None).
 
     Raises:
-        ConfigError: world size vs the launcher's, TP vs the model (the one TP rule), PP vs
-            layers, missing or unreadable files, FP8 weights on a dtype / device without an
-            FP8 path.
+        ConfigError: ``runtime.device: cuda`` without a CUDA device, world size vs the
+            launcher's, TP vs the model (the one TP rule), PP vs layers, missing or unreadable
+            files, FP8 weights on a dtype / device without an FP8 path.
     """
     import torch
 
@@ -96,6 +96,9 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
     from cp_megatron.model.tp_rule import tp_problem
 
     par = cfg.parallel
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
+                          f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
     if world_size is not None and world_size != par.world_size:
         raise ConfigError(f"parallel: tp*cp*pp = {par.tp}*{par.cp}*{par.pp} = {par.world_size} does not "
                           f"match the launcher's WORLD_SIZE={world_size}")

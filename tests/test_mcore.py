@@ -223,27 +223,42 @@ def _megatron_state_dict(reader) -> dict:
     return state
 
 
-@pytest.mark.unit
-def test_megatron_lm_save_folder_with_args_reads_back_every_tensor(tmp_path):
+def _llama_args(preset, **overrides):
+    """Megatron-LM ``args`` of a Llama model with ``preset``'s dimensions."""
     import argparse
 
-    from cp_megatron.checkpoint.megatron import MegatronReader
-    from cp_megatron.model.config import get_preset
-    from cp_megatron.model.weights import DummyReader
-
-    preset = get_preset("tiny")
-    dummy = DummyReader(preset, seed=3)
-    args = argparse.Namespace(
+    args = dict(
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, position_embedding_type="rope",
         normalization="RMSNorm", swiglu=True, add_bias_linear=False, num_layers=preset.num_layers,
         hidden_size=preset.hidden_size, ffn_hidden_size=preset.intermediate_size,
         num_attention_heads=preset.num_heads, group_query_attention=True, num_query_groups=preset.num_kv_heads,
         kv_channels=preset.head_dim, padded_vocab_size=preset.vocab_size, rotary_base=preset.rope_theta,
         norm_epsilon=preset.rms_norm_eps, max_position_embeddings=preset.max_position_embeddings,
-        untie_embeddings_and_output_weights=True, use_rope_scaling=False)
+        untie_embeddings_and_output_weights=not preset.tie_word_embeddings, use_rope_scaling=False)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def _tiny_megatron_file(tmp_path, preset=None, **extra) -> tuple[Path, object]:
+    """``model_optim_rng.pt`` of the tiny preset's dummy weights: ``{"model", "args", **extra}``."""
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.weights import DummyReader
+
+    preset = preset or get_preset("tiny")
+    dummy = DummyReader(preset, seed=3)
+    file = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": _megatron_state_dict(dummy), "args": _llama_args(preset), **extra}, file)
+    return file, dummy
+
+
+@pytest.mark.unit
+def test_megatron_lm_save_folder_with_args_reads_back_every_tensor(tmp_path):
+    from cp_megatron.checkpoint.megatron import MegatronReader
+    from cp_megatron.model.config import get_preset
+
+    preset = get_preset("tiny")
     folder = tmp_path / "iter_0000020" / "mp_rank_00"
     folder.mkdir(parents=True)
-    torch.save({"model": _megatron_state_dict(dummy), "args": args, "iteration": 20}, folder / "model_optim_rng.pt")
+    _file, dummy = _tiny_megatron_file(folder, iteration=20)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("20\n")
     reader = MegatronReader(tmp_path)
     assert reader.config == preset.with_(name=str(tmp_path))
@@ -255,3 +270,128 @@ def test_megatron_lm_save_folder_with_args_reads_back_every_tensor(tmp_path):
     (tmp_path / "iter_0000020" / "mp_rank_01").mkdir()
     with pytest.raises(ValueError, match="TP 1 PP 1"):
         MegatronReader(tmp_path)
+
+
+@pytest.mark.unit
+def test_megatron_rng_state_and_bookkeeping_entries_load_and_are_ignored(tmp_path):
+    import random
+
+    import numpy as np
+
+    from cp_megatron.checkpoint.megatron import MegatronReader
+
+    # Megatron-LM's rng_state (checkpointing.py get_rng_state): python, numpy and torch generators
+    rng_state = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                  "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}]
+    file, dummy = _tiny_megatron_file(tmp_path, rng_state=rng_state, iteration=3)
+    obj = torch.load(file, weights_only=False)
+    obj["model"]["decoder.layers.0.self_attention.linear_qkv._extra_state"] = None   # as Transformer Engine saves
+    obj["model"]["rotary_pos_emb.inv_freq"] = torch.ones(8)
+    torch.save(obj, file)
+    reader = MegatronReader(file)
+    for name in dummy.names():
+        assert torch.equal(reader.read(name), dummy.read(name)), name
+
+
+@pytest.mark.unit
+def test_megatron_config_that_disagrees_with_the_file_is_refused(tmp_path):
+    import json
+
+    from cp_megatron.checkpoint.convert import hf_config
+    from cp_megatron.checkpoint.megatron import MegatronReader
+
+    file, dummy = _tiny_megatron_file(tmp_path)
+    config = dummy.config
+    assert not config.tie_word_embeddings and config.num_layers == 2
+    for case, wrong, unused in [("1 layer", config.with_(num_layers=1), "decoder.layers.1."),
+                                ("tied", config.with_(tie_word_embeddings=True), "output_layer.weight")]:
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(wrong, torch.float32)))
+        with pytest.raises(ValueError) as err:
+            MegatronReader(file)
+        msg = str(err.value)
+        assert len(msg.splitlines()) == 1 and unused in msg, (case, msg)
+        assert "config.json and the file disagree" in msg, (case, msg)
+    (tmp_path / "config.json").unlink()      # the same through Megatron-LM's args
+    obj = torch.load(file, weights_only=False)
+    obj["args"].num_layers = 1
+    torch.save(obj, file)
+    with pytest.raises(ValueError, match=r"num_layers=1, .*decoder\.layers\.1\..*args and the file disagree"):
+        MegatronReader(file)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flag, value", [("add_qkv_bias", True), ("qk_layernorm", True), ("num_experts", 8),
+                                         ("rotary_interleaved", True), ("apply_layernorm_1p", True)])
+def test_megatron_args_of_a_non_llama_model_are_refused_by_name(tmp_path, flag, value):
+    from cp_megatron.checkpoint.megatron import MegatronReader
+
+    file, _dummy = _tiny_megatron_file(tmp_path)
+    obj = torch.load(file, weights_only=False)
+    setattr(obj["args"], flag, value)
+    torch.save(obj, file)
+    with pytest.raises(ValueError, match=rf"^{file}: args\.{flag}={value!r}, a Llama model needs"):
+        MegatronReader(file)
+
+
+@pytest.mark.unit
+def test_megatron_bad_files_get_one_line_naming_the_file_or_key(tmp_path):
+    from cp_megatron.checkpoint.megatron import MegatronReader
+
+    file, _dummy = _tiny_megatron_file(tmp_path)
+    obj = torch.load(file, weights_only=False)
+    obj["model"]["decoder.final_layernorm.weight"] = [1.0, 2.0]
+    torch.save(obj, file)
+    with pytest.raises(ValueError, match=r"decoder\.final_layernorm\.weight holds a list, expected a tensor"):
+        MegatronReader(file)
+    for content in (b"", b"not a torch file"):
+        file.write_bytes(content)
+        with pytest.raises(ValueError, match="not a torch zip checkpoint"):
+            MegatronReader(file)
+    tracker = tmp_path / "save" / "latest_checkpointed_iteration.txt"
+    tracker.parent.mkdir()
+    tracker.write_text("abc\n")
+    with pytest.raises(ValueError, match=rf"^{tracker}: expected an iteration number or 'release', got 'abc'$"):
+        MegatronReader(tracker.parent)
+    tracker.write_text("20\n")
+    it = tracker.parent / "iter_0000020"
+    (it / "mp_rank_00").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng\.pt: no such file"):
+        MegatronReader(tracker.parent)
+    (it / "mp_rank_00").rmdir()     # Megatron-LM's default --ckpt-format torch_dist
+    for name in (".metadata", "__0_0.distcp", "common.pt", "metadata.json"):
+        (it / name).write_bytes(b"")
+    for path in (tracker.parent, it):
+        with pytest.raises(ValueError, match="torch_dist checkpoint .*--ckpt-format torch"):
+            MegatronReader(path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("defect, first_words", [
+    ("1-layer config", "tensor(s) that the model of"),
+    ("tracker abc", "expected an iteration number or 'release'"),
+])
+def test_megatron_reader_refusals_are_one_line_exit_2_before_any_rank(tmp_path, capsys, monkeypatch, defect,
+                                                                      first_words):
+    import json
+
+    import cp_megatron.launcher
+    from cp_megatron.checkpoint.convert import hf_config
+    from cp_megatron.cli import main
+
+    file, dummy = _tiny_megatron_file(tmp_path)
+    if defect == "1-layer config":
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(dummy.config.with_(num_layers=1), torch.float32)))
+        path = file
+    else:
+        path = tmp_path / "save"
+        path.mkdir()
+        (path / "latest_checkpointed_iteration.txt").write_text("abc")
+    monkeypatch.setattr(cp_megatron.launcher, "spawn", lambda *a, **k: pytest.fail("ranks started"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{format: megatron, path: {path}}}\nprompt: {{random_tokens: 8}}\n"
+                   "generation: {max_new_tokens: 1}\n")
+    code = main(["run", str(cfg)])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cp-megatron:")]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("cp-megatron: config error: model: ") and first_words in lines[0], \
+        lines

@@ -54,6 +54,20 @@ def test_integers_stay_integers_and_ints_fill_float_fields():
 
 
 @pytest.mark.unit
+def test_cuda_device_without_cuda_is_one_line_exit_2_before_any_rank(tmp_path, capsys, monkeypatch):
+    import cp_megatron.launcher
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(DUMMY)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as a CPU build of torch says
+    monkeypatch.setattr(cp_megatron.launcher, "spawn", lambda *a, **k: pytest.fail("ranks started without CUDA"))
+    code, lines = _run(capsys, str(cfg), "--set", "runtime.device=cuda")
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("cp-megatron: config error: runtime.device: cuda, but this "
+                                                   "torch build has no CUDA device"), lines
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("target", ["dir", "file-as-folder"])
 def test_unwritable_output_is_exit_2_before_any_rank(tmp_path, capsys, monkeypatch, target):
     import cp_megatron.cli.run as run_module

@@ -62,6 +62,11 @@ def transformer_config(config: ModelConfig, *, tp_size: int = 1, cp_size: int = 
     kernels are ours), parameters in ``dtype`` allocated on the CPU when ``device`` is the CPU.
     With PP > 1, ``stage_sizes`` (decoder layers per stage) becomes megatron-core's
     ``pipeline_model_parallel_layout`` (:func:`pipeline_layout`), so any split works.
+
+    ``perform_initialization=False``: a ``GPTModel`` built with this config holds
+    uninitialised memory (``torch.empty``) until weights are loaded, e.g. with
+    :func:`cp_megatron.mcore.weights.load_gpt_model` (any checkpoint reader) or
+    ``model.load_state_dict`` (a megatron-core state dict of the same TP / PP layout).
     """
     layout = pipeline_layout(stage_sizes) if pp_size > 1 else None
     with warnings.catch_warnings():   # 0.16 warns about its own default cuda_graph_scope

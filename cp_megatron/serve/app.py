@@ -48,8 +48,9 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
         sched: the :class:`~cp_megatron.serve.scheduler.Scheduler` (its loop runs elsewhere).
         metrics: :class:`~cp_megatron.serve.metrics.ServeMetrics`.
         model_name: the id clients must send as ``model``.
-        tokenizer: :class:`~cp_megatron.tokenizer.Tokenizer`, or None (dummy model: only
-            token-id prompts on /v1/completions; outputs carry token ids, empty text).
+        tokenizer: :class:`~cp_megatron.tokenizer.Tokenizer`, or None (a dummy model, or a
+            checkpoint without tokenizer files: only token-id prompts on /v1/completions;
+            outputs carry token ids, empty text).
         max_context: the model's context (tokens): prompt + max_tokens must fit.
         vocab_size: token ids of a prompt must be below it.
         default_max_tokens: max_tokens of a chat request that sets none (completions: 16,
@@ -120,8 +121,8 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: HTTPRequest):
         if tokenizer is None:
-            return _error(400, "this model has no tokenizer (dummy weights): use /v1/completions with a "
-                               "token-id prompt", "messages")
+            return _error(400, "messages: this model has no tokenizer: use /v1/completions with token ids "
+                               "(prompt as a list of ints)", "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
@@ -136,7 +137,7 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
     async def completions(body: CompletionRequest, request: HTTPRequest):
         if isinstance(body.prompt, str):
             if tokenizer is None:
-                return _error(400, "prompt: this model has no tokenizer (dummy weights): give token ids",
+                return _error(400, "prompt: this model has no tokenizer: send token ids (prompt as a list of ints)",
                               "prompt")
             prompt = tokenizer.encode(body.prompt, add_bos=tokenizer.add_bos_default)
         else:
