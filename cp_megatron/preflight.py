@@ -96,9 +96,6 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
     from cp_megatron.model.tp_rule import tp_problem
 
     par = cfg.parallel
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
-                          f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
     if world_size is not None and world_size != par.world_size:
         raise ConfigError(f"parallel: tp*cp*pp = {par.tp}*{par.cp}*{par.pp} = {par.world_size} does not "
                           f"match the launcher's WORLD_SIZE={world_size}")
@@ -107,6 +104,11 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
             check_supported(cfg.runtime.device, getattr(torch, cfg.model.dtype))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    # The config's own consistency first (above), then this machine (a config meant for a GPU
+    # node is still checked on a CPU box up to here).
+    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
+                          f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
     reader = open_reader(cfg)
     config = reader.config
     problem = tp_problem(config, par.tp)
