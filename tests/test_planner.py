@@ -492,3 +492,63 @@ def test_planner_imports_neither_torch_nor_megatron():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out[:300]
+
+
+# --------------------------------------------------------------------------- memory report (#21)
+
+@pytest.mark.unit
+def test_cli_memory_rows_name_every_category_and_the_dry_run(capsys):
+    assert run_cli(ARGS_405B + ["--cp", "16", "--context", "1000000", "--max-new-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    for row in ("weights", "KV cache capacity", "activations (prefill peak)", "communication buffers",
+                "total, as the dry run counts", "+ allowances", "= needed",
+                "cp-megatron dryrun CONFIG --layers 2"):
+        assert row in out, row
+
+
+@pytest.mark.unit
+def test_cli_config_fills_the_inputs_and_names_its_dry_run(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {format: dummy, preset: llama3.1-70b, dtype: bfloat16}\nparallel: {tp: 8, cp: 4}\n"
+                   "attention: {hardware: h100-rdma}\nprompt: {random_tokens: 131072}\n"
+                   "generation: {max_new_tokens: 256}\nruntime: {kv_cache_margin_tokens: 1000}\n")
+    assert run_cli(["plan", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["model"], out["tp"], out["cp"], out["dtype"], out["context_tokens"]) == (
+        "llama3.1-70b", 8, 4, "bf16", 131072)
+    assert (out["max_new_tokens"], out["kv_margin_tokens"]) == (256, 1000)
+    assert out["memory"]["dryrun_command"] == f"cp-megatron dryrun {cfg} --layers 2"
+    same = planner.plan("llama3.1-70b", "h100-rdma", tp=8, cp=4, context_tokens=131072, dtype="bf16",
+                        max_new_tokens=256, kv_margin_tokens=1000).memory
+    assert out["memory"]["total_bytes"] == same["total_bytes"]
+    assert run_cli(["plan", "--config", str(cfg), "--cp", "2", "--json"]) == 0   # a flag wins
+    assert json.loads(capsys.readouterr().out)["cp"] == 2
+
+
+@pytest.mark.unit
+def test_cli_config_without_the_model_or_context_is_refused(tmp_path, capsys):
+    assert run_cli(["plan", "--config", "configs/llama3.1-405b-h100-1m.yaml"]) == 2
+    assert "--model: required" in capsys.readouterr().err
+    assert run_cli(["plan", "--config", "configs/llama3.1-405b-h100-1m.yaml", "--model", "llama3.1-405b"]) == 2
+    assert "--context: required" in capsys.readouterr().err
+    assert run_cli(["plan", "--config", str(tmp_path / "missing.yaml"), "--model", "x"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert run_cli(ARGS_405B + ["--cp", "2", "--context", "1000", "--kv-margin", "-1"]) == 2
+    assert "--kv-margin" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_memory_total_is_the_sum_of_its_categories_and_fits_counts_the_allowances():
+    p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=10**6, max_new_tokens=64)
+    m = p.memory
+    assert m["total_bytes"] == pytest.approx(m["weight_bytes"] + m["kv_cache_capacity_bytes"]
+                                             + m["activation_bytes"] + m["comm_buffer_bytes"], rel=REL_EXACT)
+    assert m["total_with_allowances_bytes"] == pytest.approx(m["total_bytes"] + sum(m["allowances"].values()),
+                                                             rel=REL_EXACT)
+    assert set(m["allowances"]) == {"cuda_context", "nccl", "fragmentation"}
+    assert m["activation_bytes"] == max(m["activation_phases"].values())
+    assert p.fits_in_memory == (m["total_with_allowances_bytes"] <= get_profile("h100-rdma").memory_bytes)
+    # the CP ring's receive buffers: two K and two V blocks of ceil(1M / 16) + 1 slots, one KV head
+    assert m["comm_buffer_bytes"] == 4 * 62501 * 128 * 2
+    assert planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=1000).memory[
+        "comm_buffer_bytes"] == 0
