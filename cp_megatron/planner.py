@@ -715,8 +715,11 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
                       with the ones before it held)
         rope          h + qkv + 4*t*q*e (x*cos, rotate_half, *sin, their sum) + cos/sin cast 2*t*DH*e
         ring          h + qkv + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
-                      block's kernel output and LSE t*q*e + t*nh*4, and at CP > 1 a merge's
-                      float32 partial and weighted partial 2*t*q*4 (one of them for fp32)
+                      block's kernel output and LSE tb*q*e + tb*nh*4, and at CP > 1 a merge's
+                      float32 partial and weighted partial 2*tb*q*4 (one of them for fp32);
+                      tb = t: at CP 1, and on CP rank N-1 (its two chunks are adjacent, so a
+                      fully visible KV chunk meets all its queries as one block); the other
+                      ranks' blocks have t/2 rows (the most loaded rank is costed)
         o_proj        h + qkv + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
         residual      X (attention output) + X (sum)
         gate_up       h2 + linear(H -> 2f)  (separate: gate, then up with silu(gate) held)
@@ -759,13 +762,17 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     # h, the projection outputs still referenced (fused: all of qkv through v's view; separate:
     # v, as rotated q and k replaced q and k), rotated q and k
     attn_live = x + (qkv_out if code.fused_qkv else t * k * e) + rope_q + t * k * e
-    # Eq. 4 merge of a later block (CP > 1): the partial in float32 and its weighted copy
-    merge = (t * q * 4 * (2 if e != 4 else 1)) if cp > 1 else 0.0
+    # Rows of one block of a ring step: t at CP 1 (one causal square) and on CP rank N-1, whose
+    # two load-balanced chunks are adjacent, so its queries meet a fully visible KV chunk as one
+    # block; t/2 on the other ranks.  The most loaded rank is costed.  At CP > 1 a later block's
+    # Eq. 4 merge makes the partial float32 and a weighted copy of it.
+    tb = t
+    merge = (tb * q * 4 * (2 if e != 4 else 1)) if cp > 1 else 0.0
     phases = {
         "norm": base + norm,
         "qkv": base + x + qkv,
         "rope": base + x + qkv_out + 4 * t * q * e + (2 * t * dh * e if e != 4 else 0.0),
-        "ring": base + attn_live + t * q * 4 + t * nh * 4 + t * q * e + t * nh * 4 + merge,
+        "ring": base + attn_live + t * q * 4 + t * nh * 4 + tb * q * e + tb * nh * 4 + merge,
         "o_proj": base + attn_live + t * nh * 4 + t * q * e
                   + linear(q, h, _act_blocks(cfg, tp, cfg.num_heads * dh)),
         "residual": base + 2 * x,

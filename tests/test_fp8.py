@@ -417,7 +417,8 @@ def test_prefill_activation_bytes_hand_checked_tiny():
     phases = activation_phases(cfg, 2, 2, 100, 100, 1, "bf16")
     assert phases["down"] == base + x + x + 2 * t * 64 * 2 + t * 64 * 2 + t * 64 * 2
     attn_live = x + t * 64 * 2 + t * 32 * 2 + t * 16 * 2           # h, qkv, rotated q and k
-    ring = base + attn_live + t * 32 * 4 + t * 2 * 4 + t * 32 * 2 + t * 2 * 4 + 2 * t * 32 * 4
+    tb = t                     # CP rank N-1: one block of all its rows (the most loaded rank)
+    ring = base + attn_live + t * 32 * 4 + t * 2 * 4 + tb * 32 * 2 + tb * 2 * 4 + 2 * tb * 32 * 4
     assert phases["ring"] == ring == prefill_activation_bytes(cfg, 2, 2, 100, 100, 1, "bf16")
     assert phases["logits"] == x + 512 * 4 * 3
     fp8_down = activation_phases(cfg, 2, 2, 100, 100, 1, "fp8")["down"]

@@ -181,3 +181,51 @@ def test_before_code_model_reproduces_the_issue_trace_405b_1m():
                                    code=planner.LAYER_CODE_BEFORE)
     assert report.activation_bytes == pytest.approx(12.35e9, rel=0.01)
     assert max(report.activation_phases, key=report.activation_phases.get) == "norm2"
+
+
+def _ring_job(tokens: int):
+    """One CP rank's peak while the pass-KV ring runs (its buffers included) and over the layer."""
+    from cp_megatron import parallel_state
+    from cp_megatron.attention import pass_kv
+    from cp_megatron.engine import InferenceEngine
+    from cp_megatron.model.llama import LlamaStage, StageLayout
+    from cp_megatron.model.weights import DummyReader, load_weights
+
+    topo = parallel_state.initialize(1, 2, 1)
+    stage = LlamaStage(SMALL, StageLayout(), dtype=torch.bfloat16)
+    load_weights(stage, DummyReader(SMALL, seed=1))
+    engine = InferenceEngine(stage, topo, kv_capacity=tokens, strategy="pass-kv")
+    mode, ring_peaks = LiveBytes(), []
+    ring_loop, forward = pass_kv.ring_loop, stage.forward
+
+    def measured_ring(*args, **kwargs):
+        outer, mode.peak = mode.peak, mode.live
+        ring_loop(*args, **kwargs)
+        ring_peaks.append(mode.peak)
+        mode.peak = max(outer, mode.peak)
+
+    def measured(*args, **kwargs):
+        with mode:
+            return forward(*args, **kwargs)
+
+    pass_kv.ring_loop, stage.forward = measured_ring, measured
+    ids = torch.randint(0, SMALL.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.forward({0: ids})
+    return {"ring": max(ring_peaks), "peak": mode.peak}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_ring_phase_and_its_buffers_match_a_cp2_run():
+    """At CP 2 (pass-KV) the phase the ring runs in -- the attention's live tensors, the float32
+    accumulators, a block's output, a merge's temporaries and the two receive buffers -- and the
+    layer's peak, against the planner (bf16 weights, 512 tokens per rank)."""
+    got = spawn(_ring_job, 2, (TOKENS,), timeout_s=240)
+    report = planner.memory_report(SMALL, 1, 2, TOKENS, TOKENS, 1, "bf16", code=planner.LAYER_CODE_BEFORE)
+    ring = report.activation_phases["ring"] + report.comm_buffer_bytes
+    # Rank 1 (= N-1) holds chunks 1 and 2, adjacent: a fully visible KV chunk meets all its
+    # queries as one block, the case the planner costs; rank 0's blocks have half the rows.
+    assert max(r["ring"] for r in got) == got[1]["ring"] == pytest.approx(ring, rel=ACTIVATION_REL), (got, ring)
+    assert got[0]["ring"] < ring
+    for rank, r in enumerate(got):
+        assert report.activation_bytes == pytest.approx(r["peak"], rel=ACTIVATION_REL), (rank, r)
