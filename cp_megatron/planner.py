@@ -819,11 +819,14 @@ def comm_buffer_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     return float(2 * t * nh * dh * e + 2 * cp * t * nh * (dh + 1) * 4)
 
 
-def allowance_bytes(cp: int, transient_bytes: float) -> dict:
+def allowance_bytes(tp: int, cp: int, transient_bytes: float) -> dict:
     """The allowances for what neither the planner nor the dry run sees (bytes per GPU):
-    CUDA context, NCCL (three communicators, plus the all_to_all's connections when cp > 1)
+    CUDA context, NCCL (one allowance per communicator of more than one rank -- TP, CP and the
+    world group that shares sampled tokens -- plus the all_to_all's connections when cp > 1)
     and allocator fragmentation (a fraction of ``transient_bytes``).  Sources: :data:`ALLOWANCES`."""
-    nccl = 3 * ALLOWANCES["nccl_per_communicator"][0] + (ALLOWANCES["nccl_all_to_all"][0] if cp > 1 else 0.0)
+    communicators = (tp > 1) + (cp > 1) + (tp * cp > 1)
+    nccl = (communicators * ALLOWANCES["nccl_per_communicator"][0]
+            + (ALLOWANCES["nccl_all_to_all"][0] if cp > 1 else 0.0))
     return {"cuda_context": ALLOWANCES["cuda_context"][0], "nccl": nccl,
             "fragmentation": ALLOWANCES["fragmentation_fraction"][0] * transient_bytes}
 
@@ -856,7 +859,7 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
     act = max(phases.values())
     comm = comm_buffer_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, strategy)
     total = w + kv_cap + act + comm
-    allow = allowance_bytes(cp, act + comm)
+    allow = allowance_bytes(tp, cp, act + comm)
     total_allow = total + sum(allow.values())
     capacity = {name: load_profile(name).memory_bytes for name in MEMORY_TARGETS}
     command = f"cp-megatron dryrun {dryrun_config or 'CONFIG'} --layers 2"

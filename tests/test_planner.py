@@ -552,3 +552,12 @@ def test_memory_total_is_the_sum_of_its_categories_and_fits_counts_the_allowance
     assert m["comm_buffer_bytes"] == 4 * 62501 * 128 * 2
     assert planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=1000).memory[
         "comm_buffer_bytes"] == 0
+
+
+@pytest.mark.unit
+def test_nccl_allowance_counts_only_communicators_that_exist():
+    per, a2a = planner.ALLOWANCES["nccl_per_communicator"][0], planner.ALLOWANCES["nccl_all_to_all"][0]
+    assert planner.allowance_bytes(1, 1, 0.0)["nccl"] == 0.0                    # one GPU: no NCCL
+    assert planner.allowance_bytes(8, 1, 0.0)["nccl"] == 2 * per                # TP and world
+    assert planner.allowance_bytes(8, 16, 1e9) == {"cuda_context": 0.5e9, "nccl": 3 * per + a2a,
+                                                   "fragmentation": 0.1 * 1e9}
