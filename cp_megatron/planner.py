@@ -45,6 +45,9 @@ LSE_BYTES = 4  # LSE travels in float32 (docs/design.md §6)
 ID_BYTES = 4  # a rotating query row carries its batch (sequence) id as int32 (Alg. 4)
 # Presets the paper serves with FP8 row-wise weights (§4); others default to bf16.
 DEFAULT_DTYPE = {"llama3.1-405b": "fp8"}
+# KV reservation defaults of a run (runtime.kv_cache_margin_tokens / kv_cache_growth_tokens).
+DEFAULT_KV_MARGIN_TOKENS = 8192
+DEFAULT_KV_GROWTH_TOKENS = 16384
 
 
 
@@ -82,23 +85,22 @@ def linear_flops(cfg: ModelConfig, new_tokens: float) -> float:
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str) -> float:
-    """Bytes of all weights (whole model, before TP sharding).
+    """Bytes of all weights (whole model, TP 1) as cp_megatron loads them: :func:`loaded_weight_bytes`.
 
-    ``fp8`` follows the Llama 3 FP8 recipe the paper uses: FFN weights of every block but
-    the first and the last are FP8 with one float32 scale per row; attention projections,
-    norms, embedding and LM head stay bf16.  ``bf16`` / ``fp32``: every weight that size.
+    ``fp8`` is ``model.weights: fp8-rowwise``: every block's q, k, v, o, gate, up and down
+    weights FP8 with one float32 scale per row; embedding, norms and LM head bf16.
+    ``bf16`` / ``fp32``: every weight that size.
 
-    Source: arXiv 2411.01783 §4 (FP8 row-wise weights); Llama 3 paper, arXiv 2407.21783 §6.2.
+    Source: cp_megatron.model.fp8; arXiv 2411.01783 §4 (FP8 row-wise weights).
     """
-    if dtype not in DTYPE_BYTES:
-        raise PlanInputError("--dtype", f"expected one of {WEIGHT_DTYPES}, got {dtype!r}")
-    if dtype != "fp8":
-        return float(cfg.num_parameters() * DTYPE_BYTES[dtype])
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    quantized_layers = max(cfg.num_layers - 2, 0)
-    fp8_params = quantized_layers * 3 * h * f
-    scales = quantized_layers * (2 * f + h) * 4
-    return float(fp8_params + scales + (cfg.num_parameters() - fp8_params) * 2)
+    return loaded_weight_bytes(cfg, 1, dtype)
+
+
+def block_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> float:
+    """Bytes of one transformer block's weights on one TP rank (what a decode step reads per block)."""
+    h, e = cfg.hidden_size, 4 if dtype == "fp32" else 2
+    vocab = cfg.vocab_size / tp * h * e * (1 if cfg.tie_word_embeddings else 2)
+    return (loaded_weight_bytes(cfg, tp, dtype) - vocab - h * e) / cfg.num_layers
 
 
 def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
@@ -255,8 +257,7 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
 
     head_params = cfg.vocab_size * cfg.hidden_size
     head_bytes = head_params * e  # embedding and LM head stay in the activation dtype
-    non_block = head_bytes * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size * e
-    block_bytes_gpu = (weight_bytes(cfg, dtype) - non_block) / layers / tp
+    block_bytes_gpu = block_weight_bytes(cfg, tp, dtype)
     t_linear = max(linear_flops(cfg, tokens_rank) / tp / hw.linear_flops_per_s, block_bytes_gpu / hbm)
 
     # Attention: load-balanced sharding gives every ring step the same share (§3.3).
@@ -316,6 +317,10 @@ class Plan:
     ``ttft_s``) are the prefill of ``new_tokens`` on ``cached_tokens``; ``decode`` holds the
     same breakdown (:class:`RoundCost`) for one decode step after it, whose total is
     ``ttit_s``.  ``heuristic`` and ``decode["heuristic"]`` are Alg. 1 / Alg. 5's values.
+    Memory: ``memory`` is the :class:`MemoryReport`; ``weight_bytes_per_gpu`` is its
+    ``weight_bytes`` (one figure, the weights as loaded), ``kv_cache_bytes_per_gpu`` its
+    ``kv_cache_bytes`` (the context's K/V, what a decode step reads), and ``fits_in_memory``
+    compares its ``total_with_allowances_bytes`` with the profile's ``memory_bytes_per_gpu``.
     """
 
     model: str
@@ -361,11 +366,14 @@ class Plan:
     hardware_profile: dict
     warnings: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)   # MemoryReport.to_dict(): as cp_megatron loads it
+    max_new_tokens: int = 0
+    kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["inputs"] = {k: d[k] for k in ("model", "hardware", "tp", "cp", "context_tokens",
-                                         "cached_tokens", "batch", "dtype")}
+                                         "cached_tokens", "batch", "dtype", "max_new_tokens",
+                                         "kv_margin_tokens")}
         return d
 
 
@@ -376,7 +384,8 @@ def _check_positive(flag: str, value, minimum: int = 1) -> None:
 
 def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], tp: int, cp: int,
          context_tokens: int, cached_tokens: int = 0, batch: int = 1,
-         dtype: Optional[str] = None) -> Plan:
+         dtype: Optional[str] = None, max_new_tokens: int = 0,
+         kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, dryrun_config: Optional[str] = None) -> Plan:
     """Predict TTFT of one prefill round, TTIT of the decode steps after it, and memory.
 
     Args:
@@ -388,6 +397,10 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         cached_tokens: P, already in the KV cache (0 = full prefill; context - 1 = decode).
         batch: sequences in the round.
         dtype: weight dtype; None = "fp8" for presets the paper serves in FP8, else "bf16".
+        max_new_tokens / kv_margin_tokens: the run's generation budget and KV margin for later
+            turns (``generation.max_new_tokens``, ``runtime.kv_cache_margin_tokens``): what the KV
+            cache reserves beyond the context.
+        dryrun_config: run config named by the memory report's dry-run command.
 
     Returns:
         Plan.
@@ -410,6 +423,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     for flag, value in (("--tp", tp), ("--cp", cp), ("--context", context_tokens), ("--batch", batch)):
         _check_positive(flag, value)
     _check_positive("--cached", cached_tokens, minimum=0)
+    _check_positive("--max-new-tokens", max_new_tokens, minimum=0)
+    _check_positive("--kv-margin", kv_margin_tokens, minimum=0)
     if cached_tokens >= context_tokens:
         raise PlanInputError("--cached", f"must be < --context ({context_tokens}), got {cached_tokens}")
     problem = tp_problem(cfg, tp, replicate_kv_heads=True)  # the runtime's rule + the paper's multi-node TP
@@ -439,15 +454,19 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     attn_layer = batch * attention_flops(cfg.num_heads, cfg.head_dim, t, p)
     lin_layer = batch * linear_flops(cfg, t)
     gpus = tp * cp
-    w_gpu = weight_bytes(cfg, dtype) / tp
+    memory = memory_report(cfg, tp, cp, context_tokens, t, batch, dtype, strategy=prefill_decision.strategy,
+                           max_new_tokens=max_new_tokens, kv_margin_tokens=kv_margin_tokens,
+                           dryrun_config=dryrun_config)
+    w_gpu = memory.weight_bytes
     kv_gpu = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
+    need = memory.total_with_allowances_bytes
     warnings = []
     if context_tokens > cfg.max_position_embeddings:
         warnings.append(f"context {context_tokens} exceeds {cfg.name}'s max_position_embeddings "
                         f"({cfg.max_position_embeddings}): runs with model.max_context, quality past the "
                         f"trained length is not guaranteed")
-    if w_gpu + kv_gpu > hw.memory_bytes:
-        warnings.append("weights + KV cache exceed the GPU memory")
+    if need > hw.memory_bytes:
+        warnings.append("weights + KV cache + activations + buffers + allowances exceed the GPU memory")
     if cp > 1 and gpus <= hw.gpus_per_node:
         warnings.append("the CP ring fits in one node; costed at the inter-node bandwidth (pessimistic)")
     total_flops = cfg.num_layers * (attn_layer + lin_layer)
@@ -470,11 +489,11 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         achieved_flops_per_gpu=total_flops / gpus / prefill.total_s,
         decode_strategy=decode_decision.strategy, ttit_s=decode.total_s,
         weight_bytes_per_gpu=w_gpu, kv_cache_bytes_per_gpu=kv_gpu, memory_bytes_per_gpu=hw.memory_bytes,
-        fits_in_memory=w_gpu + kv_gpu <= hw.memory_bytes,
+        fits_in_memory=need <= hw.memory_bytes,
         heuristic=prefill_decision.to_dict(),
         decode={**asdict(decode), "heuristic": decode_decision.to_dict()},
         hardware_profile=hw.to_dict(), warnings=warnings,
-        memory=memory_report(cfg, tp, cp, context_tokens, t, batch, dtype).to_dict())
+        memory=memory.to_dict(), max_new_tokens=max_new_tokens, kv_margin_tokens=kv_margin_tokens)
     bad = _non_finite(result.to_dict())
     if bad:
         raise PlanInputError("--hardware", f"profile {hw.name!r} gives non-finite {', '.join(bad[:3])}: "
@@ -526,6 +545,54 @@ def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
 ACT_QUANT_CHUNK_BYTES = 256 << 20
 # GPU capacities the report checks against (the h100-rdma and h200 profiles).
 MEMORY_TARGETS = ("h100-rdma", "h200")
+# What neither the planner nor the dry run sees, per GPU: stated allowances, with their source.
+ALLOWANCES = {
+    "cuda_context": (0.5e9, "CUDA context with lazy module loading, cuBLAS/flash kernels loaded on use: "
+                            "287 MB measured in pytorch/pytorch#86509, ~300-400 MB per pytorch/pytorch#107667 "
+                            "and #109888 (ptrblck); 0.5 GB leaves room for the kernels this run loads"),
+    "nccl_per_communicator": (0.69e9, "NCCL buffers of one communicator after its first collective: 544 MB "
+                                      "(2 GPUs) / 688 MB (more than 2) measured in NVIDIA/nccl#964; the "
+                                      "runtime has a TP, a CP and a world communicator"),
+    "nccl_all_to_all": (3.3e9, "an all_to_all connects every peer of the CP group: +3.28 GB per GPU after "
+                               "the first all_to_all_single on 8 x H100 in NVIDIA/nccl#1685 (pass-Q decode "
+                               "runs one whenever cp > 1)"),
+    "fragmentation_fraction": (0.10, "the caching allocator rounds and splits blocks, so transient "
+                                     "tensors (activations, communication buffers) may need more than "
+                                     "their sum (PyTorch CUDA memory-management notes: "
+                                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it); a "
+                                     "stated 10% of the transient peak, not a measured figure"),
+}
+
+
+@dataclass(frozen=True)
+class LayerCode:
+    """What the layer's code keeps alive, as far as the activation peak is concerned.
+
+    The defaults describe the code after the decode helper's change (#21): RMSNorm is
+    ``torch.nn.functional.rms_norm`` (no float32 copies of the hidden state), q/k/v and
+    gate/up are one fused projection each, the fused gate/up output stays alive until the
+    down projection returns, and the layer's input is still held by the caller while the
+    layer runs (``x = layer(x, ctx)``: the residual stream lives twice after the first add).
+
+    Attributes:
+        rms_norm_fp32: RMSNorm computes in float32 copies of x (``x.float()``, ``pow(2)``,
+            ``x32 * rsqrt``; the code before #21).
+        fused_qkv / fused_gate_up: one projection for q, k, v / for gate and up.
+        gate_up_held: the gate/up output lives through the down projection.
+        input_held: the layer's input lives until the layer returns (fixed by an in-place
+            residual add, ``x.add_(...)``).
+    """
+
+    rms_norm_fp32: bool = False
+    fused_qkv: bool = True
+    fused_gate_up: bool = True
+    gate_up_held: bool = True
+    input_held: bool = True
+
+
+# The code of this repository before #21 (float32 RMSNorm, separate projections): what the
+# CPU measurement in tests/test_memory_model.py runs.
+LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, fused_qkv=False, fused_gate_up=False, gate_up_held=False)
 
 
 @dataclass(frozen=True)
@@ -537,20 +604,39 @@ class MemoryReport:
             up and down weights float8_e4m3fn with a float32 scale per row; embedding, norms
             and LM head in bf16), "bf16" or "fp32".
         weight_bytes: this GPU's TP shard of every weight (norms and row-parallel scales
-            replicated).
-        kv_cache_bytes: K and V of ceil(context / cp) tokens per sequence, NKV/tp heads.
-        activation_bytes: the prefill's peak working set (:func:`prefill_activation_bytes`).
-        total_bytes: the sum.
-        capacity_bytes / fits: per target profile ("h100-rdma": 80 GB H100, "h200": 141 GB).
+            replicated): the sum of a stage's parameter and buffer bytes.
+        kv_cache_bytes: K and V of the context's ceil(B * context / cp) tokens (used slots).
+        kv_cache_capacity_bytes: the cache's reserved storage: prompt + max_new_tokens +
+            the margin for later turns (:func:`kv_capacity_slots`), what the device holds.
+        activation_bytes: the prefill's transient peak (:func:`activation_phases`, the largest
+            phase), without the ring's buffers.
+        comm_buffer_bytes: receive buffers the runtime allocates for the CP ring (pass-KV:
+            two K/V blocks; pass-Q: two Q blocks, the partials and their all_to_all output).
+        total_bytes: weights + KV capacity + activations + communication buffers (what the
+            dry run measures).
+        allowances: bytes neither the planner nor the dry run sees ("cuda_context", "nccl",
+            "fragmentation"), each with its source (:data:`ALLOWANCES`).
+        total_with_allowances_bytes: total_bytes + the allowances.
+        activation_phases: the live bytes of each phase of one layer (the reconciliation table
+            of docs/planner.md).
+        capacity_bytes / fits: per target profile ("h100-rdma": 80 GB H100, "h200": 141 GB),
+            judged on total_with_allowances_bytes.
+        dryrun_command: the command that measures the same figures.
     """
 
     weights: str
     weight_bytes: float
     kv_cache_bytes: float
+    kv_cache_capacity_bytes: float
     activation_bytes: float
+    comm_buffer_bytes: float
     total_bytes: float
+    allowances: dict
+    total_with_allowances_bytes: float
+    activation_phases: dict
     capacity_bytes: dict
     fits: dict
+    dryrun_command: str
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -580,44 +666,186 @@ def loaded_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> float:
     return float(cfg.num_layers * block + vocab * (1 if cfg.tie_word_embeddings else 2) + h * e)
 
 
-def prefill_activation_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int,
-                             batch: int, dtype: str) -> float:
-    """Peak bytes of one GPU's prefill working set (one layer at a time, unfused), per GPU:
+def kv_capacity_slots(prompt_tokens: int, new_tokens: int, cp: int, margin_tokens: int) -> int:
+    """Slots one CP rank reserves: ceil(T/N) + 1 + ceil(G/N) + 1 (+ ceil(M/N) + 1 for a margin).
 
-        residual stream and its norm    2*t*H*e
-        attention (pass-KV)             t*q*e (Q) + t*q*4 + t*(NH/tp)*4 (float32 O and LSE
-                                        accumulators) + 2*2*c*k*e (K and V block in hand and
-                                        the one arriving)
-        MLP                             3*t*(F/tp)*e (gate, up, their product)
-        FP8 activation quantisation     t*K + min(4*t*K, 256 MiB), K = max(H, F/tp)
-        logits of the last tokens       B*V*4
+    The same count as :func:`cp_megatron.sharding.kv_slots_per_rank` (tested equal); repeated
+    here because the planner imports no torch.
+    """
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    return ceil(prompt_tokens, cp) + 1 + ceil(new_tokens, cp) + 1 + (ceil(margin_tokens, cp) + 1 if margin_tokens else 0)
 
-    with t = ceil(B*T/cp) new tokens and c = ceil(B*context/cp) KV tokens on the GPU, q = NH/tp*DH,
-    k = NKV/tp*DH; the attention and MLP terms are not live together (max of the two).
 
-    Source: the layer order of cp_megatron.model.llama; arXiv 2411.01783 Alg. 2 (pass-KV buffers).
+def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) -> float:
+    """Peak of an FP8 linear on t rows of ``width`` (output ``out_width``), per model/fp8.py.
+
+    Quantising (``quantize_activations``): in one piece when t*width*4 <= 256 MiB, the float32
+    copy and then its ``abs`` (2*t*width*4; the 1-byte result replaces ``abs``); in chunks,
+    the 1-byte result t*width plus one chunk's two temporaries (2 * 256 MiB).  Then the
+    matmul: the 1-byte input and its float32 scales beside the output t*out_width*e, or, with
+    activation scales over ``blocks`` > 1 blocks of K, three float32 partial sums
+    (accumulator, the next block's product and their sum) 3*t*out_width*4.
+    """
+    whole = t * width * 4
+    tmp = 2 * whole if whole <= ACT_QUANT_CHUNK_BYTES else t * width + 2 * ACT_QUANT_CHUNK_BYTES
+    out = 3 * t * out_width * 4 if blocks > 1 else t * out_width * e
+    return t * 4 * blocks + max(tmp, t * width + out)
+
+
+def _act_blocks(cfg: ModelConfig, tp: int, in_features: int) -> int:
+    """Activation-scale blocks of a row-parallel FP8 linear (model.fp8.linear_classes' rule)."""
+    nkv = cfg.num_kv_heads
+    return nkv // tp if nkv % tp == 0 and in_features % nkv == 0 else 1
+
+
+def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int, batch: int,
+                      dtype: str, code: LayerCode = LayerCode()) -> dict:
+    """Live bytes of one GPU at each phase of one layer of a prefill (the peak is the max).
+
+    t = ceil(B*T/cp) tokens on the GPU, H hidden, e activation bytes, q = NH/tp*DH,
+    k = NKV/tp*DH, f = F/tp, nh = NH/tp; X = t*H*e is one copy of the hidden state.  Every
+    phase holds the residual x (X), plus X more when the caller still holds the layer's input
+    (``code.input_held``, after the first residual add).  A linear's term is its output, or
+    with FP8 weights :func:`_quant` (row-parallel o / down with their activation-scale blocks).  RoPE, the ring and the projections run on
+    the normed input h (X), which the attention / MLP call holds until it returns.
+
+        norm          h (F.rms_norm); code.rms_norm_fp32: the larger of x.float() + pow(2)
+                      (2*t*H*4) and x32*rsqrt + its cast + the output (t*H*4 + 2*X)
+        qkv           h + linear(H -> q + 2k)  (separate q, k, v: the largest of the three,
+                      with the ones before it held)
+        rope          h + qkv + 4*t*q*e (x*cos, rotate_half, *sin, their sum) + cos/sin cast 2*t*DH*e
+        ring          h + qkv + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
+                      block's kernel output and LSE tb*q*e + tb*nh*4, and at CP > 1 a merge's
+                      float32 partial and weighted partial 2*tb*q*4 (one of them for fp32);
+                      tb = t: at CP 1, and on CP rank N-1 (its two chunks are adjacent, so a
+                      fully visible KV chunk meets all its queries as one block); the other
+                      ranks' blocks have t/2 rows (the most loaded rank is costed)
+        o_proj        h + qkv + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
+        residual      X (attention output) + X (sum)
+        gate_up       h2 + linear(H -> 2f)  (separate: gate, then up with silu(gate) held)
+        act           h2 + gate_up (2*t*f*e) + silu + product (2*t*f*e); separate: 3*t*f*e
+        down          h2 + [gate_up if code.gate_up_held] + product + linear(f -> H)
+        logits        B*V*4*3 (the TP shards, their gather, the engine's all-reduce buffer)
+
+    cos/sin of the round (2*t*DH*4) are added to every phase.  The ring's receive buffers are
+    :func:`comm_buffer_bytes`, not here.
+
+    Returns:
+        {phase: bytes}.
+
+    Source: the layer order of cp_megatron.model.llama, attention/{blocks,merge,pass_kv}.py,
+    model/fp8.py (quantize_activations), model/rope.py; arXiv 2411.01783 Alg. 2.
     """
     e = 4 if dtype == "fp32" else 2
     h, f, dh = cfg.hidden_size, cfg.intermediate_size / tp, cfg.head_dim
-    t, c = math.ceil(batch * new_tokens / cp), math.ceil(batch * context_tokens / cp)
-    q, k = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh
-    attention = t * q * e + t * q * 4 + t * cfg.num_heads / tp * 4 + 4 * c * k * e
-    mlp = 3 * t * f * e
-    quant = 0.0
-    if dtype == "fp8":
-        widest = max(h, f)
-        quant = t * widest + min(4 * t * widest, ACT_QUANT_CHUNK_BYTES)
-    return float(2 * t * h * e + max(attention, mlp) + quant + batch * cfg.vocab_size * 4)
+    t = math.ceil(batch * new_tokens / cp)
+    q, k, nh = cfg.num_heads / tp * dh, kv_heads_per_rank(cfg, tp) * dh, cfg.num_heads / tp
+    x = t * h * e
+    fp8 = dtype == "fp8"
+
+    def linear(width: float, out_width: float, blocks: int = 1) -> float:
+        return _quant(t, width, out_width, e, blocks) if fp8 else t * out_width * e
+
+    base = x + 2 * t * dh * 4                     # residual + cos/sin
+    held = x if code.input_held else 0.0          # the layer's input, after the first add
+    if code.rms_norm_fp32:  # x.float() (no copy for fp32), pow(2); then x32 * rsqrt, its cast, * weight
+        copy = t * h * 4 if e != 4 else 0.0
+        norm = max(copy + t * h * 4, t * h * 4 + (x if e != 4 else 0.0) + x)
+    else:                   # F.rms_norm: its output
+        norm = x
+    qkv_out = t * (q + 2 * k) * e
+    if code.fused_qkv:
+        qkv = linear(h, q + 2 * k)
+    else:  # q, k, v in turn, each with the earlier outputs alive
+        qkv = max(linear(h, q), t * q * e + linear(h, k), t * (q + k) * e + linear(h, k))
+    rope_q = t * q * e
+    # h, the projection outputs still referenced (fused: all of qkv through v's view; separate:
+    # v, as rotated q and k replaced q and k), rotated q and k
+    attn_live = x + (qkv_out if code.fused_qkv else t * k * e) + rope_q + t * k * e
+    # Rows of one block of a ring step: t at CP 1 (one causal square) and on CP rank N-1, whose
+    # two load-balanced chunks are adjacent, so its queries meet a fully visible KV chunk as one
+    # block; t/2 on the other ranks.  The most loaded rank is costed.  At CP > 1 a later block's
+    # Eq. 4 merge makes the partial float32 and a weighted copy of it.
+    tb = t
+    merge = (tb * q * 4 * (2 if e != 4 else 1)) if cp > 1 else 0.0
+    phases = {
+        "norm": base + norm,
+        "qkv": base + x + qkv,
+        "rope": base + x + qkv_out + 4 * t * q * e + (2 * t * dh * e if e != 4 else 0.0),
+        "ring": base + attn_live + t * q * 4 + t * nh * 4 + tb * q * e + tb * nh * 4 + merge,
+        "o_proj": base + attn_live + t * nh * 4 + t * q * e
+                  + linear(q, h, _act_blocks(cfg, tp, cfg.num_heads * dh)),
+        "residual": base + 2 * x,
+        "norm2": base + held + norm,
+    }
+    if code.fused_gate_up:
+        gate_up = linear(h, 2 * f)
+    else:  # gate, silu(gate), then up
+        gate_up = max(linear(h, f), 2 * t * f * e, t * f * e + linear(h, f))
+    mlp_held = held + x                           # input + h2
+    phases["gate_up"] = base + mlp_held + gate_up
+    # fused: gate_up, silu(gate), product; separate: silu(gate), up, product
+    phases["act"] = base + mlp_held + (4 if code.fused_gate_up else 3) * t * f * e
+    gu_live = 2 * t * f * e if (code.fused_gate_up and code.gate_up_held) else 0.0
+    phases["down"] = base + mlp_held + gu_live + t * f * e + linear(f, h, _act_blocks(cfg, tp, cfg.intermediate_size))
+    phases["residual2"] = base + held + 2 * x
+    phases["logits"] = x + batch * cfg.vocab_size * 4 * 3
+    return {name: float(v) for name, v in phases.items()}
+
+
+def prefill_activation_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int,
+                             batch: int, dtype: str, code: LayerCode = LayerCode()) -> float:
+    """Peak bytes of one GPU's prefill working set: the largest of :func:`activation_phases`."""
+    return max(activation_phases(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, code).values())
+
+
+def comm_buffer_bytes(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, context_tokens: int, batch: int,
+                      dtype: str, strategy: str) -> float:
+    """Receive buffers the runtime allocates for one layer's CP ring (bytes per GPU; 0 at CP 1).
+
+    pass-KV (Alg. 2): two K and two V blocks of c = ceil(B*context/cp) + 1 slots (double-buffered
+    receive), 4*c*k*e.  pass-Q (Alg. 3): two Q blocks 2*t*q*e, the float32 partials
+    ``[N, t, nh, DH + 1]`` and the all_to_all's output of the same shape.
+
+    Source: cp_megatron.attention.ring.ring_loop (double buffers), attention/pass_q.py.
+    """
+    if cp == 1:
+        return 0.0
+    e = 4 if dtype == "fp32" else 2
+    dh, nh = cfg.head_dim, cfg.num_heads / tp
+    t, c = math.ceil(batch * new_tokens / cp), math.ceil(batch * context_tokens / cp) + 1
+    if strategy == PASS_KV:
+        return float(4 * c * kv_heads_per_rank(cfg, tp) * dh * e)
+    return float(2 * t * nh * dh * e + 2 * cp * t * nh * (dh + 1) * 4)
+
+
+def allowance_bytes(tp: int, cp: int, transient_bytes: float) -> dict:
+    """The allowances for what neither the planner nor the dry run sees (bytes per GPU):
+    CUDA context, NCCL (one allowance per communicator of more than one rank -- TP, CP and the
+    world group that shares sampled tokens -- plus the all_to_all's connections when cp > 1)
+    and allocator fragmentation (a fraction of ``transient_bytes``).  Sources: :data:`ALLOWANCES`."""
+    communicators = (tp > 1) + (cp > 1) + (tp * cp > 1)
+    nccl = (communicators * ALLOWANCES["nccl_per_communicator"][0]
+            + (ALLOWANCES["nccl_all_to_all"][0] if cp > 1 else 0.0))
+    return {"cuda_context": ALLOWANCES["cuda_context"][0], "nccl": nccl,
+            "fragmentation": ALLOWANCES["fragmentation_fraction"][0] * transient_bytes}
 
 
 def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_tokens: int, batch: int,
-                  dtype: str) -> MemoryReport:
-    """Weights, KV cache and prefill activations of one GPU, and whether they fit an 80 GB
-    H100 and a 141 GB H200 (:data:`MEMORY_TARGETS`).
+                  dtype: str, *, strategy: str = PASS_KV, max_new_tokens: int = 0,
+                  kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, code: LayerCode = LayerCode(),
+                  dryrun_config: Optional[str] = None) -> MemoryReport:
+    """Weights, KV cache capacity, prefill activations and ring buffers of one GPU, the
+    allowances beside them, and whether they fit an 80 GB H100 and a 141 GB H200.
 
     Args:
         cfg: model dimensions; tp / cp: degrees; context_tokens: T + P per sequence;
         new_tokens: T per sequence; batch: sequences; dtype: "fp8" (fp8-rowwise), "bf16", "fp32".
+        strategy: the prefill's ring variant (its buffers differ).
+        max_new_tokens / kv_margin_tokens: the run's generation budget and KV margin (the cache
+            reserves B*context + B*max_new_tokens + margin, :func:`kv_capacity_slots`).
+        code: what the layer code keeps alive (:class:`LayerCode`).
+        dryrun_config: the run config to name in ``dryrun_command`` (None: ``CONFIG``).
 
     Raises:
         PlanInputError: unknown dtype.
@@ -625,9 +853,19 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
     e = 4 if dtype == "fp32" else 2
     w = loaded_weight_bytes(cfg, tp, dtype)
     kv = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
-    act = prefill_activation_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype)
-    total = w + kv + act
+    slot = 2 * cfg.num_layers * kv_heads_per_rank(cfg, tp) * cfg.head_dim * e
+    kv_cap = float(slot * kv_capacity_slots(batch * context_tokens, batch * max_new_tokens, cp, kv_margin_tokens))
+    phases = activation_phases(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, code)
+    act = max(phases.values())
+    comm = comm_buffer_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, strategy)
+    total = w + kv_cap + act + comm
+    allow = allowance_bytes(tp, cp, act + comm)
+    total_allow = total + sum(allow.values())
     capacity = {name: load_profile(name).memory_bytes for name in MEMORY_TARGETS}
+    command = f"cp-megatron dryrun {dryrun_config or 'CONFIG'} --layers 2"
     return MemoryReport(weights="fp8-rowwise" if dtype == "fp8" else dtype, weight_bytes=w,
-                        kv_cache_bytes=kv, activation_bytes=act, total_bytes=total,
-                        capacity_bytes=capacity, fits={n: total <= c for n, c in capacity.items()})
+                        kv_cache_bytes=kv, kv_cache_capacity_bytes=kv_cap, activation_bytes=act,
+                        comm_buffer_bytes=comm, total_bytes=total, allowances=allow,
+                        total_with_allowances_bytes=total_allow, activation_phases=phases,
+                        capacity_bytes=capacity, fits={n: total_allow <= c for n, c in capacity.items()},
+                        dryrun_command=command)

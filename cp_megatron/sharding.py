@@ -108,19 +108,38 @@ def decode_owner(step: int, seq_id: int, cp_size: int) -> int:
     return (step + seq_id) % cp_size
 
 
-def kv_slots_per_rank(prompt_tokens: int, new_tokens: int, cp_size: int) -> int:
-    """Cache slots one CP rank needs for a prompt and the tokens generated after it.
+def kv_slots_per_rank(prompt_tokens: int, new_tokens: int, cp_size: int, margin_tokens: int = 0) -> int:
+    """Cache slots one CP rank reserves for a prompt, the tokens generated after it and a
+    margin for the turns that follow.
 
     A full prefill gives a rank two of 2N chunks whose sizes differ by at most one
     (at most ceil(T / N) + 1 tokens); decode tokens go round-robin (at most
-    ceil(G / N) + 1 per rank).  Reserving this up front means the cache is allocated once.
+    ceil(G / N) + 1 per rank); a later turn's partial prefill is split the same way as a
+    prompt, so ``margin_tokens`` of context cost ceil(M / N) + 1 slots per rank.  Reserving
+    this up front means the cache is allocated once.
 
     Args:
         prompt_tokens: T of the prefill (tokens); new_tokens: G, tokens to generate.
         cp_size: N.
+        margin_tokens: M, context tokens reserved for later turns (0: none).
 
     Returns:
         Slots (tokens) per rank.
+
+    Raises:
+        ValueError: a negative count or ``cp_size`` < 1.
     """
+    if cp_size < 1 or min(prompt_tokens, new_tokens, margin_tokens) < 0:
+        raise ValueError(f"kv_slots_per_rank: expected counts >= 0 and cp_size >= 1, got prompt "
+                         f"{prompt_tokens}, new {new_tokens}, margin {margin_tokens}, cp {cp_size}")
     ceil = lambda a, b: -(-a // b)  # noqa: E731
-    return ceil(prompt_tokens, cp_size) + 1 + ceil(new_tokens, cp_size) + 1
+    margin = ceil(margin_tokens, cp_size) + 1 if margin_tokens else 0
+    return ceil(prompt_tokens, cp_size) + 1 + ceil(new_tokens, cp_size) + 1 + margin
+
+
+def kv_growth_slots(growth_tokens: int, cp_size: int) -> int:
+    """Slots per rank of one growth step of ``growth_tokens`` context tokens: ceil(G / N)."""
+    if growth_tokens < 1 or cp_size < 1:
+        raise ValueError(f"kv_growth_slots: expected growth_tokens >= 1 and cp_size >= 1, got "
+                         f"{growth_tokens}, {cp_size}")
+    return -(-growth_tokens // cp_size)

@@ -105,7 +105,27 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}: tensor {name}: {err}") from None
         elif tp_size != 1 or tp_rank != 0:
             raise CheckpointError(f"{self.path}: tensor {name}: tp_rank/tp_size given without shard_dim")
+        return self._read_bounds(name, bounds, dtype)
 
+    def read_block(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``[rows[0], rows[1])`` (and columns ``cols`` of a 2-D tensor; None: all) of
+        tensor ``name`` in HF layout; only that block is read.  Used to quantise a
+        row-parallel weight a few whole rows at a time (:func:`cp_megatron.model.fp8.read_quantized`).
+
+        Raises:
+            CheckpointError: unknown tensor, bounds outside it, or a file that cannot be read.
+        """
+        full = self.shape(name)
+        bounds = [tuple(rows)] + ([tuple(cols) if cols is not None else (0, full[1])] if len(full) == 2 else [])
+        for (a, b), n in zip(bounds, full):
+            if not 0 <= a <= b <= n:
+                raise CheckpointError(f"{self.path}: tensor {name}: block {bounds} outside shape {tuple(full)}")
+        return self._read_bounds(name, bounds, dtype)
+
+    def _read_bounds(self, name: str, bounds: list, dtype: torch.dtype) -> torch.Tensor:
+        """The block ``bounds`` ([(start, stop)] per dim) of ``name``, HF row order, ``dtype``."""
+        full = self.shape(name)
         rows, cols = bounds[0], (bounds[1] if len(full) == 2 else None)
         if self.interleaved_qk and keys.is_rotary(name):
             src = layout.interleaved_rows(layout.rotary_heads(self.config, name), self.config.head_dim)

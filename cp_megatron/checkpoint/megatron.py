@@ -39,7 +39,7 @@ import torch
 
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader
 from cp_megatron.checkpoint.hf import _load_json, config_from_hf
-from cp_megatron.checkpoint.mcore_keys import FC1, QKV, TE_NORM_NAMES, mcore_source, split_fc1, split_qkv
+from cp_megatron.checkpoint.mcore_keys import FC1, QKV, TE_NORM_NAMES, mcore_source, split_fc1
 from cp_megatron.model.config import ModelConfig, RopeScaling
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -198,7 +198,7 @@ class MegatronReader(CheckpointReader):
                                   "the model's dimensions are unknown")
         super().__init__(path, config.with_(name=path))
         for name in self.names():
-            self._check_shape(name, self._tensor(name).shape, file)
+            self._check_shape(name, self._part_shape(name), file)
         self._check_all_used(file, cfg_path if self._folder is not None else "the file's args")
 
     def _check_all_used(self, file: str, config_source: str) -> None:
@@ -221,23 +221,50 @@ class MegatronReader(CheckpointReader):
                 source = source[: -len(local)] + te
         return source
 
-    def _tensor(self, hf_name: str) -> torch.Tensor:
-        """The full HF-layout tensor (a view of the mapped file)."""
+    def _fused(self, hf_name: str) -> tuple[torch.Tensor, int | None]:
+        """(the state-dict tensor holding HF tensor ``hf_name``, a view of the mapped file; its
+        part: None = all of it, 0/1/2 = q/k/v of ``linear_qkv``, 0/1 = gate/up of ``linear_fc1``)."""
         source, part = self._source(hf_name), mcore_source(hf_name)[1]
         if source not in self._state:
             raise CheckpointError(f"{self.path}: tensor {source} (for {hf_name}) not in the state dict")
         t = self._state[source]
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{self._file}: {source} holds a {type(t).__name__}, expected a tensor")
+        assert part is None or source.endswith((QKV, FC1)), source
+        return t, part
+
+    def _qkv_rows(self, t: torch.Tensor, part: int) -> tuple[int, int]:
+        """(rows of the part in each of the G groups of ``linear_qkv``, its offset in a group)."""
+        groups, dh = self.config.num_kv_heads, self.config.head_dim
+        per_group = t.shape[0] // groups
+        q_rows = per_group - 2 * dh
+        return ((q_rows, 0), (dh, q_rows), (dh, q_rows + dh))[part]
+
+    def _part_shape(self, hf_name: str) -> tuple[int, ...]:
+        """Shape of HF tensor ``hf_name`` without materialising it."""
+        t, part = self._fused(hf_name)
         if part is None:
-            return t
-        if source.endswith(QKV):
-            return split_qkv(t, self.config.num_kv_heads, self.config.head_dim)[part]
-        assert source.endswith(FC1), source
-        return split_fc1(t)[part]
+            return tuple(t.shape)
+        if self._source(hf_name).endswith(QKV):
+            if t.dim() != 2 or t.shape[0] % self.config.num_kv_heads:
+                return tuple(t.shape)      # refused by the shape check that follows
+            rows, _ = self._qkv_rows(t, part)
+            return (rows * self.config.num_kv_heads, t.shape[1])
+        return tuple(split_fc1(t)[part].shape)
 
     def _read_stored(self, name, rows, cols):
-        t = self._tensor(name)
+        """Rows ``rows`` (columns ``cols``) of HF tensor ``name``: only that block is copied out of
+        the mapped file, also for q / k / v, whose rows interleave over the groups of the fused
+        ``linear_qkv`` (the part's row r is group r // rows-per-group)."""
+        t, part = self._fused(name)
+        if part is not None and self._source(name).endswith(QKV):
+            per, offset = self._qkv_rows(t, part)
+            r = torch.arange(rows[0], rows[1])
+            if cols is not None:
+                t = t[:, cols[0]:cols[1]]
+            return t.index_select(0, (r // per) * (t.shape[0] // self.config.num_kv_heads) + offset + r % per)
+        if part is not None:
+            t = split_fc1(t)[part]
         t = t[rows[0]:rows[1]] if cols is None else t[rows[0]:rows[1], cols[0]:cols[1]]
         return t.clone(memory_format=torch.contiguous_format)
 

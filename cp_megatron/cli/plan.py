@@ -118,12 +118,25 @@ def format_batch_sweep(points: list[dict]) -> str:
 
 def format_memory(m: dict) -> list[str]:
     """Rows of the per-GPU memory report (:func:`cp_megatron.planner.memory_report`)."""
+    phases = m["activation_phases"]
+    peak = max(phases, key=phases.get)
+    allow = m["allowances"]
     fits = ", ".join(f"{name} ({_si(m['capacity_bytes'][name], 'B')}) {'fits' if ok else 'DOES NOT FIT'}"
                      for name, ok in m["fits"].items())
-    return [f"memory    per GPU, weights {m['weights']} as loaded: weights {_si(m['weight_bytes'], 'B')} + KV "
-            f"cache {_si(m['kv_cache_bytes'], 'B')} + prefill activations {_si(m['activation_bytes'], 'B')} "
-            f"= {_si(m['total_bytes'], 'B')}",
-            f"          {fits}"]
+    return [f"memory    per GPU, weights {m['weights']} as loaded:",
+            f"  {'weights':32}{_si(m['weight_bytes'], 'B'):>12}",
+            f"  {'KV cache capacity':32}{_si(m['kv_cache_capacity_bytes'], 'B'):>12}   "
+            f"(context {_si(m['kv_cache_bytes'], 'B')}, + generation budget and margin)",
+            f"  {'activations (prefill peak)':32}{_si(m['activation_bytes'], 'B'):>12}   (phase '{peak}' of a layer)",
+            f"  {'communication buffers':32}{_si(m['comm_buffer_bytes'], 'B'):>12}   (CP ring receive buffers)",
+            f"  {'total, as the dry run counts':32}{_si(m['total_bytes'], 'B'):>12}",
+            f"  {'+ allowances':32}{_si(sum(allow.values()), 'B'):>12}   (CUDA context "
+            f"{_si(allow['cuda_context'], 'B')}, NCCL {_si(allow['nccl'], 'B')}, fragmentation "
+            f"{_si(allow['fragmentation'], 'B')}; docs/planner.md)",
+            f"  {'= needed':32}{_si(m['total_with_allowances_bytes'], 'B'):>12}   {fits}",
+            f"check     {m['dryrun_command']}  (measures the four categories above on fake tensors"
+            + ("; CONFIG: a run config with these inputs, named by plan --config)" if " CONFIG " in m["dryrun_command"]
+               else ")")]
 
 
 def format_sweep(points: list[dict]) -> str:
@@ -185,16 +198,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "plan", help="predict TTFT / TTIT / memory of a TP x CP deployment (analytic model)",
         description="Analytic cost model of context-parallel prefill and decode "
                     "(arXiv 2411.01783); see docs/planner.md.")
-    p.add_argument("--model", required=True, help="model preset, e.g. llama3.1-405b")
-    p.add_argument("--hardware", required=True, help="hardware profile (h100-rdma, h100-tcp, h200, cpu-gloo) or a profile "
+    p.add_argument("--model", default=None, help="model preset, e.g. llama3.1-405b")
+    p.add_argument("--hardware", default=None, help="hardware profile (h100-rdma, h100-tcp, h200, cpu-gloo) or a profile "
                         ".json, e.g. docs/bench/hardware.json from `cp-megatron bench hardware`")
-    p.add_argument("--tp", type=int, required=True, help="TP degree (GPUs per CP rank)")
+    p.add_argument("--tp", type=int, default=None, help="TP degree (GPUs per CP rank)")
     p.add_argument("--cp", type=int, default=None, help="CP degree (required unless --sweep)")
-    p.add_argument("--context", type=int, required=True, help="context tokens per sequence, T + P")
+    p.add_argument("--context", type=int, default=None, help="context tokens per sequence, T + P")
     p.add_argument("--cached", type=int, default=0, help="P, tokens already cached (default 0)")
     p.add_argument("--batch", type=int, default=1, help="sequences per round (default 1)")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None,
                    help="weight dtype (default fp8 for llama3.1-405b as in the paper, else bf16)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate after the round (the KV cache reserves them; default 0, or "
+                        "generation.max_new_tokens of --config)")
+    p.add_argument("--kv-margin", type=int, default=None,
+                   help="context tokens the KV cache reserves for later turns (default 8192, or "
+                        "runtime.kv_cache_margin_tokens of --config)")
+    p.add_argument("--config", default=None, metavar="RUN.yaml",
+                   help="take tp, cp, dtype, hardware, max_new_tokens, the KV margin (and, for a dummy model "
+                        "or random prompt, the model and the context) from a run config; flags override; "
+                        "the memory report names `cp-megatron dryrun RUN.yaml --layers 2`")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16",
                    help="scaling curve over CP sizes (cp=...), or decode over batch sizes (batch=...)")
@@ -203,10 +226,58 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_DTYPE_OF = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def _from_config(args: argparse.Namespace) -> dict:
+    """Planner inputs of ``--config`` (None when not given); flags given explicitly win.
+
+    Raises:
+        PlanInputError: the config cannot be loaded, or a required input is in neither.
+    """
+    values = {"model": args.model, "hardware": args.hardware, "tp": args.tp, "cp": args.cp,
+              "context_tokens": args.context, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+              "kv_margin_tokens": args.kv_margin, "dryrun_config": None}
+    if args.config is not None:
+        from cp_megatron.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as err:
+            raise PlanInputError("--config", str(err)) from None
+        from_cfg = {"tp": cfg.parallel.tp, "cp": cfg.parallel.cp, "hardware": cfg.attention.hardware,
+                    "dtype": "fp8" if cfg.model.weights == "fp8-rowwise" else _DTYPE_OF[cfg.model.dtype],
+                    "max_new_tokens": cfg.generation.max_new_tokens,
+                    "kv_margin_tokens": cfg.runtime.kv_cache_margin_tokens,
+                    "model": cfg.model.preset if cfg.model.format == "dummy" else None,
+                    "context_tokens": cfg.prompt.random_tokens if cfg.prompt is not None else None}
+        values = {k: (v if v is not None else from_cfg.get(k)) for k, v in values.items()}
+        values["dryrun_config"] = args.config
+        if cfg.parallel.pp != 1:
+            raise PlanInputError("--config", f"parallel.pp = {cfg.parallel.pp}: the planner models PP 1 only")
+    for key, flag, why in (("model", "--model", "the checkpoint's preset, e.g. llama3.1-405b"),
+                           ("hardware", "--hardware", "a profile name or .json"),
+                           ("tp", "--tp", "the TP degree"),
+                           ("context_tokens", "--context", "context tokens per sequence")):
+        if values[key] is None:
+            raise PlanInputError(flag, f"required ({why}){'; --config does not give it' if args.config else ''}")
+    values["max_new_tokens"] = values["max_new_tokens"] or 0
+    if values["kv_margin_tokens"] is None:
+        from cp_megatron.planner import DEFAULT_KV_MARGIN_TOKENS
+
+        values["kv_margin_tokens"] = DEFAULT_KV_MARGIN_TOKENS
+    return values
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Run ``cp-megatron plan``; returns the exit code (2 on bad input)."""
-    kwargs = dict(model=args.model, hardware=args.hardware, tp=args.tp, context_tokens=args.context,
-                  cached_tokens=args.cached, batch=args.batch, dtype=args.dtype)
+    try:
+        values = _from_config(args)
+    except PlanInputError as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        return 2
+    args.cp = values.pop("cp")
+    kwargs = dict(values, cached_tokens=args.cached, batch=args.batch)
     try:
         if args.sweep is None:
             if args.cp is None:

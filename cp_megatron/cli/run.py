@@ -158,7 +158,8 @@ def turn_summary(turn: int, fed: int, g, text: str, rounds) -> dict:
             "decode_tokens_per_s": len(decode) / decode_s if decode_s > 0 else None,
             "miss_rate": first.miss_rate, "prefill_strategy": first.strategy,
             "decode_strategy": "+".join(sorted({r.strategy for r in decode})) or None,
-            "kv_cache_bytes_rank0": rounds[-1].kv_cache_bytes}
+            "kv_cache_bytes_rank0": rounds[-1].kv_cache_bytes,
+            "kv_cache_capacity_bytes_rank0": rounds[-1].kv_cache_capacity_bytes}
 
 
 # -- entry -------------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ SUMMARY_LEGEND = (
     "T new: tokens fed this turn; P cached: tokens already in the KV cache; miss rate = T/(T+P); "
     "variant: ring variant of the prefill round and of the decode rounds (Alg. 1/5 per round, or "
     "forced); TTFT: prefill round (s); TTIT: median decode step (s); decode tok/s: decode steps per "
-    "second; KV bytes: K/V cache held by rank 0 after the turn.")
+    "second; KV bytes: K/V cache held by rank 0 after the turn (valid slots); KV capacity: K/V storage "
+    "rank 0 has reserved (runtime.kv_cache_margin_tokens, kv_cache_growth_tokens).")
 
 
 def format_summary(result: dict) -> str:
@@ -204,13 +206,15 @@ def format_summary(result: dict) -> str:
         lines.append(t["text"].strip())
     lines.append("")
     lines.append(f"{'turn':>4} {'T new':>8} {'P cached':>9} {'miss rate':>9} {'prefill variant':>15} "
-                 f"{'decode variant':>14} {'TTFT s':>8} {'TTIT s':>8} {'decode tok/s':>12} {'KV bytes':>12}")
+                 f"{'decode variant':>14} {'TTFT s':>8} {'TTIT s':>8} {'decode tok/s':>12} {'KV bytes':>12} "
+                 f"{'KV capacity':>14}")
     for t in result["turns"]:
         ttit = f"{t['ttit_s']:.4f}" if t["ttit_s"] is not None else "-"
         rate = f"{t['decode_tokens_per_s']:.2f}" if t["decode_tokens_per_s"] is not None else "-"
         lines.append(f"{t['turn']:>4} {t['fed_tokens']:>8,} {t['cached_tokens']:>9,} {t['miss_rate']:>9.3f} "
                      f"{t['prefill_strategy']:>15} {t['decode_strategy'] or '-':>14} {t['ttft_s']:>8.3f} "
-                     f"{ttit:>8} {rate:>12} {t['kv_cache_bytes_rank0']:>12,}")
+                     f"{ttit:>8} {rate:>12} {t['kv_cache_bytes_rank0']:>12,} "
+                     f"{t['kv_cache_capacity_bytes_rank0']:>14,}")
     lines.append(SUMMARY_LEGEND)
     return "\n".join(lines)
 

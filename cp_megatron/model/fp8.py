@@ -257,7 +257,28 @@ def read_quantized(reader, name: str, shard_dim: int | None, tp_rank: int, tp_si
         if got is not None:
             return got
     if shard_dim == 1:
-        q, scale = quantize_rowwise(reader.read(name, dtype=torch.float32))
-        return q.chunk(tp_size, dim=1)[tp_rank].contiguous(), scale
+        return _quantized_columns(reader, name, tp_rank, tp_size)
     kwargs = {} if shard_dim is None else dict(shard_dim=shard_dim, tp_rank=tp_rank, tp_size=tp_size)
     return quantize_rowwise(reader.read(name, dtype=torch.float32, **kwargs))
+
+
+def _quantized_columns(reader, name: str, tp_rank: int, tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column slice ``tp_rank`` of ``tp_size`` of FP8 weight ``name`` with whole-row scales,
+    quantised from blocks of whole rows (``reader.read_block``; a reader without it is read
+    whole).  Returns (q float8_e4m3fn ``[rows, cols / tp]``, scale float32 ``[rows]``)."""
+    read_block = getattr(reader, "read_block", None)
+    if read_block is None:
+        q, scale = quantize_rowwise(reader.read(name, dtype=torch.float32))
+        return q.chunk(tp_size, dim=1)[tp_rank].contiguous(), scale
+    rows, cols = reader.shape(name)
+    if tp_size < 1 or not 0 <= tp_rank < tp_size or cols % tp_size:
+        raise ValueError(f"tensor {name}: cannot take column slice {tp_rank} of {tp_size} of {cols} columns")
+    lo, hi = tp_rank * cols // tp_size, (tp_rank + 1) * cols // tp_size
+    step = max(1, QUANT_CHUNK_BYTES // (4 * cols))
+    q = torch.empty(rows, hi - lo, dtype=FP8_DTYPE)
+    scale = torch.empty(rows, dtype=torch.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        part_q, scale[r0:r1] = quantize_rowwise(read_block(name, (r0, r1), dtype=torch.float32))
+        q[r0:r1] = part_q[:, lo:hi]
+    return q, scale

@@ -12,8 +12,10 @@ Two halves (docs/design.md §10):
   every slot.  The engine keeps one per CP rank (placement is deterministic), so it plans
   a round without asking any rank and without reading the device.
 * :class:`KVCache` -- device storage ``[capacity, NKV_local, DH]`` per layer, reserved up
-  front (prompt + generation budget) so a long prefill allocates once; the ring sends a
-  view of it (no per-layer copy for padding).
+  front (prompt + generation budget + a margin for the turns after it) so a long prefill
+  allocates once; the ring sends a view of it (no per-layer copy for padding).  Past the
+  reservation the storage grows in fixed steps of ``growth_slots`` (rounded up), never by
+  doubling: a 2,000-token follow-up turn on a 1M-token cache must not double it (issue #21).
 
 Source: arXiv 2411.01783 §3.5 (persistent KV cache, multi-turn partial prefill).
 """
@@ -21,6 +23,10 @@ Source: arXiv 2411.01783 §3.5 (persistent KV cache, multi-turn partial prefill)
 from __future__ import annotations
 
 import torch
+
+# Growth step of a cache built without one (tests, benchmarks): slots per rank.  The engine
+# passes the run's own (runtime.kv_cache_growth_tokens / cp).
+DEFAULT_GROWTH_SLOTS = 256
 
 
 class KVLayout:
@@ -96,8 +102,13 @@ class KVCache:
         num_kv_heads: KV heads of this TP rank (NKV / tp).
         head_dim: DH.
         dtype, device: storage dtype and device.
-        capacity: slots (tokens) to reserve up front; past it the storage grows (by
-            doubling, which copies: reserve enough).
+        capacity: slots (tokens) to reserve up front.
+        growth_slots: past the reservation the storage grows to the slots needed rounded up
+            to a multiple of this (>= 1); each growth copies the valid slots once, so
+            reserve enough up front (``runtime.kv_cache_margin_tokens``).
+
+    Raises:
+        ValueError: ``capacity`` < 0 or ``growth_slots`` < 1.
 
     Shapes: ``k[layer]``, ``v[layer]``: ``[capacity, NKV_local, DH]``; the first
     ``layout.num_tokens`` slots are valid, later ones are zero padding that the round
@@ -105,7 +116,13 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 0) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 0,
+                 growth_slots: int = DEFAULT_GROWTH_SLOTS) -> None:
+        if capacity < 0:
+            raise ValueError(f"KVCache: capacity must be >= 0 slots, got {capacity}")
+        if growth_slots < 1:
+            raise ValueError(f"KVCache: growth_slots must be >= 1, got {growth_slots}")
+        self.growth_slots = growth_slots
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.layout = KVLayout()
@@ -136,9 +153,11 @@ class KVCache:
         self.allocations += 1
 
     def reserve(self, capacity: int) -> None:
-        """Make room for at least ``capacity`` slots (doubling if it must grow)."""
+        """Make room for at least ``capacity`` slots: grow (one copy) to ``capacity`` rounded
+        up to a multiple of ``growth_slots`` if the storage is shorter."""
         if capacity > self.capacity:
-            self._alloc(max(capacity, 2 * self.capacity))
+            step = self.growth_slots
+            self._alloc(-(-capacity // step) * step)
 
     def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor, *, min_capacity: int = 0) -> None:
         """Add this round's slots (int64 host ``[T]`` positions and sequence ids) and make the
@@ -164,10 +183,18 @@ class KVCache:
         """Tokens of sequence ``seq_id`` held by this rank."""
         return self.layout.tokens_of(seq_id)
 
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes of one slot over all layers, K and V: 2 * layers * NKV_local * DH * e."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
     def nbytes(self) -> int:
         """Bytes of valid K/V held (all layers, K and V), excluding spare capacity."""
-        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return self.layout.num_tokens * per_token
+        return self.layout.num_tokens * self.bytes_per_slot
+
+    def capacity_bytes(self) -> int:
+        """Bytes of K/V storage reserved (all layers, K and V): what the device holds."""
+        return self.capacity * self.bytes_per_slot
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Drop the tokens of sequence ``seq_id`` at positions >= ``length`` (compacting)."""

@@ -47,11 +47,34 @@ def _init_std(name: str) -> float | None:
     return None if name.endswith("norm.weight") else 0.02
 
 
+# DummyReader draws every 2-D tensor tile by tile: a tile is TILE_ROWS x TILE_COLS elements of
+# the full tensor (smaller at its far edges), drawn by its own seeded generator, so a slice is
+# made from the tiles it overlaps only and its values do not depend on how it was cut.
+TILE_ROWS, TILE_COLS = 128, 1024
+
+
+def tile_spans(shape: tuple[int, int], bounds: list[tuple[int, int]]):
+    """The tiles of a ``shape`` tensor that block ``bounds`` ([rows, cols] (start, stop)) overlaps:
+    (tile row, tile column, (row start, stop), (column start, stop)) in full-tensor indices."""
+    (r0, r1), (c0, c1) = bounds
+    for tr in range(r0 // TILE_ROWS, -(-r1 // TILE_ROWS)):
+        for tc in range(c0 // TILE_COLS, -(-c1 // TILE_COLS)):
+            a, c = tr * TILE_ROWS, tc * TILE_COLS
+            yield tr, tc, (a, min(a + TILE_ROWS, shape[0])), (c, min(c + TILE_COLS, shape[1]))
+
+
 class DummyReader:
     """Seeded random weights with the reader interface (``config``, ``names()``, ``read()``).
 
-    Each tensor is drawn from N(0, 0.02^2) (norms: 1) by a generator seeded with the seed
-    and the tensor's name, then sliced, so every TP layout sees the same model.
+    Every value is N(0, 0.02^2) (norms: 1).  A 2-D tensor is drawn in fixed tiles of
+    ``TILE_ROWS x TILE_COLS`` of the full tensor, each by a generator seeded with the seed,
+    the tensor's name and the tile's index, so a read materialises only the tiles its slice
+    overlaps (at most one partial tile per edge, 512 KiB of float32 each): a TP rank of a
+    405B stage draws its own slice, never the full tensor, and every TP layout sees the same
+    model (slice ``r`` of ``n`` equals rows / columns of the full tensor).
+
+    Source: the "dummy" load format of vLLM (random weights for benchmarks); megatron-core TP
+    partitioning for the slices.
     """
 
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
@@ -67,16 +90,55 @@ class DummyReader:
 
     def read(self, name: str, shard_dim: int | None = None, tp_rank: int = 0, tp_size: int = 1,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tensor ``name`` or its TP slice ``tp_rank`` of ``tp_size`` along ``shard_dim``.
+
+        Raises:
+            ValueError: ``shard_dim`` out of range, ``tp_size`` does not divide that dim, or
+                ``tp_rank`` out of range.
+        """
         shape = self.shape(name)
+        bounds = [(0, n) for n in shape]
+        if shard_dim is not None:
+            if shard_dim not in range(len(shape)):
+                raise ValueError(f"dummy tensor {name}: shard_dim={shard_dim} invalid for shape {shape}")
+            try:
+                bounds[shard_dim] = layout.slice_bounds(shape[shard_dim], tp_rank, tp_size)
+            except ValueError as err:
+                raise ValueError(f"dummy tensor {name}: {err}") from None
+        return self._block(name, shape, bounds).to(dtype)
+
+    def read_block(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``[rows[0], rows[1])`` (and columns ``cols`` of a 2-D tensor; None: all) of the
+        full tensor ``name``, as :meth:`read` would cut them.
+
+        Raises:
+            ValueError: bounds outside the tensor.
+        """
+        shape = self.shape(name)
+        bounds = [rows] + ([cols or (0, shape[1])] if len(shape) == 2 else [])
+        for (a, b), n in zip(bounds, shape):
+            if not 0 <= a <= b <= n:
+                raise ValueError(f"dummy tensor {name}: block {bounds} outside shape {shape}")
+        return self._block(name, shape, bounds).to(dtype)
+
+    def _block(self, name: str, shape: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """float32 values of ``bounds`` of tensor ``name`` (full shape ``shape``), from its tiles."""
+        want = tuple(b - a for a, b in bounds)
         std = _init_std(name)
         if std is None:
-            full = torch.ones(shape)
-        else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = torch.randn(shape, generator=g) * std
-        if shard_dim is not None:
-            full = full.chunk(tp_size, dim=shard_dim)[tp_rank]
-        return full.to(dtype).contiguous()
+            return torch.ones(want)
+        if len(shape) == 1:                     # a vector: one row of tiles
+            return self._block(name, (1, shape[0]), [(0, 1), bounds[0]]).reshape(want)
+        (r0, r1), (c0, c1) = bounds
+        out = torch.empty(want)
+        for tr, tc, (a, b), (c, d) in tile_spans(shape, bounds):
+            tile_key = zlib.crc32(f"{name}#{tr},{tc}".encode())
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + tile_key) % (1 << 63))
+            tile = torch.randn((b - a, d - c), generator=g)
+            ra, rb, ca, cb = max(a, r0), min(b, r1), max(c, c0), min(d, c1)
+            out[ra - r0:rb - r0, ca - c0:cb - c0] = tile[ra - a:rb - a, ca - c:cb - c]
+        return out.mul_(std)
 
 
 @torch.no_grad()
