@@ -73,7 +73,7 @@ class _Sampling(_Strict):
     top_p: float = _probability(1.0, gt=True)
     top_k: int = Field(0, ge=-1, le=INT64_MAX, description="vLLM: keep the k most likely tokens; 0 / -1 = all")
     min_p: float = _probability(0.0, gt=False)
-    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX, description="sampling seed (int64)")
+    seed: Optional[int] = Field(None, ge=INT64_MIN, lt=2 ** 63, description="sampling seed (int64)")
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
