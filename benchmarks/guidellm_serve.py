@@ -5,7 +5,7 @@ exports the checkpoint's tokenizer into a temporary folder (guidellm needs a Hug
 tokenizer to build its synthetic prompts; nothing is downloaded), and runs::
 
     guidellm run --backend kind=openai_http,target=http://127.0.0.1:PORT,model=MODEL \\
-        --profile kind=concurrent,streams=4 --constraint kind=max_requests,value=24 \\
+        --profile kind=concurrent,streams=4 --constraint kind=max_requests,count=24 \\
         --data kind=synthetic_text,prompt_tokens=256,output_tokens=32 \\
         --tokenizer kind=huggingface_auto,model=TOKENIZER_DIR --output kind=json,path=...
 
@@ -66,9 +66,9 @@ def summarise(report: dict) -> list[dict]:
         metrics = bench.get("metrics", {})
         totals = _find(metrics, "request_totals") or {}
 
-        def stat(name, key="median", scale=1.0):
-            value = _find(metrics, name, "successful", key)
-            return None if value is None else value * scale
+        def stat(name, key="median"):
+            dist = _find(metrics, name, "successful") or {}
+            return dist.get(key, (dist.get("percentiles") or {}).get(key))
 
         rows.append({
             "strategy": _find(bench, "config", "strategy", "type_") or _find(bench, "config", "strategy", "kind"),
@@ -116,7 +116,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-requests", type=int, default=24)
     ap.add_argument("--timeout", type=float, default=1800.0, help="guidellm's whole run (s)")
     ap.add_argument("--output", type=Path, help="guidellm's JSON report, with this script's summary")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="only print the table of a saved --output file")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(summarise(json.loads(args.table.read_text())["guidellm_report"])))
+        return 0
 
     load_before = os.getloadavg()
     cfg = load_config(args.config, args.overrides)
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
             cmd = [args.guidellm, "run",
                    "--backend", f"kind=openai_http,target={server.base_url},model={model}",
                    "--profile", f"kind=concurrent,streams={args.streams}",
-                   "--constraint", f"kind=max_requests,value={args.max_requests}",
+                   "--constraint", f"kind=max_requests,count={args.max_requests}",
                    "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},"
                              f"output_tokens={args.output_tokens}",
                    "--tokenizer", f"kind=huggingface_auto,model={tok_dir}",
