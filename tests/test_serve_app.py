@@ -278,3 +278,23 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled_before_its_next_to
         assert sched.cancelled[sched.submitted[0].request_id] - closed < 0.15   # within one token's round
     finally:
         server.should_exit = True
+
+
+def test_seen_tokens_follow_feeds_forks_and_frees():
+    """The repetition penalty's token sets on every rank, against the token lists themselves."""
+    import torch
+
+    from cp_megatron.serve.ranks import SeenTokens
+
+    seen = SeenTokens(vocab_size=20, device="cpu")
+    seen.feed({0: [1, 2, 3, 2]})
+    assert torch.nonzero(seen.mask(0)).flatten().tolist() == [1, 2, 3]
+    seen.feed({0: [7]})                                 # incremental, after the mask exists
+    seen.fork(0, 1, 2)                                  # the first 2 tokens: [1, 2]
+    seen.feed({1: [19]})
+    assert torch.nonzero(seen.mask(0)).flatten().tolist() == [1, 2, 3, 7]
+    assert torch.nonzero(seen.mask(1)).flatten().tolist() == [1, 2, 19]
+    seen.free(0)
+    assert 0 not in seen.tokens and 0 not in seen.masks
+    seen.feed({0: [5]})                                 # a new sequence under a reused id
+    assert torch.nonzero(seen.mask(0)).flatten().tolist() == [5]

@@ -190,3 +190,26 @@ def test_greedy_logprobs_are_the_top_alternative_on_both_endpoints(smol):
     assert "".join(c["token"] for c in content).startswith(chat["choices"][0]["message"]["content"])
     for c in content:
         assert c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"], abs=1e-6)
+
+
+@pytest.mark.timeout(200)
+def test_repetition_penalty_and_min_tokens_change_greedy_output_as_vllm_defines_them(smol):
+    prompt = "one two one two one two one two one two"
+    plain = smol.post("/v1/completions", json={"model": smol.model, "prompt": prompt, "max_tokens": 12,
+                                                "temperature": 0, "return_token_ids": True}).json()
+    penalised = smol.post("/v1/completions", json={"model": smol.model, "prompt": prompt, "max_tokens": 12,
+                                                    "temperature": 0, "repetition_penalty": 100.0,
+                                                    "return_token_ids": True}).json()
+    ids = penalised["choices"][0]["token_ids"]
+    prompt_ids = set(penalised["prompt_token_ids"])
+    assert ids != plain["choices"][0]["token_ids"]
+    assert len(set(ids)) == len(ids) and not prompt_ids & set(ids), (ids, prompt_ids)   # nothing seen twice
+    # min_tokens: a chat answer that would end early runs to at least min_tokens
+    short = smol.post("/v1/chat/completions", json={"model": smol.model, "max_tokens": 40, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "Say yes."}]}).json()
+    n = short["usage"]["completion_tokens"]
+    assert short["choices"][0]["finish_reason"] == "stop" and n < 40
+    held = smol.post("/v1/chat/completions", json={"model": smol.model, "max_tokens": 40, "temperature": 0,
+                                                    "min_tokens": n + 3,
+                                                    "messages": [{"role": "user", "content": "Say yes."}]}).json()
+    assert held["usage"]["completion_tokens"] >= n + 3
