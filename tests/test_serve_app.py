@@ -298,3 +298,14 @@ def test_seen_tokens_follow_feeds_forks_and_frees():
     assert 0 not in seen.tokens and 0 not in seen.masks
     seen.feed({0: [5]})                                 # a new sequence under a reused id
     assert torch.nonzero(seen.mask(0)).flatten().tolist() == [5]
+
+
+def test_streamed_completion_logprobs_match_the_non_streamed_ones():
+    client = TestClient(_app(_Script(tokens=3))[0])
+    body = {**COMP, "logprobs": 2, "max_tokens": 3}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [_json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    joined = {k: [v for p in parts for v in p[k]] for k in whole}
+    assert joined == whole and whole["text_offset"] == [0, 1, 2]

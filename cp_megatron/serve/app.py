@@ -272,6 +272,8 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
         content = []
         for d in deltas:
             for _token, lp in zip(d.token_ids, [d.logprobs]):
+                if lp is None:
+                    continue
                 text = token_text(_token)
                 content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8", "replace")),
                                 "top_logprobs": [{"token": (t := token_text(i)), "logprob": v,
@@ -283,6 +285,8 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for d in deltas:
             for token, lp in zip(d.token_ids, [d.logprobs]):
+                if lp is None:
+                    continue
                 text = token_text(token)
                 out["tokens"].append(text)
                 out["token_logprobs"].append(lp.logprob)
@@ -420,7 +424,8 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
                 if event.text or with_ids or want_logprobs:
                     yield chunk(event, first_chunk=not first_sent)
                     first_sent = True
-                    text_offset += len(event.text)
+                    if want_logprobs and not chat:    # offsets in the tokens' own text, as non-streaming
+                        text_offset += sum(len(token_text(t)) for t in event.token_ids)
                 event = await events.get()
         except Exception as exc:      # noqa: BLE001 -- mid-stream: an error event, logged once
             log(f"[serve] internal error in stream {rid}:\n" + traceback.format_exc().rstrip())
