@@ -204,12 +204,14 @@ def test_repetition_penalty_and_min_tokens_change_greedy_output_as_vllm_defines_
     prompt_ids = set(penalised["prompt_token_ids"])
     assert ids != plain["choices"][0]["token_ids"]
     assert len(set(ids)) == len(ids) and not prompt_ids & set(ids), (ids, prompt_ids)   # nothing seen twice
-    # min_tokens: a chat answer that would end early runs to at least min_tokens
-    short = smol.post("/v1/chat/completions", json={"model": smol.model, "max_tokens": 40, "temperature": 0,
-                                                     "messages": [{"role": "user", "content": "Say yes."}]}).json()
+    # min_tokens: a chat answer that ends early runs to at least min_tokens, the same tokens up to
+    # where EOS was (only EOS is masked)
+    ask = {"model": smol.model, "max_tokens": 40, "temperature": 0, "return_token_ids": True,
+           "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    short = smol.post("/v1/chat/completions", json=ask).json()
     n = short["usage"]["completion_tokens"]
     assert short["choices"][0]["finish_reason"] == "stop" and n < 40
-    held = smol.post("/v1/chat/completions", json={"model": smol.model, "max_tokens": 40, "temperature": 0,
-                                                    "min_tokens": n + 3,
-                                                    "messages": [{"role": "user", "content": "Say yes."}]}).json()
+    held = smol.post("/v1/chat/completions", json={**ask, "min_tokens": n + 3}).json()
     assert held["usage"]["completion_tokens"] >= n + 3
+    assert held["choices"][0]["token_ids"][:n - 1] == short["choices"][0]["token_ids"][:n - 1]
+    assert held["choices"][0]["token_ids"][n - 1] != short["choices"][0]["token_ids"][n - 1]
