@@ -1,13 +1,24 @@
-"""The OpenAI app's answers that need no engine (in-process, fastapi's TestClient): a model
-without a tokenizer (dummy weights, or a checkpoint that ships none) refuses text."""
+"""The OpenAI app's answers that need no engine (in-process, fastapi's TestClient, or uvicorn
+on 127.0.0.1 with a scripted scheduler): a model without a tokenizer refuses text, and
+issue #24's breakers at the HTTP layer -- lax types, int64 seeds, lone surrogates, a
+handler exception, a request whose sampling failed, bodies over the limit, vLLM's extras,
+logprobs shapes, a non-streaming client that hangs up (the real-server cases are in
+tests/test_serve_breakers.py)."""
 
 from __future__ import annotations
+
+import json as _json
+import socket
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
+from cp_megatron.sampling import TokenLogprobs
 from cp_megatron.serve.app import create_app
 from cp_megatron.serve.metrics import ServeMetrics
+from cp_megatron.serve.scheduler import Delta, Failed, Finished
 
 pytestmark = pytest.mark.unit
 
@@ -39,13 +50,6 @@ def test_text_without_a_tokenizer_is_a_400_that_asks_for_token_ids(route, body, 
 
 
 # -- the breakers of issue #24 at the HTTP layer (a scripted scheduler, no ranks) ---------------
-import json as _json
-import socket
-import threading
-import time
-
-from cp_megatron.sampling import TokenLogprobs
-from cp_megatron.serve.scheduler import Delta, Failed, Finished
 
 
 class _Tok:
