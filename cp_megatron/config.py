@@ -191,6 +191,8 @@ class ServeSection(_Strict):
     heartbeat_s: float = Field(0.5, gt=0, description="idle ranks hear from rank 0 this often (s); a dead rank "
                                "is noticed within about this long")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish (s)")
+    max_request_bytes: int = Field(16 * 2 ** 20, ge=1024, description="largest request body (bytes); a larger "
+                                   "one gets 413 (16 MiB holds a million-token prompt as text or token ids)")
 
 
 class RunConfig(_Strict):

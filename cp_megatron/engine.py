@@ -36,6 +36,8 @@ from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS, KVLayout
 from cp_megatron.model.llama import LlamaStage
 from cp_megatron.parallel_state import Topology
+from cp_megatron.sampling import (FAILED_TOKEN, SamplingParams, TokenLogprobs, draw_rng, draw_seed,  # noqa: F401
+                                  logprob_columns, sample_next, sample_rows, unpack_logprobs)
 from cp_megatron.sharding import decode_owner, shard_new_tokens
 
 
@@ -234,12 +236,15 @@ class InferenceEngine:
         return out is not None and self.topo.tp_rank == 0
 
     @torch.no_grad()
-    def step(self, new_tokens: Mapping[int, list[int]], sampling: Mapping[int, "SamplingParams"],
-             draws: Optional[Mapping[int, int]] = None) -> tuple[list[int], RoundMetrics]:
+    def step(self, new_tokens: Mapping[int, list[int]], sampling: Mapping[int, SamplingParams],
+             draws: Optional[Mapping[int, int]] = None, *, return_logprobs: bool = False):
         """Run one round and sample the next token of each sequence.
 
         The rank holding a sequence's last token (last pipeline stage, TP rank 0) samples
-        it; one all-reduce of the ``[B]`` int64 ids tells every rank (not the logits).
+        it (:func:`~cp_megatron.sampling.sample_rows`); one all-reduce of the ``[B]`` int64
+        ids tells every rank (not the logits).  When some sequence asks for logprobs, the
+        drawn token's logprob and the top alternatives ride in the same int64 all-reduce
+        (``[B, 2 + 2k]``, :func:`~cp_megatron.sampling.logprob_columns`).
 
         Args:
             new_tokens: sequence id -> new token ids (same on every rank).
@@ -247,23 +252,36 @@ class InferenceEngine:
             draws: sequence id -> tokens sampled for it so far (seeds top-p draws, so a
                 seeded sequence gives the same tokens at any CP size and on any rank);
                 default 0.
+            return_logprobs: also return the per-sequence logprobs.
 
         Returns:
-            (next token id per sequence in the order of ``new_tokens``, RoundMetrics),
-            identical on every rank.
+            (next token id per sequence in the order of ``new_tokens`` --
+            :data:`~cp_megatron.sampling.FAILED_TOKEN` where that sequence's sampling
+            failed --, RoundMetrics), identical on every rank; with ``return_logprobs`` a
+            third item, per sequence None or :class:`~cp_megatron.sampling.TokenLogprobs`.
         """
         start = time.perf_counter()
         plan, out, local_rows, n_rows, stats = self._run(new_tokens, all_logits=False)
-        ids = torch.zeros(n_rows, dtype=torch.long, device=self.stage.device)
+        k = max((sampling[s].logprobs for s in plan.seq_ids if sampling[s].logprobs is not None), default=None)
+        width = 1 if k is None else 2 + 2 * k
+        packed = torch.zeros(n_rows, width, dtype=torch.long, device=self.stage.device)
         if self._owns_output(out) and len(local_rows):
             seqs = [plan.seq_ids[i] for i in local_rows.tolist()]           # host tensor
             draws = draws or {}
-            ids[local_rows.to(ids.device)] = sample_rows(out, [sampling[s] for s in seqs],
-                                                         [draws.get(s, 0) for s in seqs])
+            ids = sample_rows(out, [sampling[s] for s in seqs], [draws.get(s, 0) for s in seqs])
+            rows = local_rows.to(packed.device)
+            packed[rows, 0] = ids
+            if k is not None:
+                packed[rows, 1:] = logprob_columns(out, ids, k)
         if self.topo.world_size > 1:
-            dist.all_reduce(ids)
-        tokens = ids.tolist()                          # the round's one read of the device
-        return tokens, self._metrics(plan, start, stats)
+            dist.all_reduce(packed)                    # one owner per row, zeros elsewhere
+        host = packed.cpu()                            # the round's one read of the device
+        tokens = host[:, 0].tolist()
+        metrics = self._metrics(plan, start, stats)
+        if not return_logprobs:
+            return tokens, metrics
+        wanted = [sampling[s].logprobs for s in plan.seq_ids]
+        return tokens, metrics, (unpack_logprobs(host[:, 1:], wanted) if k is not None else [None] * n_rows)
 
     @torch.no_grad()
     def forward(self, new_tokens: Mapping[int, list[int]], *, all_logits: bool = False
@@ -337,63 +355,6 @@ class InferenceEngine:
 
 # -- generation ------------------------------------------------------------------------------
 @dataclass
-class SamplingParams:
-    """Decoding settings: temperature 0 = greedy; else temperature + top-p, each token drawn
-    with a generator seeded by ``seed`` and the sequence's draw count (:func:`draw_seed`).
-
-    Attributes:
-        max_new_tokens: tokens to generate at most; temperature: >= 0 (0 = greedy);
-        top_p: nucleus mass in (0, 1]; seed: sampling seed; stop: stop strings.
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple = ()
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[int]:
-    """Next token per row of ``logits`` ``[B, V]`` float32 (greedy or temperature / top-p).
-
-    Top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (always
-    the most likely one) and draws from it, renormalised, with ``generator``.
-    """
-    if params.temperature == 0:
-        return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p    # always keeps the top token
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # [B, 1]
-    return order.gather(-1, choice).flatten().tolist()
-
-
-def draw_seed(seed: int, draw: int) -> int:
-    """Seed of the ``draw``-th sampled token of a sequence with sampling seed ``seed``."""
-    return (seed * 1_000_003 + draw) % (2 ** 63)
-
-
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], draws: list[int]) -> torch.Tensor:
-    """Next token for each row of ``logits`` ``[n, V]`` float32, each with its own settings.
-
-    Greedy rows take the argmax on the device.  Other rows draw with a generator seeded by
-    :func:`draw_seed` (the sequence's seed and how many tokens it has drawn), so the
-    result does not depend on which rank samples or on the batch; that reads the row on
-    the host once, after the round's layers.
-
-    Returns:
-        int64 ``[n]`` token ids on logits' device.
-    """
-    ids = logits.argmax(dim=-1)
-    for i, (p, d) in enumerate(zip(params, draws)):
-        if p.temperature != 0:
-            g = torch.Generator().manual_seed(draw_seed(p.seed, d))
-            ids[i] = sample_next(logits[i:i + 1], p, g)[0]
-    return ids
-
-
-@dataclass
 class Generation:
     """Generated tokens of one sequence and why it stopped ("eos", "stop", "length")."""
 
@@ -430,6 +391,8 @@ def generate(engine: InferenceEngine, new_tokens: dict[int, list[int]], params: 
         if on_round is not None:
             on_round(metrics)
         for s, token in zip(feed, tokens):
+            if token == FAILED_TOKEN:
+                raise RuntimeError(f"sampling failed for sequence {s} (see the log)")
             g = gens[s]
             g.token_ids.append(token)
             g.pending = token

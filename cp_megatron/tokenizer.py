@@ -58,7 +58,8 @@ class _HFBackend:
         self.tok = tok
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): other threads run meanwhile.
+        return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cp_megatron.engine import sample_rows
+from cp_megatron.sampling import FAILED_TOKEN
 from cp_megatron.serve.scheduler import (AdmissionError, Delta, Failed, Finished, GenParams, Request, Scheduler,
                                          common_prefix)
 
@@ -248,3 +249,63 @@ def test_a_fork_source_is_not_evicted_in_the_round_that_copies_it():
     drive(sched, engine)
     assert ra.cached_tokens == 30
     assert tokens(ea) == solo(a) and tokens(eb) == solo(b)
+
+
+def test_ignore_eos_runs_to_max_tokens_and_min_tokens_holds_eos_and_stop_strings():
+    prompt = [3] * 10
+    ref = solo(prompt, max_tokens=12)
+    eos = ref[3]
+    sched, engine = make(eos_ids=(eos,)), FakeEngine()
+    _, events = submit(sched, prompt, max_tokens=12, ignore_eos=True)
+    drive(sched, engine)
+    assert tokens(events) == ref and events[-1].finish_reason == "length"
+    # min_tokens: the round's sampling carries the ban on the end ids
+    sched = make(eos_ids=(eos,))
+    submit(sched, prompt, max_tokens=12, min_tokens=6)
+    rnd = sched.plan()
+    (params,) = rnd.message["sampling"].values()
+    assert params.min_tokens == 6 and params.end_ids == (eos,)
+    # ... and stop strings cannot end it earlier either (vLLM)
+    letters = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)     # noqa: E731
+    stop = letters(ref)[1:3]
+    sched, engine = make(decode_text=letters), FakeEngine()
+    _, events = submit(sched, prompt, max_tokens=12, stop=(stop,), min_tokens=5)
+    drive(sched, engine)
+    assert len(tokens(events)) >= 5
+
+
+class _FailingRows(FakeEngine):
+    """Sampling fails (FAILED_TOKEN) for the sequences of requests with top_p == 0.5."""
+
+    def run(self, message):
+        ids = super().run(message)
+        if ids is None:
+            return None
+        return [FAILED_TOKEN if message["sampling"][seq].top_p == 0.5 else t
+                for seq, t in zip(message["feed"], ids)]
+
+
+def test_a_failed_sample_fails_its_request_alone_and_frees_its_sequence():
+    p, q = [5] * 30, [6] * 40
+    alone = solo(q, max_tokens=6)
+    sched, engine = make(prefix_caching=False), _FailingRows()
+    _, bad = submit(sched, p, max_tokens=6, top_p=0.5, temperature=1.0)
+    _, good = submit(sched, q, max_tokens=6)
+    drive(sched, engine)
+    assert len(bad) == 1 and isinstance(bad[0], Failed) and bad[0].status == 500 and bad[0].code == "sampling_failed"
+    assert tokens(good) == alone
+    assert sched.seqs == {} and not sched.running and sched.failed is None
+
+
+def test_an_emit_error_fails_its_request_alone():
+    def decode(ids):
+        if 13 in ids:
+            raise TypeError("boom")
+        return ""
+
+    sched, engine = make(decode_text=decode), FakeEngine()
+    reqs = [submit(sched, [i] * 8, max_tokens=20) for i in range(8)]
+    drive(sched, engine)
+    outcomes = [type(e[-1]).__name__ for _, e in reqs]
+    assert set(outcomes) == {"Finished", "Failed"} and sched.failed is None and not sched.running
+    assert all(e[-1].code == "generation_failed" for _, e in reqs if isinstance(e[-1], Failed))

@@ -7,11 +7,15 @@
     GET  /metrics               Prometheus text format (see :mod:`cp_megatron.serve.metrics`)
     POST /reset_prefix_cache    evict every idle cached sequence (as vLLM's; tests, benchmarks)
 
-Handlers tokenize, validate and hand a :class:`~cp_megatron.serve.scheduler.Request` to
-the scheduler, then wait on an asyncio queue that the scheduler thread fills with
-Delta / Finished / Failed events.  A client that disconnects has its request cancelled
-(its sequence is freed).  Errors use OpenAI's error body: 400 bad request, 404 unknown
-model or path, 429 queue full, 503 draining or a rank failed.
+Handlers read the body (at most ``serve.max_request_bytes``, else 413), validate,
+render the chat template and tokenize in a worker thread (never on the event loop), and
+hand a :class:`~cp_megatron.serve.scheduler.Request` to the scheduler, then wait on an
+asyncio queue that the scheduler thread fills with Delta / Finished / Failed events.  A
+task watches for the client's disconnect (streaming or not) and cancels the request at
+once: the scheduler frees its sequence before its next round.  Every error uses OpenAI's
+error body (a catch-all middleware turns any exception into a logged 500): 400 bad
+request, 404 unknown model or path, 413 body too large, 429 queue full, 500 this
+request's sampling failed or an internal error, 503 draining or a rank failed.
 
 Source: OpenAI API reference (chat / completions objects, streaming as server-sent
 events ending with ``data: [DONE]``).
@@ -21,27 +25,117 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Optional
+import re
+import sys
+import traceback
+from typing import Callable, Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cp_megatron.serve.protocol import (ChatCompletionRequest, CompletionRequest, Usage, error_body, new_id,
                                         now)
 from cp_megatron.serve.scheduler import AdmissionError, Failed, Finished, GenParams, Request
 
-# How often a waiting handler checks that its client is still connected (s).
-DISCONNECT_POLL_S = 0.5
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2 ** 20
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+
+
+class _JSON(JSONResponse):
+    """JSONResponse that cannot fail to render (lone surrogates are escaped, not encoded)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return _JSON(error_body(status, message, param, code), status_code=status)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _CatchAll:
+    """ASGI middleware: an exception escaping a handler is logged (traceback, once) and
+    answered with a 500 in the OpenAI error shape (never a plain-text traceback)."""
+
+    def __init__(self, app, log: Callable[[str], None] = _stderr) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:        # noqa: BLE001 -- the one place every request error ends up
+            self.log(f"[serve] internal error on {scope.get('method')} {scope.get('path')}:\n"
+                     + traceback.format_exc().rstrip())
+            if not started:
+                await _error(500, f"internal server error ({type(exc).__name__})", code="internal_error")(
+                    scope, receive, send)
+
+
+class _BadRequest(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+def _validation_error(exc: ValidationError) -> JSONResponse:
+    """A pydantic error as OpenAI's 400: the first error, its field as ``param``."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))]
+    param = ".".join(str(p) for p in loc) or (err.get("ctx") or {}).get("field")
+    kind = err["type"]
+    if kind == "json_invalid":
+        return _error(400, f"request body is not valid JSON: {(err.get('ctx') or {}).get('error', err['msg'])}",
+                      None, kind)
+    if kind == "extra_forbidden":
+        return _error(400, f"unknown field '{param}'", param, kind)
+    if kind == "unsupported_parameter":
+        return _error(400, err["msg"], param, kind)
+    same = [e for e in errors if [p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))][:1]
+            == loc[:1]]
+    if len(same) > 1 and any(isinstance(p, str) and _UNION_TAG.match(p) for p in err["loc"]):
+        return _error(400, f"{loc[0]}: wrong type ({'; '.join(sorted({e['msg'] for e in same}))})", str(loc[0]),
+                      "invalid_type")
+    message = err["msg"].removeprefix("Value error, ")
+    if param and not message.startswith(f"{param}:"):
+        message = f"{param}: {message}"
+    return _error(400, message, param, kind)
+
+
+async def _read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (else a 413, without reading the rest)."""
+    length = request.headers.get("content-length", "")
+    too_big = _BadRequest(_error(413, f"request body over serve.max_request_bytes ({limit} bytes)", None,
+                                 "request_too_large"))
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, vocab_size: int,
-               default_max_tokens: int) -> FastAPI:
+               default_max_tokens: int, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               log: Callable[[str], None] = _stderr) -> FastAPI:
     """The app.
 
     Args:
@@ -55,22 +149,19 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
         vocab_size: token ids of a prompt must be below it.
         default_max_tokens: max_tokens of a chat request that sets none (completions: 16,
             as OpenAI's).
+        max_request_bytes: larger request bodies get a 413.
+        log: ``str -> None`` for warnings and internal errors (stderr).
+
+    Parsing, validation, chat templates and tokenisation run in a worker thread, never on
+    the event loop, so ``/health`` and ``/metrics`` answer while a large prompt is handled.
     """
     app = FastAPI(title="cp-megatron", docs_url=None, redoc_url=None)
+    app.add_middleware(_CatchAll, log=log)
     created = now()
     metrics.in_flight.set_function(lambda: sched.in_flight)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if p != "body") or None
-        if err["type"] == "json_invalid":
-            message = f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
-        elif err["type"] == "extra_forbidden":
-            message = f"unknown field '{param}'"
-        else:
-            message = f"{param}: {err['msg'].removeprefix('Value error, ')}" if param else err["msg"]
-        return _error(400, message, param, err["type"])
+    metrics.running.set_function(lambda: len(sched.running))
+    metrics.waiting.set_function(lambda: len(sched.waiting))
+    warned: set[str] = set()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -98,52 +189,111 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "cp-megatron", "max_model_len": max_context}]}
 
-    def check(body, prompt: list[int], max_tokens: Optional[int], default: int, what: str):
-        """(max_tokens, None) or (None, error response)."""
+    def check(body, prompt: list[int], max_tokens: Optional[int], default: int, what: str) -> int:
+        """max_tokens; raises _BadRequest."""
         if body.model != model_name:
-            return None, _error(404, f"The model '{body.model}' does not exist (this server serves "
-                                     f"'{model_name}')", "model", "model_not_found")
+            raise _BadRequest(_error(404, f"The model '{body.model}' does not exist (this server serves "
+                                          f"'{model_name}')", "model", "model_not_found"))
         if body.stop and tokenizer is None:
-            return None, _error(400, "stop: this model has no tokenizer, stop strings cannot apply", "stop")
+            raise _BadRequest(_error(400, "stop: this model has no tokenizer, stop strings cannot apply", "stop"))
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
         if bad is not None:
-            return None, _error(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab_size})",
-                                "prompt", "invalid_token_id")
+            raise _BadRequest(_error(400, f"prompt: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                                     "prompt", "invalid_token_id"))
         if max_tokens is None:
             max_tokens = max(1, min(default, max_context - len(prompt)))
         if len(prompt) + max_tokens > max_context:
-            return None, _error(400, f"This model's maximum context length is {max_context} tokens. However, "
-                                     f"you requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the "
-                                     f"{what}, {max_tokens} in the completion). Please reduce the length of "
-                                     f"the {what} or completion.", what, "context_length_exceeded")
-        return max_tokens, None
+            raise _BadRequest(_error(400, f"This model's maximum context length is {max_context} tokens. However, "
+                                          f"you requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the "
+                                          f"{what}, {max_tokens} in the completion). Please reduce the length of "
+                                          f"the {what} or completion.", what, "context_length_exceeded"))
+        return max_tokens
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: HTTPRequest):
+    def parse(model_cls, raw: bytes):
+        try:
+            return model_cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise _BadRequest(_validation_error(exc)) from None
+
+    def prepare_chat(raw: bytes):
+        """Worker thread: body -> (request, prompt ids, max_tokens)."""
+        body = parse(ChatCompletionRequest, raw)
         if tokenizer is None:
-            return _error(400, "messages: this model has no tokenizer: use /v1/completions with token ids "
-                               "(prompt as a list of ints)", "messages")
+            raise _BadRequest(_error(400, "messages: this model has no tokenizer: use /v1/completions with token "
+                                          "ids (prompt as a list of ints)", "messages"))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
             prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
-        except Exception as exc:   # the checkpoint's jinja template may raise (e.g. role order)
-            return _error(400, f"messages: the chat template rejected them: {exc}", "messages")
-        max_tokens, err = check(body, prompt, body.max_completion_tokens or body.max_tokens,
-                                default_max_tokens, "messages")
-        return err or await _generate(request, body, prompt, max_tokens, chat=True)
+        except Exception as exc:   # noqa: BLE001 -- the checkpoint's jinja template may raise (e.g. role order)
+            raise _BadRequest(_error(400, f"messages: the chat template rejected them: {exc}", "messages")) from None
+        return body, prompt, check(body, prompt, body.max_completion_tokens or body.max_tokens,
+                                   default_max_tokens, "messages")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: HTTPRequest):
+    def prepare_completion(raw: bytes):
+        body = parse(CompletionRequest, raw)
         if isinstance(body.prompt, str):
             if tokenizer is None:
-                return _error(400, "prompt: this model has no tokenizer: send token ids (prompt as a list of ints)",
-                              "prompt")
+                raise _BadRequest(_error(400, "prompt: this model has no tokenizer: send token ids (prompt as a "
+                                              "list of ints)", "prompt"))
             prompt = tokenizer.encode(body.prompt, add_bos=tokenizer.add_bos_default)
         else:
             prompt = list(body.prompt)
-        max_tokens, err = check(body, prompt, body.max_tokens, 16, "prompt")
-        return err or await _generate(request, body, prompt, max_tokens, chat=False)
+        return body, prompt, check(body, prompt, body.max_tokens, 16, "prompt")
+
+    async def handle(request: HTTPRequest, prepare, chat: bool):
+        try:
+            raw = await _read_body(request, max_request_bytes)
+            body, prompt, max_tokens = await run_in_threadpool(prepare, raw)
+        except _BadRequest as bad:
+            return bad.response
+        for name in body.ignored_fields:
+            if name not in warned:
+                warned.add(name)
+                log(f"[serve] warning: request field '{name}' is accepted and ignored (it does not change the "
+                    f"output); this is logged once")
+        return await _generate(request, body, prompt, max_tokens, chat)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        return await handle(request, prepare_chat, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await handle(request, prepare_completion, chat=False)
+
+    def token_text(token_id: int) -> str:
+        if tokenizer is None:
+            return f"token_id:{token_id}"
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(deltas) -> dict:
+        """OpenAI chat ``logprobs`` object for the tokens of ``deltas``."""
+        content = []
+        for d in deltas:
+            for _token, lp in zip(d.token_ids, [d.logprobs]):
+                if lp is None:
+                    continue
+                text = token_text(_token)
+                content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8", "replace")),
+                                "top_logprobs": [{"token": (t := token_text(i)), "logprob": v,
+                                                  "bytes": list(t.encode("utf-8", "replace"))} for i, v in lp.top]})
+        return {"content": content}
+
+    def completion_logprobs(deltas, offset: int = 0) -> dict:
+        """Legacy completions ``logprobs`` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for d in deltas:
+            for token, lp in zip(d.token_ids, [d.logprobs]):
+                if lp is None:
+                    continue
+                text = token_text(token)
+                out["tokens"].append(text)
+                out["token_logprobs"].append(lp.logprob)
+                out["top_logprobs"].append({token_text(i): v for i, v in lp.top})
+                out["text_offset"].append(offset)
+                offset += len(text)
+        return out
 
     async def _generate(request: HTTPRequest, body, prompt: list[int], max_tokens: int, chat: bool):
         loop = asyncio.get_running_loop()
@@ -156,74 +306,96 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
                 pass
 
         rid = new_id("chatcmpl" if chat else "cmpl")
-        req = Request(prompt, GenParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop_list),
-                      sink, rid)
+        params = GenParams(max_tokens, body.temperature, body.top_p, body.seed, body.stop_list, top_k=body.top_k,
+                           min_p=body.min_p, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                           repetition_penalty=body.repetition_penalty, logprobs=body.num_logprobs)
+        req = Request(prompt, params, sink, rid)
         try:
             sched.submit(req)
         except AdmissionError as exc:
             return _error(exc.status, str(exc), code=exc.code)
 
-        async def next_event():
-            """The next event, or None when the client went away (request cancelled)."""
-            while True:
-                try:
-                    return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        sched.cancel(req)
-                        return None
+        async def watch_disconnect():
+            """The client hung up (streaming or not): cancel now, wake the handler (None)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            sched.cancel(req)
+            events.put_nowait(None)
 
-        first = await next_event()
-        if first is None:
-            return Response(status_code=499)
-        if isinstance(first, Failed):
-            return _error(first.status, first.message, code="server_unavailable")
-        extra = {"prompt_token_ids": prompt} if body.return_token_ids or tokenizer is None else {}
-        with_ids = bool(extra)
-        if not body.stream:
-            text, ids, event = [], [], first
-            while not isinstance(event, Finished):
-                if event is None:
-                    return Response(status_code=499)
-                if isinstance(event, Failed):
-                    return _error(event.status, event.message, code="server_unavailable")
-                text.append(event.text)
-                ids.extend(event.token_ids)
-                event = await next_event()
-            choice = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": "".join(text)}
-            else:
-                choice["text"] = "".join(text)
-            if with_ids:
-                choice["token_ids"] = ids
-            usage = Usage.of(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                    "model": model_name, "choices": [choice], "usage": usage.model_dump(), **extra}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(req, rid, first, next_event, chat, with_ids, include_usage, extra),
-                                 media_type="text/event-stream")
+        watcher = asyncio.ensure_future(watch_disconnect())
+        streaming = False
+        try:
+            first = await events.get()
+            if first is None:
+                return Response(status_code=499)
+            if isinstance(first, Failed):
+                return _error(first.status, first.message, code=first.code)
+            extra = {"prompt_token_ids": prompt} if body.return_token_ids or tokenizer is None else {}
+            with_ids = bool(extra)
+            if not body.stream:
+                deltas, event = [], first
+                while not isinstance(event, Finished):
+                    if event is None:
+                        return Response(status_code=499)
+                    if isinstance(event, Failed):
+                        return _error(event.status, event.message, code=event.code)
+                    deltas.append(event)
+                    event = await events.get()
+                text = "".join(d.text for d in deltas)
+                logprobs = None
+                if body.num_logprobs is not None:
+                    logprobs = chat_logprobs(deltas) if chat else completion_logprobs(deltas)
+                choice = {"index": 0, "logprobs": logprobs, "finish_reason": event.finish_reason}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                if with_ids:
+                    choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+                usage = Usage.of(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                return _JSON({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                              "created": now(), "model": model_name, "choices": [choice],
+                              "usage": usage.model_dump(), **extra})
+            opts = body.stream_options
+            include_usage = bool(opts and opts.include_usage)
+            continuous = include_usage and opts.continuous_usage_stats
+            streaming = True
+            return StreamingResponse(_stream(req, rid, first, events, watcher, chat, with_ids, include_usage,
+                                             continuous, body.num_logprobs is not None, extra),
+                                     media_type="text/event-stream")
+        finally:
+            if not streaming:
+                watcher.cancel()
 
-    async def _stream(req, rid, first, next_event, chat, with_ids, include_usage, extra):
+    async def _stream(req, rid, first, events, watcher, chat, with_ids, include_usage, continuous, want_logprobs,
+                      extra):
         created_at = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
+        completion_tokens, text_offset = 0, 0
 
-        def chunk(text=None, ids=None, finish=None, role=False, usage=None, first_chunk=False) -> str:
+        def chunk(delta=None, finish=None, role=False, usage=None, first_chunk=False) -> str:
             body = {"id": rid, "object": obj, "created": created_at, "model": model_name}
             if usage is not None:
                 body["choices"], body["usage"] = [], usage
             else:
-                choice = {"index": 0, "logprobs": None, "finish_reason": finish}
+                logprobs = None
+                if want_logprobs and delta is not None:
+                    logprobs = chat_logprobs([delta]) if chat else completion_logprobs([delta], text_offset)
+                choice = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
+                text = delta.text if delta is not None else ""
                 if chat:
-                    delta = {"role": "assistant", "content": ""} if role else {}
+                    message = {"role": "assistant", "content": ""} if role else {}
                     if text:
-                        delta["content"] = text
-                    choice["delta"] = delta
+                        message["content"] = text
+                    choice["delta"] = message
                 else:
-                    choice["text"] = text or ""
-                if ids is not None:
-                    choice["token_ids"] = ids
+                    choice["text"] = text
+                if with_ids and delta is not None:
+                    choice["token_ids"] = delta.token_ids
                 body["choices"] = [choice]
+                if continuous:
+                    body["usage"] = {"prompt_tokens": len(req.prompt), "completion_tokens": completion_tokens,
+                                     "total_tokens": len(req.prompt) + completion_tokens}
             if first_chunk:
                 body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
@@ -237,7 +409,7 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
                 if event is None:
                     return
                 if isinstance(event, Failed):
-                    yield f"data: {json.dumps(error_body(event.status, event.message))}\n\n"
+                    yield f"data: {json.dumps(error_body(event.status, event.message, code=event.code))}\n\n"
                     done = True
                     return
                 if isinstance(event, Finished):
@@ -248,11 +420,18 @@ def create_app(sched, metrics, *, model_name: str, tokenizer, max_context: int, 
                                                    event.cached_tokens).model_dump())
                     yield "data: [DONE]\n\n"
                     return
-                if event.text or with_ids:
-                    yield chunk(event.text, event.token_ids if with_ids else None, first_chunk=not first_sent)
+                completion_tokens += len(event.token_ids)
+                if event.text or with_ids or want_logprobs:
+                    yield chunk(event, first_chunk=not first_sent)
                     first_sent = True
-                event = await next_event()
+                    if want_logprobs and not chat:    # offsets in the tokens' own text, as non-streaming
+                        text_offset += sum(len(token_text(t)) for t in event.token_ids)
+                event = await events.get()
+        except Exception as exc:      # noqa: BLE001 -- mid-stream: an error event, logged once
+            log(f"[serve] internal error in stream {rid}:\n" + traceback.format_exc().rstrip())
+            yield f"data: {json.dumps(error_body(500, f'internal server error ({type(exc).__name__})'))}\n\n"
         finally:
+            watcher.cancel()
             if not done:          # the client went away mid-stream (or the server is stopping)
                 sched.cancel(req)
 

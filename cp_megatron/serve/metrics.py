@@ -7,7 +7,10 @@
     cp_megatron_round_sequences         histogram  sequences per round
     cp_megatron_kv_cache_bytes          gauge      K/V bytes held, per global rank
     cp_megatron_requests_in_flight      gauge      queued + generating requests
-    cp_megatron_requests_total          counter    finished requests by finish_reason
+    cp_megatron_requests_running        gauge      generating requests (vLLM's num_requests_running)
+    cp_megatron_requests_waiting        gauge      queued requests (vLLM's num_requests_waiting)
+    cp_megatron_requests_total          counter    finished requests by finish_reason ("stop",
+                                                   "length", "error": this request's sampling failed)
 
 Source: Prometheus exposition format (prometheus_client); TTFT / TTIT as in arXiv
 2411.01783 §4.
@@ -38,6 +41,8 @@ class ServeMetrics:
         self.kv_bytes = Gauge("cp_megatron_kv_cache_bytes", "K/V bytes held by each rank", ["rank"],
                               registry=r)
         self.in_flight = Gauge("cp_megatron_requests_in_flight", "Requests queued or generating", registry=r)
+        self.running = Gauge("cp_megatron_requests_running", "Requests generating", registry=r)
+        self.waiting = Gauge("cp_megatron_requests_waiting", "Requests queued for admission", registry=r)
         self.requests = Counter("cp_megatron_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
 

@@ -16,6 +16,8 @@ Source: arXiv 2411.01783 §3.5 (rounds of partial prefill / decode over persiste
 
 from __future__ import annotations
 
+import array
+import dataclasses
 import os
 import signal
 import sys
@@ -31,33 +33,84 @@ import torch.distributed as dist
 FAIL_LINGER_S = 5.0
 
 
-def engine_round(engine, message: dict, gather_kv_bytes: bool = False):
+class SeenTokens:
+    """Every sequence's token ids on this rank (the rounds' feeds, forks and frees), for
+    the repetition penalty: a bool ``[V]`` mask per sequence on the device, built the first
+    time a request on it asks for a penalty and updated from each round's feed after that.
+
+    Host cost: 8 bytes per cached token, O(new tokens) per round.
+    Source: vLLM ``repetition_penalty`` (prompt and output tokens both count).
+    """
+
+    def __init__(self, vocab_size: int, device) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.tokens: dict[int, array.array] = {}
+        self.masks: dict = {}
+
+    def free(self, seq: int) -> None:
+        self.tokens.pop(seq, None)
+        self.masks.pop(seq, None)
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        self.tokens[dst] = self.tokens.get(src, array.array("q"))[:length]
+        self.masks.pop(dst, None)
+
+    def _ids(self, ids) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long)
+        return t[(t >= 0) & (t < self.vocab_size)].to(self.device)
+
+    def feed(self, feed: dict) -> None:
+        for seq, new in feed.items():
+            self.tokens.setdefault(seq, array.array("q")).extend(new)
+            if seq in self.masks:
+                self.masks[seq][self._ids(new)] = True
+
+    def mask(self, seq: int) -> torch.Tensor:
+        if seq not in self.masks:
+            m = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            m[self._ids(self.tokens.get(seq, array.array("q")).tolist())] = True
+            self.masks[seq] = m
+        return self.masks[seq]
+
+
+def engine_round(engine, message: dict, gather_kv_bytes: bool = False, seen: Optional[SeenTokens] = None):
     """THE adapter between the server and :class:`~cp_megatron.engine.InferenceEngine`:
     every engine call of the server is here.
 
     Applies ``message`` on this rank: frees sequences, forks (copies a prefix of a cached
     sequence under a new id), then runs one round over ``message["feed"]`` and samples
-    each sequence's next token (``message["sampling"]``, ``message["draws"]``).
+    each sequence's next token (``message["sampling"]``, ``message["draws"]``; a
+    repetition penalty reads ``seen``, which this call keeps up to date).
 
     Returns:
         (next token id per fed sequence in feed order, identical on every rank, or None
         when nothing was fed,
         :class:`~cp_megatron.engine.RoundMetrics` or None,
-        KV-cache bytes of every rank ``[world]`` (list) when ``gather_kv_bytes`` else None).
+        KV-cache bytes of every rank ``[world]`` (list) when ``gather_kv_bytes`` else None,
+        per fed sequence None or its :class:`~cp_megatron.sampling.TokenLogprobs`, or None).
     """
     for seq in message["free"]:
         engine.truncate(seq, 0)
+        if seen is not None:
+            seen.free(seq)
     for src, dst, length in message["fork"]:
         engine.fork(src, dst, length)
-    tokens, metrics = (engine.step(message["feed"], message["sampling"], message["draws"])
-                       if message["feed"] else (None, None))
+        if seen is not None:
+            seen.fork(src, dst, length)
+    sampling = message["sampling"]
+    if seen is not None and message["feed"]:
+        seen.feed(message["feed"])
+        sampling = {seq: dataclasses.replace(p, seen=seen.mask(seq)) if p.repetition_penalty != 1.0 else p
+                    for seq, p in sampling.items()}
+    tokens, metrics, logprobs = (engine.step(message["feed"], sampling, message["draws"], return_logprobs=True)
+                                 if message["feed"] else (None, None, None))
     kv_bytes = None
     if gather_kv_bytes:
         mine = torch.tensor([engine.kv_cache.nbytes()], dtype=torch.long, device=engine.stage.device)
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         kv_bytes = [int(x) for x in torch.cat(every).tolist()]
-    return tokens, metrics, kv_bytes
+    return tokens, metrics, kv_bytes, logprobs
 
 
 def _broadcast(message: Optional[dict]) -> dict:
@@ -72,8 +125,9 @@ def rank_main(cfg, prep) -> Optional[int]:
     from cp_megatron.factory import rank_engine
 
     topo, engine, tok = rank_engine(cfg, prep)
+    seen = SeenTokens(prep.model_config.vocab_size, engine.stage.device)
     if topo.rank == 0:
-        return _lead(cfg, prep, engine, tok)
+        return _lead(cfg, prep, engine, tok, seen)
     # SIGTERM / Ctrl-C reach every rank (torchrun forwards them, so does our spawner):
     # followers keep running until rank 0, which drains, tells them to stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -83,14 +137,14 @@ def rank_main(cfg, prep) -> Optional[int]:
         if message["op"] == "stop":
             return None
         if message["op"] == "round":
-            engine_round(engine, message, message.get("gather_kv_bytes", False))
+            engine_round(engine, message, message.get("gather_kv_bytes", False), seen)
 
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _lead(cfg, prep, engine, tok) -> int:
+def _lead(cfg, prep, engine, tok, seen: SeenTokens) -> int:
     import uvicorn
 
     from cp_megatron.serve.app import create_app
@@ -110,7 +164,8 @@ def _lead(cfg, prep, engine, tok) -> int:
     app = create_app(sched, metrics, model_name=model_name, tokenizer=tok,
                      max_context=prep.max_context,
                      vocab_size=prep.model_config.vocab_size,
-                     default_max_tokens=sv.default_max_tokens)
+                     default_max_tokens=sv.default_max_tokens, max_request_bytes=sv.max_request_bytes,
+                     log=_log)
     server = uvicorn.Server(uvicorn.Config(app, host=sv.host, port=sv.port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -151,10 +206,10 @@ def _lead(cfg, prep, engine, tok) -> int:
             gather = rnd.kind == "free" or sched.rounds % 16 == 0
             message = {"op": "round", "gather_kv_bytes": gather, **rnd.message}
             _broadcast(message)
-            tokens, round_metrics, kv_bytes = engine_round(engine, message, gather)
+            tokens, round_metrics, kv_bytes, logprobs = engine_round(engine, message, gather, seen)
             if kv_bytes is not None:
                 metrics.kv_cache_bytes(kv_bytes)
-            sched.complete(rnd, tokens, round_metrics)
+            sched.complete(rnd, tokens, round_metrics, logprobs)
         _broadcast({"op": "stop"})
         _log("[serve] drained; stopping every rank")
         return 0

@@ -44,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from cp_megatron.engine import SamplingParams
+from cp_megatron.sampling import FAILED_TOKEN, SamplingParams, TokenLogprobs
 
 
 class AdmissionError(Exception):
@@ -62,6 +62,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
+    logprobs: Optional[TokenLogprobs] = None     # of the token, when the request asked
 
 
 @dataclass
@@ -76,22 +77,33 @@ class Finished:
 
 @dataclass
 class Failed:
-    """The request cannot complete (server failure or shutdown): HTTP ``status``."""
+    """The request cannot complete (its sampling failed, server failure or shutdown):
+    HTTP ``status`` and the error ``code``."""
 
     status: int
     message: str
+    code: str = "server_unavailable"
 
 
 # -- requests, sequences, rounds ---------------------------------------------------------------
 @dataclass
 class GenParams:
-    """Per-request decoding settings (OpenAI names): temperature 0 = greedy."""
+    """Per-request decoding settings (OpenAI / vLLM names): temperature 0 (or below
+    :data:`~cp_megatron.sampling.GREEDY_TEMPERATURE_EPS`) = greedy; ``ignore_eos``: EOS does
+    not end the request; ``min_tokens``: EOS cannot be drawn, nor a stop string end it,
+    before that many tokens; ``logprobs``: None or how many alternatives per token."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    logprobs: Optional[int] = None
 
 
 @dataclass(eq=False)
@@ -378,15 +390,24 @@ class Scheduler:
             return None
         free, self._to_free = self._to_free, []
         self._last_kind = kind
-        sampling = {r.seq: SamplingParams(temperature=r.params.temperature, top_p=r.params.top_p, seed=r.seed)
-                    for r in reqs}
+        sampling = {r.seq: self._sampling(r) for r in reqs}
         draws = {r.seq: len(r.generated) for r in reqs}
         return Round(kind or "free", {"free": free, "fork": forks, "feed": feed, "sampling": sampling,
                                       "draws": draws}, reqs)
 
-    def complete(self, rnd: Round, tokens: Optional[list[int]], metrics=None) -> None:
+    def _sampling(self, r: Request) -> SamplingParams:
+        p = r.params
+        return SamplingParams(temperature=p.temperature, top_p=p.top_p, seed=r.seed, top_k=p.top_k, min_p=p.min_p,
+                              min_tokens=p.min_tokens, end_ids=self.eos_ids if p.min_tokens else (),
+                              repetition_penalty=p.repetition_penalty, logprobs=p.logprobs)
+
+    def complete(self, rnd: Round, tokens: Optional[list[int]], metrics=None,
+                 logprobs: Optional[list[Optional[TokenLogprobs]]] = None) -> None:
         """Take each sequence's sampled next token (``tokens``, in ``rnd.message["feed"]``
-        order; None for a round without feed) and send the requests their events."""
+        order; None for a round without feed; ``logprobs`` likewise, or None) and send the
+        requests their events.  A sequence whose sampling failed
+        (:data:`~cp_megatron.sampling.FAILED_TOKEN`), or whose output cannot be decoded,
+        fails alone (500) and is freed; the others go on."""
         self.rounds += 1
         if metrics is not None:
             if self.metrics is not None:
@@ -411,9 +432,17 @@ class Scheduler:
                 else:
                     self.metrics.on_first_token(now - req.submitted_at)
             req.last_token_at = now
+            if token == FAILED_TOKEN:
+                self._fail_one(req, "sampling failed for this request (the server logged why)", "sampling_failed")
+                continue
             req.generated.append(token)
             req.pending = token
-            self._emit(req, token)
+            try:
+                self._emit(req, token, logprobs[row] if logprobs is not None else None)
+            except Exception as exc:          # noqa: BLE001 -- e.g. a detokenizer error: this request only
+                if self.log is not None:
+                    self.log(f"[serve] request {req.request_id} failed: {type(exc).__name__}: {exc}")
+                self._fail_one(req, f"generation failed: {type(exc).__name__}", "generation_failed")
         for req in [r for r in self.running if r.finish_reason]:
             self.running.remove(req)
             s = self.seqs[req.seq]
@@ -425,13 +454,22 @@ class Scheduler:
                 self.metrics.on_finish(req.finish_reason)
             req.sink(Finished(req.finish_reason, len(req.prompt), len(req.generated), req.cached_tokens))
 
-    def _emit(self, req: Request, token: int) -> None:
+    def _fail_one(self, req: Request, message: str, code: str) -> None:
+        """End one running request with a 500 (its sequence freed); the others go on."""
+        req.cancelled = True
+        self._drop(req)
+        if self.metrics is not None:
+            self.metrics.on_finish("error")
+        req.sink(Failed(500, message, code))
+
+    def _emit(self, req: Request, token: int, logprobs: Optional[TokenLogprobs] = None) -> None:
         """Stop checks (EOS, stop strings, max_tokens) and the request's next Delta."""
         p = req.params
         text = self.decode_text(req.generated) if self.decode_text is not None else ""
-        if token in self.eos_ids:
+        may_stop = len(req.generated) >= p.min_tokens
+        if token in self.eos_ids and not p.ignore_eos and may_stop:
             req.finish_reason = "stop"
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1) if may_stop else -1
         if cut >= 0:
             text, req.finish_reason = text[:cut], "stop"
         elif not req.finish_reason and len(req.generated) >= p.max_tokens:
@@ -447,4 +485,4 @@ class Scheduler:
                         break
         new_text = text[req.emitted_chars:safe] if safe > req.emitted_chars else ""
         req.emitted_chars = max(req.emitted_chars, safe)
-        req.sink(Delta(new_text, [token]))
+        req.sink(Delta(new_text, [token], logprobs))
