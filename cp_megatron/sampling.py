@@ -121,20 +121,26 @@ def _processed(logits: torch.Tensor, params: Sequence[SamplingParams], draws: Se
     return x
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random) -> list[int]:
-    """Next token per row of ``logits`` ``[B, V]`` (float, any device): greedy, or a draw
-    (one ``rng.random()`` per row, inverse CDF) from the temperature / top-k / top-p / min-p
-    distribution.
+def draw(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+    """Next token per row of ``logits`` ``[B, V]`` (float, any device), on that device and
+    without a host sync: greedy, or the inverse-CDF draw at ``u`` from the temperature /
+    top-k / top-p / min-p distribution.
+
+    Args:
+        logits: ``[B, V]`` float logits.
+        params: the rows' settings.
+        u: float64 ``[B]`` uniform numbers in [0, 1), one per row (from :func:`draw_rng`).
 
     NaN logits count as -inf; a row with +inf logits draws among those; a row with no
     finite logit draws uniformly.  Top-p keeps the smallest set of tokens whose mass
     reaches ``top_p``, always the most likely one.  Penalties and bans are
-    :func:`sample_rows`'s.
+    :func:`sample_rows`'s.  The maths runs in float64 on the logits' device (a GPU row is
+    never copied to the host).
 
     Returns:
-        one token id per row (host ints).
+        int64 ``[B]`` token ids on ``logits``' device.
     """
-    x = logits.detach().to("cpu", torch.float64)
+    x = logits.detach().to(torch.float64)
     x = torch.where(torch.isnan(x), float("-inf"), x)
     top = x.max(dim=-1, keepdim=True).values                        # [B, 1]
     inf_rows = torch.isposinf(top)
@@ -142,7 +148,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random
     empty = torch.isneginf(x.max(dim=-1, keepdim=True).values)
     x = torch.where(empty, 0.0, x)
     if params.greedy:
-        return x.argmax(dim=-1).tolist()
+        return x.argmax(dim=-1)
     z = (x - x.max(dim=-1, keepdim=True).values) / params.temperature   # <= 0, the top token at 0
     weights = torch.exp(z)                                              # in [0, 1], max exactly 1
     sorted_w, order = weights.sort(dim=-1, descending=True)
@@ -156,20 +162,32 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random
         keep &= sorted_w >= params.min_p                                # relative to the top (weight 1)
     keep[:, 0] = True
     cdf = (sorted_w * keep).cumsum(-1)                                  # [B, V], last = total >= 1
-    u = torch.tensor([[rng.random()] for _ in range(cdf.shape[0])], dtype=torch.float64)
+    u = u.to(device=cdf.device, dtype=torch.float64).reshape(-1, 1)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)      # first index with cdf > u * total
     last = (keep & (sorted_w > 0)).cumsum(-1).argmax(-1, keepdim=True)  # the last kept token of weight > 0
     choice = torch.minimum(choice, last)                                # u * total rounded up to total
-    return order.gather(-1, choice).flatten().tolist()
+    return order.gather(-1, choice).flatten()
+
+
+def uniforms(rng: random.Random, n: int) -> torch.Tensor:
+    """float64 ``[n]`` uniform numbers from ``rng`` (on the host: a tiny copy to the device)."""
+    return torch.tensor([rng.random() for _ in range(n)], dtype=torch.float64)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, rng: random.Random) -> list[int]:
+    """:func:`draw` with one ``rng.random()`` per row, read back as host ints (tests, tools;
+    the engine's rounds use :func:`sample_rows`, which never reads a row on the host)."""
+    return draw(logits, params, uniforms(rng, logits.shape[0])).tolist()
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], draws: Sequence[int]) -> torch.Tensor:
     """Next token for each row of ``logits`` ``[n, V]`` float, each with its own settings.
 
     Greedy rows take the argmax on the device (after penalties and bans).  Other rows draw
-    from :func:`draw_rng` (seed, draw count), so the result does not depend on which
-    rank samples or on the batch; that reads the row on the host once, after the round's
-    layers.  A row whose draw raises gets :data:`FAILED_TOKEN` (logged), never an exception.
+    (:func:`draw`, on the device) at a uniform number from :func:`draw_rng` (seed, draw
+    count), so the result does not depend on which rank samples or on the batch; only that
+    number crosses from the host, so no row is read back.  A row whose draw raises gets
+    :data:`FAILED_TOKEN` (logged), never an exception.
 
     Returns:
         int64 ``[n]`` token ids on logits' device.
@@ -181,15 +199,15 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], draws: S
         if p.greedy:
             continue
         try:
-            token = sample_next(x[i:i + 1], p, draw_rng(p.seed, d))[0]
+            token = draw(x[i:i + 1], p, uniforms(draw_rng(p.seed, d), 1))
         except Exception:                    # noqa: BLE001 -- fail the request, not the rank
             _log.exception("sampling failed for one row (temperature=%r, top_p=%r, top_k=%r, min_p=%r)",
                            p.temperature, p.top_p, p.top_k, p.min_p)
-            token = FAILED_TOKEN
+            token = torch.full((1,), FAILED_TOKEN, dtype=ids.dtype, device=ids.device)
         rows.append(i)
         drawn.append(token)
     if rows:
-        ids[torch.tensor(rows, device=ids.device)] = torch.tensor(drawn, dtype=ids.dtype).to(ids.device)
+        ids[torch.tensor(rows, device=ids.device)] = torch.cat(drawn).to(ids.dtype)
     return ids
 
 

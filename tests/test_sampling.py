@@ -166,14 +166,14 @@ def test_seeds_a_full_int64_apart_differ():
 def test_a_failing_row_gets_failed_token_and_the_others_their_tokens(monkeypatch):
     import cp_megatron.sampling as sampling
 
-    real = sampling.sample_next
+    real = sampling.draw
 
-    def flaky(logits, params, rng):
+    def flaky(logits, params, u):
         if params.top_p == 0.5:
             raise RuntimeError("device lost")
-        return real(logits, params, rng)
+        return real(logits, params, u)
 
-    monkeypatch.setattr(sampling, "sample_next", flaky)
+    monkeypatch.setattr(sampling, "draw", flaky)
     logits = torch.log(torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.2, 0.8]]))
     ok = SamplingParams(temperature=1.0, top_p=1e-9, seed=1)
     ids = sample_rows(logits, [SamplingParams(temperature=1.0, top_p=0.5), ok, SamplingParams()], [0, 0, 0])
@@ -211,3 +211,16 @@ def test_logprob_columns_round_trip_against_log_softmax_float64():
     # a -inf logprob is clamped to the floor (JSON has no -inf)
     masked = unpack_logprobs(logprob_columns(logits, torch.tensor([0, 0, 0]), 0), [0, 0, 0])
     assert masked[1].logprob == LOGPROB_FLOOR
+
+
+def test_sample_rows_reads_no_row_on_the_host():
+    """A sampled row is drawn on the logits' device: no ``.tolist()`` / ``.cpu()`` /
+    ``.item()`` of the row (on a GPU each would be a sync and a 1 MB copy per row per round).
+    Fake tensors have no data, so any read of one on the host raises."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=10, min_p=0.01, seed=s) for s in range(3)]
+    params[1] = SamplingParams()                                      # a greedy row among them
+    with FakeTensorMode():
+        ids = sample_rows(torch.randn(3, 50), params, [4, 4, 4])
+    assert ids.shape == (3,) and ids.dtype == torch.int64
