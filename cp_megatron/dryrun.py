@@ -44,7 +44,6 @@ from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten
 
 from cp_megatron import device as devices
 
@@ -118,10 +117,24 @@ def _source(limit_pkg: bool = True) -> tuple[str, int]:
     return "<outside cp_megatron>", 0
 
 
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
 
+
+def _is_fake(t) -> bool:
     return isinstance(t, FakeTensor)
+
+
+def _tensors(obj, out: list) -> list:
+    """The tensors in an op's (nested list / tuple / dict) arguments or outputs."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            _tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _tensors(x, out)
+    return out
 
 
 def _nbytes_of_storage(t: torch.Tensor) -> int:
@@ -172,15 +185,22 @@ class Tracer(TorchDispatchMode):
         self._live: dict[int, list] = {}              # storage cdata -> [weakref, nbytes, category]
         self._by_cat = Counter()
         self._transient: set[int] = set()            # keys that may die (not weights)
+        self._kv_keys: set[int] = set()              # the KV cache's among them
         self._group_names: dict = {}
+        self.tracking = True                         # off while the stage is built (see trace_rank)
 
     # -- memory ----------------------------------------------------------------------------
-    def _sweep(self) -> None:
+    def _sweep(self, kv: bool = True) -> None:
+        """Forget storages that died since the last call (the KV cache's only when ``kv``:
+        they die only when the cache regrows, inside kv_cache.py)."""
         dead = [k for k in self._transient if self._live[k][0].expired()]
+        if kv:
+            dead += [k for k in self._kv_keys if self._live[k][0].expired()]
         for k in dead:
             _, n, cat = self._live.pop(k)
             self._by_cat[cat] -= n
             self._transient.discard(k)
+            self._kv_keys.discard(k)
 
     def _track(self, t: torch.Tensor, category: str) -> None:
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -192,8 +212,15 @@ class Tracer(TorchDispatchMode):
         n = st.nbytes()
         self._live[key] = [StorageWeakRef(st), n, category]
         self._by_cat[category] += n
-        if category != "weights":
+        if category == "kv_cache":
+            self._kv_keys.add(key)
+        elif category != "weights":
             self._transient.add(key)
+
+    def mark_kv_cache(self, kv_cache) -> None:
+        """Count the storages of a :class:`~cp_megatron.model.kv_cache.KVCache` as KV cache."""
+        for t in kv_cache.k + kv_cache.v:
+            self._track(t, "kv_cache")
 
     def mark_weights(self, module: torch.nn.Module) -> None:
         """Count the storages of ``module``'s parameters and buffers as weights."""
@@ -205,11 +232,12 @@ class Tracer(TorchDispatchMode):
                 self._by_cat["weights"] += n
                 self._live[key][2] = "weights"
                 self._transient.discard(key)
+                self._kv_keys.discard(key)
             else:
                 self._track(t, "weights")
 
     def live_bytes(self) -> dict:
-        self._sweep()
+        self._sweep(kv=True)
         return {c: int(self._by_cat.get(c, 0)) for c in CATEGORIES}
 
     def _category(self, src: str, func) -> str:
@@ -251,9 +279,8 @@ class Tracer(TorchDispatchMode):
     # -- dispatch ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        fake_in = any(_is_fake(t) for t in tensors)
+        tensors = _tensors(kwargs, _tensors(args, []))
+        fake_in = any(isinstance(t, FakeTensor) for t in tensors)
         dev = kwargs.get("device")
         wants_cuda = dev is not None and torch.device(dev).type == "cuda"
         if not fake_in and not wants_cuda:       # host work on real CPU tensors: run it for real
@@ -268,7 +295,8 @@ class Tracer(TorchDispatchMode):
                                  "on": str(args[0].device)})
             dtype = args[0].dtype
             return False if dtype == torch.bool else 0.0 if dtype.is_floating_point else 0
-        self._sweep()
+        if self.tracking:
+            self._sweep(kv=src in ("model/kv_cache.py", "engine.py"))
         if rt is not None and func.namespace == "c10d":
             self._collective(rt, func, args, src, line)
         out = func(*args, **kwargs)
@@ -284,10 +312,10 @@ class Tracer(TorchDispatchMode):
                 self._attention(rt, name, args, kwargs, src, line)
             elif name == "_scaled_mm":
                 self._scaled_mm(rt, args, kwargs, out, src, line)
-        if not func.is_view:
+        if self.tracking and not func.is_view:
             cat = self._category(src, func)
-            for o in tree_flatten(out)[0]:
-                if isinstance(o, torch.Tensor) and _is_fake(o) and o.device.type != "meta":
+            for o in _tensors(out, []):
+                if isinstance(o, FakeTensor) and o.device.type != "meta":
                     self._track(o, cat)
         peak = sum(self._by_cat.get(c, 0) for c in CATEGORIES)
         if rt is not None:
@@ -334,7 +362,7 @@ class Tracer(TorchDispatchMode):
         import torch.distributed as dist
 
         name = func.__name__.split(".")[0]
-        tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+        tensors = _tensors(args, [])
         groups = [self._group(a) for a in args if isinstance(a, (dist.ProcessGroup, torch.ScriptObject))]
         ranks = next((g for g in groups if g is not None), [])
         rec = {"layer": "outside" if self.layer is None else self.layer, "kind": name,
@@ -576,10 +604,14 @@ def trace_rank(spec: DryRunSpec, rank: int, progress: Optional[Callable[[str], N
             kv_slots_per_rank(spec.prompt_tokens, spec.max_new_tokens, spec.cp)
         with devices.use_fake_cuda(spec.capability), FakeTensorMode(allow_non_fake_inputs=True), tracer:
             device = devices.current_device() if spec.device == "cuda" else torch.device("cpu")
+            tracer.tracking = False   # building: only what the engine keeps counts (below)
             engine = build_engine(ShapeReader(model, device), topo, dtype=spec.dtype, device=device,
                                   strategy=spec.strategy, hardware=spec.hardware, kv_capacity=kv_capacity,
                                   weights=spec.weights)
+            tracer.tracking = True
             tracer.mark_weights(engine.stage)
+            tracer.mark_kv_cache(engine.kv_cache)
+            say(f"[dryrun] rank {rank}: engine built in {time.perf_counter() - t0:.1f} s")
             tracer.watch_layers(engine.stage)
             if on_engine is not None:
                 on_engine(engine)
