@@ -212,14 +212,17 @@ def all_ranks(spec, processes: int, say) -> tuple[dict, dict]:
     from cp_megatron.dryrun import check_pattern
 
     world = spec.world_size
-    chunks = [list(range(i, world, processes)) for i in range(processes)]
+    step = 8   # ranks per task: a progress line every few ranks
+    chunks = [list(range(i, min(i + step, world))) for i in range(0, world, step)]
     say(f"[dryrun] tracing {world} ranks in {processes} processes")
     reports = {}
     if processes == 1:
-        reports.update(_trace_ranks((spec, chunks[0])))
+        for c in chunks:
+            reports.update(_trace_ranks((spec, c)))
+            say(f"[dryrun] {len(reports)}/{world} ranks traced")
     else:
         with mp.get_context("spawn").Pool(processes) as pool:
-            for part in pool.imap_unordered(_trace_ranks, [(spec, c) for c in chunks if c]):
+            for part in pool.imap_unordered(_trace_ranks, [(spec, c) for c in chunks]):
                 reports.update(part)
                 say(f"[dryrun] {len(reports)}/{world} ranks traced")
     return reports, check_pattern(reports)
