@@ -37,12 +37,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from cp_megatron import device as devices
@@ -106,7 +106,7 @@ def ensure_fake_cuda_runtime() -> None:
 
 
 # -- tracing -----------------------------------------------------------------------------------
-def _source(limit_pkg: bool = True) -> tuple[str, int]:
+def _source() -> tuple[str, int]:
     """(path relative to cp_megatron/, line) of the innermost caller frame inside the package."""
     f = sys._getframe(2)
     while f is not None:
@@ -115,13 +115,6 @@ def _source(limit_pkg: bool = True) -> tuple[str, int]:
             return name[len(PKG_DIR):], f.f_lineno
         f = f.f_back
     return "<outside cp_megatron>", 0
-
-
-from torch._subclasses.fake_tensor import FakeTensor  # noqa: E402
-
-
-def _is_fake(t) -> bool:
-    return isinstance(t, FakeTensor)
 
 
 def _tensors(obj, out: list) -> list:
@@ -647,14 +640,8 @@ def trace_rank(spec: DryRunSpec, rank: int, progress: Optional[Callable[[str], N
     return report
 
 
-def _scale(value: int, traced: int, full: int, per_layer: bool) -> float:
-    return value / traced * full if per_layer and traced else value
-
-
 def rank_report(spec: DryRunSpec, topo, tracer: Tracer, engine, elapsed_s: float) -> dict:
     """The JSON report of one traced rank (see docs/dryrun.md for every field)."""
-    from cp_megatron.planner import loaded_weight_bytes  # noqa: F401  (planner figures: cli side)
-
     stage = engine.stage
     full_layers = spec.model_config.num_layers
     traced_layers = stage.num_local_layers
@@ -839,7 +826,7 @@ def _call_text(c: Optional[dict]) -> str:
     return f"{c['kind']} {c['bytes']} bytes {c['dtype']} at layer {c['layer']} ({c['where']})"
 
 
-def keep_collectives(report: dict, tracer_rounds: Optional[list] = None) -> dict:
+def keep_collectives(report: dict) -> dict:
     """Attach the flat list of each round's collectives (``_collectives``) that
     :func:`check_pattern` reads."""
     for r in report["rounds"]:
