@@ -63,6 +63,9 @@ def build_spec(cfg, layers, rounds_text, prompt_tokens, capability, say=lambda _
     from cp_megatron.preflight import heuristic_hardware, open_reader, prepare
 
     m, p = cfg.model, cfg.prompt
+    if cfg.runtime.device != "cuda":
+        raise ConfigError("runtime.device: the dry run traces fake CUDA tensors; a cpu config runs for real "
+                          "(`cp-megatron run`), or trace it as a GPU job with --set runtime.device=cuda")
     if m.implementation != "native":
         raise ConfigError("model.implementation: the dry run traces the native stage only")
     if m.format == "dummy" or (m.path and os.path.exists(cfg.resolve_path(m.path))):
