@@ -70,7 +70,9 @@ class ModelSection(_Strict):
                             "a megatron-core GPTModel state dict saved at TP 1 PP 1 (docs/megatron.md)")
     path: Optional[str] = Field(DEFAULT_GGUF, description="checkpoint folder (hf, meta, sharded, megatron), "
                                                           ".gguf file or megatron .pt file")
-    preset: Optional[str] = Field(None, description="model preset name (format dummy)")
+    preset: Optional[str] = Field(None, description="model preset name (format dummy); with another format, "
+                                                    "the model the checkpoint holds, which `cp-megatron "
+                                                    "dryrun` uses where model.path is not on this machine")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
     weights: Literal["dtype", "fp8-rowwise"] = Field(
         "dtype", description="linear-layer weights: 'dtype' = model.dtype; 'fp8-rowwise' = attention "
@@ -151,6 +153,8 @@ class PromptSection(_Strict):
                                        "with file: the follow-up turns after the document (+ question)")
     system: Optional[str] = Field(None, description="system message for file/question and turns")
     random_tokens: Optional[int] = Field(None, ge=1, description="random token ids (dummy models)")
+    num_tokens: Optional[int] = Field(None, ge=1, description="the prompt's length in tokens, for "
+                                      "`cp-megatron dryrun` where the prompt is not on this machine")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from cp_megatron import device as devices
 from cp_megatron import parallel_state
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
@@ -307,8 +308,7 @@ class InferenceEngine:
             logits[local_rows.to(device)] = out
         if self.topo.world_size > 1:
             dist.all_reduce(logits)
-        if device.type == "cuda":   # time_s covers the round's last collective
-            torch.cuda.current_stream(device).synchronize()
+        devices.synchronize(device)   # CUDA: time_s covers the round's last collective
         return logits, self._metrics(plan, start, stats)
 
     def _stage_input(self, flat: torch.Tensor, place: _Placement) -> torch.Tensor:

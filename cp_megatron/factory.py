@@ -18,9 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
+from cp_megatron import device as devices
 from cp_megatron.engine import InferenceEngine
 from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS
+from cp_megatron.model.fp8 import backend_for
 from cp_megatron.model.llama import LlamaStage, StageLayout
 from cp_megatron.model.weights import load_weights
 from cp_megatron.parallel_state import Topology
@@ -59,7 +61,10 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
             implementation, or FP8 weights with the megatron-core implementation.
     """
     layout = StageLayout(topo.tp_size, topo.tp_rank, topo.pp_size, topo.pp_rank)
-    if implementation == "native":
+    if implementation == "native" and devices.is_fake():
+        stage = _fake_stage(reader.config, layout, dtype, device, weights)
+        load_weights(stage, reader, progress=progress)
+    elif implementation == "native":
         stage = LlamaStage(reader.config, layout, dtype=dtype, device=device, weights=weights)
         load_weights(stage, reader, progress=progress)
     elif implementation == "megatron-core":
@@ -72,6 +77,21 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
         raise ValueError(f"implementation: expected 'native' or 'megatron-core', got {implementation!r}")
     return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
                            kv_growth_slots=kv_growth_slots, profile=profile)
+
+
+def _fake_stage(config, layout: StageLayout, dtype: torch.dtype, device, weights: str) -> LlamaStage:
+    """The dry run's stage (:func:`cp_megatron.device.use_fake_cuda`, under a
+    ``FakeTensorMode``): built on the meta device (no memory), then every parameter and
+    buffer materialised as a fake tensor on ``device``."""
+    with torch.device("meta"):   # megatron's CPU-init path allocates on the default device
+        stage = LlamaStage(config, layout, dtype=dtype, device="cpu", weights=weights)
+    device = torch.device(device)
+    stage.to_empty(device=device)
+    stage.device = device
+    for module in stage.modules():   # FP8 backend by the target device, not the meta build's
+        if hasattr(module, "fp8_backend"):
+            module.fp8_backend = backend_for(device)
+    return stage
 
 
 def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
@@ -103,7 +123,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     torch.set_num_threads(rt.threads_per_rank)
     parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
     topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
-    device = torch.device("cuda", torch.cuda.current_device()) if rt.device == "cuda" else torch.device("cpu")
+    device = devices.current_device() if rt.device == "cuda" else torch.device("cpu")
     reader = open_reader(cfg)
     tok = open_tokenizer(cfg, reader)
     say = status if status is not None and topo.rank == 0 else (lambda _line: None)

@@ -20,8 +20,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
+
+from cp_megatron import device as devices
 
 with warnings.catch_warnings():  # megatron warns that TE / apex are absent: they are optional
     warnings.simplefilter("ignore")
@@ -58,19 +59,42 @@ def check_degrees(world_size: int, tp: int, cp: int, pp: int) -> None:
                          f"world size {world_size}")
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) -> None:
-    """Start torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0, *,
+                     rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+    """Start torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), or
+    as one rank of a fake job.
 
     Args:
-        backend: "gloo" or "nccl"; default nccl when CUDA is available, else gloo.
+        backend: "gloo", "nccl" or "fake"; default nccl when CUDA is available, else gloo.
+            "fake" is PyTorch's fake process group (``FakeStore``): every collective and
+            point-to-point call returns at once without moving data, so one process can
+            play any rank of a job of any size (the dry run, :mod:`cp_megatron.dryrun`).
         timeout_s: collective timeout in seconds (a lost rank fails the others after it).
+        rank, world_size: required for "fake" (there is no launcher); ignored otherwise.
+
+    Raises:
+        ValueError: backend "fake" without rank and world_size, or an unknown backend.
+
+    Source: ``torch.distributed.init_process_group``; the fake backend of
+    ``torch.testing._internal.distributed.fake_pg`` (as torchtitan's config validation uses).
     """
     if dist.is_initialized():
         return
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if devices.is_available() else "gloo"
+    if backend not in ("gloo", "nccl", "fake"):
+        raise ValueError(f"runtime.backend: expected gloo, nccl or fake, got {backend!r}")
+    if backend == "fake":
+        if rank is None or world_size is None or not 0 <= rank < world_size:
+            raise ValueError(f"backend 'fake' needs 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        return
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        devices.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

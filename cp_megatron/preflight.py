@@ -92,6 +92,7 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
     """
     import torch
 
+    from cp_megatron import device as devices
     from cp_megatron.model.fp8 import check_supported
     from cp_megatron.model.tp_rule import tp_problem
 
@@ -106,9 +107,9 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
             raise ConfigError(str(exc)) from None
     # The config's own consistency first (above), then this machine (a config meant for a GPU
     # node is still checked on a CPU box up to here).
-    if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+    if cfg.runtime.device == "cuda" and not devices.is_available():
         raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
-                          f"(torch {torch.__version__}: torch.cuda.is_available() is False)")
+                          f"(torch {torch.__version__} sees no CUDA device)")
     reader = open_reader(cfg)
     config = reader.config
     problem = tp_problem(config, par.tp)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from cp_megatron import device as devices
 from cp_megatron.parallel_state import ring_neighbours
 
 
@@ -57,7 +58,7 @@ class RingStats:
     def mark(device: torch.device):
         """A point in time on ``device``'s stream: a recorded CUDA event, or a host clock."""
         if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
+            event = devices.event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()

@@ -26,6 +26,7 @@ from typing import Any, Callable
 SUBCOMMANDS = {
     "run": "cp_megatron.cli.run",
     "plan": "cp_megatron.cli.plan",
+    "dryrun": "cp_megatron.cli.dryrun",
     "convert": "cp_megatron.cli.convert",
     "bench": "cp_megatron.cli.bench",
     "serve": "cp_megatron.cli.serve",

@@ -45,6 +45,8 @@ import warnings
 
 import torch
 
+from cp_megatron import device as devices
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core import tensor_parallel
@@ -104,7 +106,7 @@ def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def backend_for(device: torch.device) -> str:
     """"scaled_mm" (CPU; CUDA capability >= 8.9) or "emulated" (older CUDA GPUs)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type == "cuda" and devices.capability(device) < (8, 9):
         return "emulated"
     return "scaled_mm"
 

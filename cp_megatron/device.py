@@ -1,0 +1,153 @@
+"""The one place that talks to the accelerator runtime: current device, capability,
+synchronize, events, device count.  Every such call in cp_megatron goes through here.
+
+Three states, one switch:
+
+* CPU: nothing here is called on the hot path (every helper answers for ``device.type ==
+  "cpu"`` without touching ``torch.cuda``);
+* CUDA: the helpers call ``torch.cuda`` (``current_device``, ``get_device_capability``,
+  ``current_stream().synchronize()``, ``Event``);
+* fake CUDA (the dry run, :mod:`cp_megatron.dryrun`): :func:`use_fake_cuda` makes the
+  helpers answer for a GPU that is not there -- device 0, the given compute capability, a
+  synchronize that only reports itself to the registered listeners, events that time
+  nothing -- so the same engine code runs on fake CUDA tensors on a CPU machine.
+
+The library never imports the dry run: the dry run switches this module on and listens.
+
+Source: PyTorch ``torch.cuda`` API (``current_device``, ``get_device_capability``,
+``Stream.synchronize``, ``Event(enable_timing=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Callable, Iterator, Optional
+
+import torch
+
+_fake: Optional[dict] = None                      # {"capability": (major, minor), "count": n}
+_sync_listeners: list[Callable[[str, str], None]] = []
+
+
+def is_fake() -> bool:
+    """True while :func:`use_fake_cuda` is active."""
+    return _fake is not None
+
+
+@contextlib.contextmanager
+def use_fake_cuda(capability: tuple[int, int] = (9, 0), device_count: int = 1) -> Iterator[None]:
+    """Answer every question about CUDA for a fake GPU (the dry run).
+
+    Args:
+        capability: compute capability reported for the fake device (H100: (9, 0)).
+        device_count: devices reported.
+    """
+    global _fake
+    saved, _fake = _fake, {"capability": tuple(capability), "count": device_count}
+    try:
+        yield
+    finally:
+        _fake = saved
+
+
+def add_sync_listener(fn: Callable[[str, str], None]) -> None:
+    """Call ``fn(kind, where)`` at every host-device synchronize and event wait made through
+    this module (``where`` is the caller's ``file:line``)."""
+    _sync_listeners.append(fn)
+
+
+def remove_sync_listener(fn: Callable[[str, str], None]) -> None:
+    _sync_listeners.remove(fn)
+
+
+def _report(kind: str) -> None:
+    if _sync_listeners:
+        frame = traceback.extract_stack(limit=4)[0]
+        where = f"{frame.filename}:{frame.lineno}"
+        for fn in list(_sync_listeners):
+            fn(kind, where)
+
+
+def is_available() -> bool:
+    """A CUDA device can be used (always True while faking)."""
+    return _fake is not None or torch.cuda.is_available()
+
+
+def device_count() -> int:
+    return _fake["count"] if _fake is not None else torch.cuda.device_count()
+
+
+def current_device() -> torch.device:
+    """The current CUDA device, e.g. ``cuda:0``."""
+    if _fake is not None:
+        return torch.device("cuda", 0)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def set_device(index: int) -> None:
+    """Make CUDA device ``index`` current (a no-op while faking)."""
+    if _fake is None:
+        torch.cuda.set_device(index)
+
+
+def capability(device: torch.device | str) -> tuple[int, int]:
+    """Compute capability of a CUDA ``device`` as (major, minor).
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"capability: {device} is not a CUDA device")
+    if _fake is not None:
+        return _fake["capability"]
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device``'s current stream (nothing to do on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    _report("synchronize")
+    if _fake is None:
+        torch.cuda.current_stream(device).synchronize()
+
+
+class _FakeEvent:
+    """A CUDA event of the fake device: records nothing, every interval is 0 ms."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        _report("event.synchronize")
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class _Event:
+    """``torch.cuda.Event`` whose waits are reported to the sync listeners."""
+
+    def __init__(self, enable_timing: bool) -> None:
+        self._event = torch.cuda.Event(enable_timing=enable_timing)
+
+    def record(self, stream=None) -> None:
+        self._event.record(stream)
+
+    def synchronize(self) -> None:
+        _report("event.synchronize")
+        self._event.synchronize()
+
+    def elapsed_time(self, other: "_Event") -> float:
+        return self._event.elapsed_time(other._event)
+
+
+def event(enable_timing: bool = True):
+    """A CUDA event on the current stream's device (``record``, ``synchronize``,
+    ``elapsed_time`` in ms), or a fake one while faking."""
+    if _fake is not None:
+        return _FakeEvent()
+    return _Event(enable_timing)
