@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from cp_megatron.attention.blocks import attend_blocks
-from cp_megatron.attention.kernels import batched_decode_attention, math_attention
+from cp_megatron.attention.kernels import attention_with_lse, batched_decode_attention
 from cp_megatron.attention.merge import merge_partials
 from cp_megatron.attention.plan import AttentionPlan, DecodeBatch
 from cp_megatron.attention.ring import RingStats
@@ -35,11 +35,11 @@ from cp_megatron.attention.ring import RingStats
 def attend_decode_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row of ``q`` ``[R, NH, DH]`` against its slots of ``k``, ``v`` ``[S, NKV, DH]``, as the
-    :class:`DecodeBatch` says; returns (out ``[R, NH, DH]`` float32, lse ``[R, NH]`` float32),
-    (0, -inf) for rows without keys here."""
+    :class:`DecodeBatch` says; returns (out ``[R, NH, DH]`` float32 or q's dtype, lse ``[R, NH]``
+    float32), (0, -inf) for rows without keys here.  Batch 1 ("slice") is one call of the kernel
+    adapter on a view of the cache (flash attention on CUDA, the math kernel on CPU)."""
     if batch.mode == "slice":
-        out, lse = math_attention(q, k[batch.kv], v[batch.kv], scale=scale)
-        return out.float(), lse
+        return attention_with_lse(q, k[batch.kv], v[batch.kv], scale=scale)
     if batch.mode == "empty":
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -75,7 +75,7 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
     t1 = stats.mark(device) if stats is not None else None
     if plan.decode is not None:
         out, lse = attend_decode_batch(gathered, k, v, plan.decode, scale)
-        partials = torch.cat([out, lse.unsqueeze(-1)], dim=-1)                  # [N * q_len, NH, DH + 1]
+        partials = torch.cat([out, lse.unsqueeze(-1)], dim=-1)    # [N * q_len, NH, DH + 1] float32 (promotes)
     else:   # a forced all-gather of a prefill round: the plan's blocks, step by step
         partials = torch.zeros((size * q.shape[0], q.shape[1], dh + 1), dtype=torch.float32, device=device)
         partials[..., dh] = float("-inf")

@@ -24,8 +24,8 @@ NEG_INF = float("-inf")
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S partial results of the same query rows, all at once (S >= 1).
 
-    Five ops whatever S (logsumexp, the -inf guard, sub, exp, one weighted sum): no
-    temporary per partial.
+    Four ops whatever S (logsumexp; the weights exp(LSE_s - LSE) as one softmax over S, with
+    the all -inf rows' NaN zeroed; one batched matmul): no temporary per partial.
 
     Args:
         outs: ``[S, *rows, DH]`` partial outputs, any float dtype.
@@ -36,9 +36,11 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     """
     lses = lses.float()
     lse = torch.logsumexp(lses, dim=0)                            # [*rows], -inf: no key anywhere
-    weights = torch.exp(lses - lse.nan_to_num(neginf=0.0))        # [S, *rows], exponents <= 0
-    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)             # float32; rows with no key: 0
-    return out, lse
+    weights = torch.softmax(lses, dim=0).nan_to_num_(nan=0.0)     # [S, *rows]; no key anywhere: 0
+    s, dh = outs.shape[0], outs.shape[-1]
+    out = torch.bmm(weights.reshape(s, -1).t().unsqueeze(1),     # [rows, 1, S] @ [rows, S, DH]
+                    outs.float().reshape(s, -1, dh).transpose(0, 1))
+    return out.view(outs.shape[1:]), lse
 
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
