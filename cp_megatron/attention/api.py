@@ -252,8 +252,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
                 stats.add("compute_s", start, end)
                 stats.add("ring_s", start, end)
                 stats.calls += 1
-    elif plan.strategy == PASS_KV:
-        out, lse = ring_pass_kv(q, k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
+    elif plan.strategy == PASS_KV:   # q packed once (a view of the fused qkv), not per block by the kernels
+        out, lse = ring_pass_kv(q.contiguous(), k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
                                 stats=stats)
     elif plan.strategy == ALL_GATHER_Q:
         out, lse = all_gather_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)
