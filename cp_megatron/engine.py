@@ -19,6 +19,7 @@ Source: arXiv 2411.01783 §3.3–3.6 (sharding, ring variants, heuristic, decode
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
@@ -30,7 +31,7 @@ from cp_megatron import device as devices
 from cp_megatron import parallel_state
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
-from cp_megatron.attention.heuristic import HeuristicDecision
+from cp_megatron.attention.heuristic import PASS_Q, HeuristicDecision, choose_query_exchange
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.hardware import HardwareProfile
@@ -51,7 +52,7 @@ class RoundMetrics:
         new_tokens: T, new tokens of the round, all sequences (tokens).
         cached_tokens: P, tokens already cached for these sequences (tokens).
         miss_rate: T / (T + P).
-        strategy: ring variant used ("pass-kv" / "pass-q").
+        strategy: variant used ("pass-kv" / "pass-q" / "all-gather-q").
         heuristic: the inequality values behind the choice (HeuristicDecision.to_dict()).
         time_s: wall time of the round on this rank, up to its last collective (seconds).
         attention_s / comm_s: this rank's time in local attention / exposed ring
@@ -113,7 +114,9 @@ class InferenceEngine:
     Args:
         stage: this rank's :class:`LlamaStage`.
         topo: this rank's :class:`Topology` (from :mod:`cp_megatron.parallel_state`).
-        strategy: "auto" (heuristic per round), "pass-kv" or "pass-q".
+        strategy: "auto" (heuristic per round: Alg. 1 / Alg. 5, then for pass-Q rounds ring or
+            all-gather by :func:`~cp_megatron.attention.heuristic.choose_query_exchange`),
+            "pass-kv", "pass-q" (ring, Alg. 3 / Alg. 4) or "all-gather-q".
         hardware: C and BW for the heuristic (default by device).
         kv_capacity: cache slots (tokens) to reserve on this rank up front; see
             :func:`cp_megatron.sharding.kv_slots_per_rank` (prompt, generation budget and the
@@ -178,12 +181,29 @@ class InferenceEngine:
                                    self.stage.config.num_heads, self.stage.config.num_kv_heads,
                                    self.stage.dtype, self.hardware, self.strategy)
         places = self._placements(lengths, cached, seq_ids, decode)
+        if decision.strategy == PASS_Q and not decision.forced and self.topo.cp_size > 1:
+            decision = self._query_exchange(decision, lengths, cached, places)
         q_layouts = [(p.positions, p.seq_ids) for p in places]
         kv_layouts = [(torch.cat([lay.positions, p.positions]), torch.cat([lay.seq_ids, p.seq_ids]))
                       for lay, p in zip(self.layouts, places)]
         attention = build_plan(decision.strategy, self.topo.cp_rank, q_layouts, kv_layouts)
         return RoundPlan(seq_ids, lengths, cached, kind, decision, places,
                          attention.to(self.stage.device))
+
+    def _query_exchange(self, decision: HeuristicDecision, lengths: list[int], cached: list[int],
+                        places: list[_Placement]) -> HeuristicDecision:
+        """Ring pass-Q or all-gather-Q for a pass-Q round (the heuristic module's rule), with
+        this TP rank's heads and the round's padded query block."""
+        cfg, tp, n = self.stage.config, self.topo.tp_size, self.topo.cp_size
+        heads = cfg.num_heads // tp
+        e = torch.finfo(self.stage.dtype).bits // 8
+        q_len = max(len(p.positions) for p in places)
+        flops = sum(4 * heads * cfg.head_dim * t * (p + t) for t, p in zip(lengths, cached)) / n
+        hw = self.hardware
+        strategy, ring, gather = choose_query_exchange(
+            n, q_len * heads * cfg.head_dim * e, flops, hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s,
+            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s)
+        return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather)
 
     # -- one round -----------------------------------------------------------------------
     def _run(self, new_tokens: Mapping[int, list[int]], all_logits: bool):

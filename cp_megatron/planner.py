@@ -542,7 +542,7 @@ def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
 
 # Activation quantisation works in row chunks of at most this many float32 bytes
 # (cp_megatron.model.fp8.QUANT_CHUNK_BYTES; the planner imports no torch).
-ACT_QUANT_CHUNK_BYTES = 256 << 20
+ACT_QUANT_CHUNK_BYTES = 1 << 30
 # GPU capacities the report checks against (the h100-rdma and h200 profiles).
 MEMORY_TARGETS = ("h100-rdma", "h200")
 # What neither the planner nor the dry run sees, per GPU: stated allowances, with their source.

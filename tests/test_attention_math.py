@@ -206,3 +206,42 @@ def test_kernel_refuses_a_non_square_causal_block():
     q, k = torch.randn(3, 2, 8), torch.randn(5, 2, 8)
     with pytest.raises(ValueError, match="must be square"):
         attention_with_lse(q, k, k, scale=0.3, is_causal=True)
+
+
+# -- the batched decode kernel (all-gather-Q, CP 1) ------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_decode_attention_matches_reference_gqa_with_empty_and_padded_rows(dtype):
+    from cp_megatron.attention.plan import DecodeBatch, build_decode_batch
+    from cp_megatron.attention.decode import attend_decode_batch
+
+    torch.manual_seed(3)
+    nh, nkv, dh, slots = 6, 2, 16, 40
+    q, k, v = torch.randn(5, nh, dh, dtype=dtype), torch.randn(slots, nkv, dh, dtype=dtype), \
+        torch.randn(slots, nkv, dh, dtype=dtype)
+    # rows 0, 1, 3 see scattered slots of their own; row 2 none; row 4 is padding (no block)
+    keys = {0: torch.tensor([3, 9, 10, 11, 30]), 1: torch.arange(12, 30), 3: torch.tensor([0, 39])}
+    from cp_megatron.attention.plan import Block
+    blocks = [Block(r, r + 1, idx) for r, idx in keys.items()]
+    batch = build_decode_batch([(0, blocks)], q_len=5, num_queries=4)
+    assert batch.mode == "gather" and batch.rows == 5 and batch.lengths.tolist() == [5, 18, 0, 2, 0]
+    out, lse = attend_decode_batch(q, k, v, batch, scale=dh ** -0.5)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)   # float32 accumulation
+    for row in range(5):
+        if row not in keys:
+            assert torch.equal(out[row], torch.zeros_like(out[row])) and bool((lse[row] == float("-inf")).all())
+            continue
+        idx = keys[row]
+        ref_out, ref_lse = reference_attention(q[row:row + 1], k[idx], v[idx], torch.tensor([100]),
+                                               torch.zeros(len(idx), dtype=torch.long))
+        torch.testing.assert_close(out[row:row + 1].double(), ref_out, **tol)
+        torch.testing.assert_close(lse[row:row + 1].double(), ref_lse, **tol)
+
+
+def test_decode_batch_of_one_sequence_is_a_view_and_of_none_is_empty():
+    from cp_megatron.attention.plan import Block, build_decode_batch
+
+    one = build_decode_batch([(0, []), (1, [Block(0, 1, slice(4, 9))])], q_len=1, num_queries=1)
+    assert one.mode == "slice" and one.kv == slice(4, 9) and one.rows == 2
+    assert build_decode_batch([(0, []), (1, [])], q_len=2, num_queries=3).mode == "empty"
+    assert build_decode_batch([(0, [Block(0, 2, slice(0, 4))])], q_len=2, num_queries=2) is None   # prefill

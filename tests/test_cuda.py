@@ -74,6 +74,29 @@ def test_cuda_planned_blocks_of_a_load_balanced_chunk_pair_match_reference(dtype
     _check(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_decode_batch_gather_and_slice_match_reference(dtype):
+    # all-gather-Q's whole-batch kernel: 4 rows with scattered slots (one without any), and batch 1 as a view.
+    from cp_megatron.attention.decode import attend_decode_batch
+    from cp_megatron.attention.plan import Block, build_decode_batch
+
+    q, k, v = _inputs(4, 3000, dtype, seed=2)
+    keys = {0: torch.arange(0, 3000, 3), 1: torch.arange(100, 2100), 3: torch.tensor([5, 2999])}
+    cuda = torch.device("cuda")
+    batch = build_decode_batch([(0, [Block(r, r + 1, i) for r, i in keys.items()])], q_len=4, num_queries=4)
+    out, lse = attend_decode_batch(q.cuda(), k.cuda(), v.cuda(), batch.to(cuda), DH ** -0.5)
+    for row, idx in keys.items():
+        ref_out, ref_lse = reference_attention(q[row:row + 1], k[idx], v[idx], torch.tensor([5000]),
+                                               torch.zeros(len(idx), dtype=torch.long))
+        _check(out[row:row + 1], lse[row:row + 1], ref_out, ref_lse, dtype)
+    assert bool((lse[2] == float("-inf")).all()) and not out[2].abs().any()
+    one = build_decode_batch([(0, [Block(0, 1, slice(10, 2010))])], q_len=1, num_queries=1)
+    out, lse = attend_decode_batch(q[:1].cuda(), k.cuda(), v.cuda(), one.to(cuda), DH ** -0.5)
+    ref_out, ref_lse = reference_attention(q[:1], k[10:2010], v[10:2010], torch.tensor([5000]),
+                                           torch.zeros(2000, dtype=torch.long))
+    _check(out, lse, ref_out, ref_lse, dtype)
+
+
 def test_cuda_math_attention_matches_reference():
     q, k, v = _inputs(7, 7, torch.float64)
     out, lse = math_attention(q.cuda(), k.cuda(), v.cuda(), scale=DH ** -0.5, is_causal=True)

@@ -4,8 +4,9 @@ ring's communication (docs/design.md §9; issue: plan each round once).
 Each rank instruments the tensor methods that read a device back to the host
 (``.cpu()``, ``.item()``, ``.tolist()``, ``nonzero``, ``torch.cuda.synchronize``) and every
 ``torch.distributed`` communication call, counts them while a decoder layer runs and
-over the whole round, for a prefill (pass-KV) and a decode round (pass-Q) at CP 2 and 3,
-with models of 2 and 4 layers.
+over the whole round, for a prefill (pass-KV) and decode rounds at CP 2 and 3 (auto:
+all-gather-Q, two collectives per layer whatever CP; forced ring pass-Q: N-1 exchanges and an
+all_to_all), with models of 2 and 4 layers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.integration
 # isend / irecv are not wrapped: P2POp checks their identity; they run inside batch_isend_irecv.
 HOST_METHODS = ("cpu", "item", "tolist", "nonzero")
 COMM_FUNCS = ("batch_isend_irecv", "send", "recv", "all_reduce", "all_gather",
-              "all_gather_into_tensor", "all_gather_object", "all_to_all_single", "all_to_all",
+              "all_gather_into_tensor", "all_gather_single", "all_gather_object", "all_to_all_single", "all_to_all",
               "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "barrier")
 
 
@@ -67,12 +68,12 @@ def _instrument(counter: Counter) -> None:
         wrap(dist, name, name)
 
 
-def _job(cp: int, layers: int) -> list[dict]:
+def _job(cp: int, layers: int, strategy: str = "auto") -> list[dict]:
     topo = parallel_state.initialize(1, cp, 1)
     config = dataclasses.replace(get_preset("tiny"), num_layers=layers)
     stage = LlamaStage(config, StageLayout())
     load_weights(stage, DummyReader(config, seed=3))
-    engine = InferenceEngine(stage, topo, kv_capacity=64)
+    engine = InferenceEngine(stage, topo, kv_capacity=64, strategy=strategy)
     counter = Counter()
 
     def enter(*_):
@@ -97,18 +98,23 @@ def _job(cp: int, layers: int) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cp", [2, 3])
-def test_layers_do_no_host_transfer_and_only_ring_communication(cp):
-    by_layers = {layers: spawn(_job, cp, (cp, layers), timeout_s=240) for layers in (2, 4)}
+@pytest.mark.parametrize("cp,strategy", [(2, "auto"), (3, "auto"), (3, "pass-q")])
+def test_layers_do_no_host_transfer_and_only_ring_communication(cp, strategy):
+    by_layers = {layers: spawn(_job, cp, (cp, layers, strategy), timeout_s=240) for layers in (2, 4)}
+    decode = "all-gather-q" if strategy == "auto" else strategy
+    prefill = "pass-kv" if strategy == "auto" else strategy
     for layers, per_rank in by_layers.items():
         for rank, rounds in enumerate(per_rank):
             kinds = [(r["kind"], r["strategy"]) for r in rounds]
-            assert kinds == [("prefill", "pass-kv"), ("decode", "pass-q"), ("decode", "pass-q")], kinds
+            assert kinds == [("prefill", prefill), ("decode", decode), ("decode", decode)], kinds
             for r in rounds:
                 host = {k: v for k, v in r["layer"].items() if k in HOST_METHODS + ("synchronize",)}
                 assert host == {}, (layers, rank, r["kind"], host)
                 comm = {k: v for k, v in r["layer"].items() if k not in host}
-                expected = {"batch_isend_irecv": (cp - 1) * layers}
+                if r["strategy"] == "all-gather-q":   # O(1) in CP size
+                    expected = {"all_gather_single": layers, "all_to_all_single": layers}
+                else:
+                    expected = {"batch_isend_irecv": (cp - 1) * layers}
                 if r["strategy"] == "pass-q":
                     expected["all_to_all_single"] = layers
                 assert comm == expected, (layers, rank, r["kind"], comm)

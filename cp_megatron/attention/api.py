@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from cp_megatron import parallel_state
 from cp_megatron.attention.blocks import attend_blocks
-from cp_megatron.attention.heuristic import AUTO, PASS_KV, PASS_Q, STRATEGIES, HeuristicDecision, choose_strategy
+from cp_megatron.attention.decode import all_gather_q, attend_decode_batch
+from cp_megatron.attention.heuristic import (ALL_GATHER_Q, AUTO, PASS_KV, PASS_Q, STRATEGIES, HeuristicDecision,
+                                             choose_strategy)
 from cp_megatron.attention.pass_kv import ring_pass_kv
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.pass_q import ring_pass_q
@@ -123,7 +125,8 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         q_pos, kv_pos: int64 ``[Tq]`` / ``[Tkv]`` global positions.
         q_seq, kv_seq: int ``[Tq]`` / ``[Tkv]`` sequence ids; None = one sequence (id 0).
             Negative ids mark padding and match nothing.
-        strategy: "auto" (Alg. 1 / 5 on the global T and P), "pass-kv" or "pass-q".
+        strategy: "auto" (Alg. 1 / 5 on the global T and P), "pass-kv", "pass-q" (ring) or
+            "all-gather-q".
         causal: kv j visible to query i iff seq(j) == seq(i) and pos(j) <= pos(i);
             without causal, iff the sequences match.
         softmax_scale: default 1/sqrt(DH).
@@ -222,13 +225,23 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
         no key gets out 0 and lse -inf.
 
     Communication: none for CP 1; N-1 ring exchanges for pass-KV; N-1 ring exchanges and
-    one all_to_all for pass-Q.  No host synchronization.
+    one all_to_all for pass-Q; one all_gather and one all_to_all for all-gather-Q.  No host
+    synchronization.  A decode round of all-gather-Q or of CP 1 attends its whole batch in
+    one kernel call (:class:`~cp_megatron.attention.plan.DecodeBatch`).
 
-    Source: arXiv 2411.01783 Alg. 2, Alg. 3, Alg. 4.
+    Source: arXiv 2411.01783 Alg. 2, Alg. 3, Alg. 4; cp_megatron.attention.decode.
     """
     scale = plan.scale if plan.scale is not None else 1.0 / math.sqrt(q.shape[2])
     tq = q.shape[0]
-    if plan.cp_size == 1 or plan.empty:
+    if plan.cp_size == 1 and plan.decode is not None and not plan.empty:
+        start = stats.mark(q.device) if stats is not None else None
+        out, lse = attend_decode_batch(q, k, v, plan.decode, scale)        # the whole batch, one call
+        if stats is not None:
+            end = stats.mark(q.device)
+            stats.add("compute_s", start, end)
+            stats.add("ring_s", start, end)
+            stats.calls += 1
+    elif plan.cp_size == 1 or plan.empty:
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         if plan.cp_size == 1 and not plan.empty:
@@ -239,9 +252,12 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
                 stats.add("compute_s", start, end)
                 stats.add("ring_s", start, end)
                 stats.calls += 1
-    elif plan.strategy == PASS_KV:
-        out, lse = ring_pass_kv(q, k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
+    elif plan.strategy == PASS_KV:   # q packed once (a view of the fused qkv), not per block by the kernels
+        out, lse = ring_pass_kv(q.contiguous(), k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
                                 stats=stats)
+    elif plan.strategy == ALL_GATHER_Q:
+        out, lse = all_gather_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)
+        out, lse = out[:tq], lse[:tq]
     else:
         assert plan.strategy == PASS_Q, plan.strategy
         out, lse = ring_pass_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)

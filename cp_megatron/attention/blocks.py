@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from cp_megatron.attention.kernels import attention_with_lse
-from cp_megatron.attention.merge import merge_into
+from cp_megatron.attention.merge import merge_into_seen
 from cp_megatron.attention.plan import Block
 
 
@@ -42,4 +42,5 @@ def attend_blocks(acc_out: torch.Tensor, acc_lse: torch.Tensor, q: torch.Tensor,
             acc_out[b.q0:b.q1].copy_(out)
             acc_lse[b.q0:b.q1].copy_(lse)
         else:
-            merge_into(acc_out[b.q0:b.q1], acc_lse[b.q0:b.q1], out, lse)
+            # every row of a block sees a key and was written before: both LSEs finite
+            merge_into_seen(acc_out[b.q0:b.q1], acc_lse[b.q0:b.q1], out.float(), lse)

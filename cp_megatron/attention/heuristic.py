@@ -10,7 +10,23 @@ bandwidth per rank (bytes/s):
              or  T/(T+P) >= 2*NKV/NH - 4*T*BW / (N*C*e)             (Eq. 5, counts the all_to_all)
     pass-Q   otherwise
 
-Source: Yang et al., arXiv 2411.01783, §3.6, Algorithms 1 and 5.
+When pass-Q wins, the query blocks reach every rank either around the ring (Alg. 3 / Alg. 4:
+N-1 P2P steps, each hidden behind one step's attention) or by one all_gather (then one
+attention call over every rank's queries; the all_to_all and merge are the same).  With q
+the bytes of one rank's (padded) query block, t = A / (N*C) one ring step's attention (A
+this rank's attention FLOPs of the round), a the ring step's latency (P2P + host work per
+step) and g an all_gather's:
+
+    ring pass-Q exposed   = (N-1) * max(0, a + q/BW - t)
+    all-gather-Q          = g + (N-1) * q/BW
+    all-gather-Q  if  all-gather-Q <= ring pass-Q exposed,  else ring pass-Q
+
+Decode (a few KB of queries, microseconds of attention per step) therefore all-gathers: its
+collectives per layer stay two (all_gather + all_to_all) whatever N.
+
+Source: Yang et al., arXiv 2411.01783, §3.6, Algorithms 1 and 5 (the query exchange: §3.5.2,
+Alg. 3 / Alg. 4, and the all-gather decode of vLLM's decode context parallelism, SGLang and
+TRT-LLM Helix).
 """
 
 from __future__ import annotations
@@ -19,8 +35,10 @@ from dataclasses import asdict, dataclass
 
 PASS_KV = "pass-kv"
 PASS_Q = "pass-q"
+ALL_GATHER_Q = "all-gather-q"
 AUTO = "auto"
-STRATEGIES = (AUTO, PASS_KV, PASS_Q)
+STRATEGIES = (AUTO, PASS_KV, PASS_Q, ALL_GATHER_Q)
+Q_VARIANTS = (PASS_Q, ALL_GATHER_Q)      # the queries travel; the KV stays
 
 
 @dataclass(frozen=True)
@@ -28,13 +46,16 @@ class HeuristicDecision:
     """The variant chosen for one round and the values that chose it.
 
     Attributes:
-        strategy: "pass-kv" or "pass-q".
+        strategy: "pass-kv", "pass-q" (ring) or "all-gather-q".
         forced: True when the user forced the variant (the inequalities are still reported).
         new_tokens: T (tokens).
         cached_tokens: P (tokens).
         miss_rate: T / (T + P), in [0, 1].
         kv_hidden_threshold_tokens: N*C*NKV*e / (2*NH*BW) (tokens); pass-KV when T >= it.
         miss_rate_threshold: 2*NKV/NH - 4*T*BW / (N*C*e); pass-KV when miss_rate >= it.
+        ring_q_exposed_s: ring pass-Q's exposed query exchange (s), when the engine
+            compared the query exchanges (:func:`choose_query_exchange`), else 0.
+        all_gather_q_s: the all_gather's time (s), idem.
     """
 
     strategy: str
@@ -44,6 +65,8 @@ class HeuristicDecision:
     miss_rate: float
     kv_hidden_threshold_tokens: float
     miss_rate_threshold: float
+    ring_q_exposed_s: float = 0.0
+    all_gather_q_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +85,9 @@ def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads
         bytes_per_element: e (2 for bf16, 4 for float32, 1 for fp8).
         attn_flops_per_s: C, achieved attention FLOP/s per rank (> 0).
         bandwidth_bytes_per_s: BW, CP link bandwidth per rank in bytes/s (> 0).
-        force: "auto" (decide), "pass-kv" or "pass-q" (forced; values still computed).
+        force: "auto" (decide), "pass-kv", "pass-q" or "all-gather-q" (forced; values still
+            computed).  Auto answers "pass-kv" or "pass-q"; :func:`choose_query_exchange`
+            then picks how pass-Q's queries travel.
 
     Returns:
         HeuristicDecision.
@@ -95,3 +120,27 @@ def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads
                              cached_tokens=p, miss_rate=miss_rate,
                              kv_hidden_threshold_tokens=kv_hidden,
                              miss_rate_threshold=miss_threshold)
+
+
+def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flops: float,
+                          attn_flops_per_s: float, bandwidth_bytes_per_s: float,
+                          ring_step_latency_s: float, collective_latency_s: float) -> tuple[str, float, float]:
+    """Ring pass-Q or all-gather-Q for a round that pass-Q runs (the module doc's rule).
+
+    Args:
+        cp_size: N (>= 2).
+        query_block_bytes: q, one rank's padded query block (bytes).
+        attention_flops: A, this rank's attention FLOPs of the round (all ring steps).
+        attn_flops_per_s: C; bandwidth_bytes_per_s: BW (bytes/s).
+        ring_step_latency_s: a, one ring step's fixed cost (P2P latency + host work), seconds.
+        collective_latency_s: g, one small all_gather's latency, seconds.
+
+    Returns:
+        (strategy "pass-q" or "all-gather-q", ring exposed seconds, all_gather seconds).
+    """
+    n = cp_size
+    transfer = query_block_bytes / bandwidth_bytes_per_s
+    step = attention_flops / (n * attn_flops_per_s)
+    ring = (n - 1) * max(0.0, ring_step_latency_s + transfer - step)
+    gather = collective_latency_s + (n - 1) * transfer
+    return (ALL_GATHER_Q if gather <= ring else PASS_Q), ring, gather

@@ -153,3 +153,44 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     out = out.reshape(nkv, group, tq, dh).permute(2, 0, 1, 3).reshape(tq, nh, dh)
     lse = lse.reshape(nkv, group, tq).permute(2, 0, 1).reshape(tq, nh)
     return out.to(q.dtype), lse.float()
+
+
+def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor,
+                             head_bias: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row against its own KV slots, in one batched call (decode).
+
+    Args:
+        q: ``[R, NH, DH]`` one query row per sequence (padding rows allowed).
+        k, v: ``[S, NKV, DH]`` this rank's KV slots (the cache's storage, a view).
+        kv_index: int64 ``[R, L]`` the slots of each row (padded with any valid slot).
+        head_bias: float32 ``[NKV * R, 1, L]``, 0 for a real slot and -inf for padding,
+            KV-head-major (:meth:`~cp_megatron.attention.plan.DecodeBatch.head_bias`).
+        scale: softmax scale.
+
+    Returns:
+        (out ``[R, NH, DH]`` float32, lse ``[R, NH]`` float32); a row without keys gets
+        (0, -inf).
+
+    Ten ops whatever R: two gathers (K and V, KV-head-major, so the batched matmuls read them
+    packed), the scores with their bias in one ``baddbmm``, logsumexp, exp, one ``bmm`` and
+    the layout copies of q and the output.  GQA by grouping the query heads of each KV head
+    (K/V never expanded).  On CUDA the fused alternative is flash-attn's
+    ``flash_attn_with_kvcache`` / varlen with ``cache_seqlens`` (``DecodeBatch.lengths``).
+    """
+    r, nh, dh = q.shape
+    l = kv_index.shape[1]
+    nkv = k.shape[1]
+    group = nh // nkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    flat = kv_index.view(-1)
+    kg = k.transpose(0, 1).index_select(1, flat).view(nkv * r, l, dh)       # [NKV*R, L, DH]
+    vg = v.transpose(0, 1).index_select(1, flat).view(nkv * r, l, dh)
+    qg = q.reshape(r, nkv, group, dh).transpose(0, 1).reshape(nkv * r, group, dh)   # [NKV*R, g, DH]
+    if acc != q.dtype:
+        qg, kg, vg = qg.to(acc), kg.to(acc), vg.to(acc)
+    scores = torch.baddbmm(head_bias.to(acc), qg, kg.transpose(1, 2), alpha=scale)   # [NKV*R, g, L]
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                     # -inf: no key
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0))                  # no key: all 0
+    out = torch.bmm(probs, vg)                                              # [NKV*R, g, DH]
+    out = out.view(nkv, r, group, dh).transpose(0, 1).reshape(r, nh, dh)
+    return out, lse.view(nkv, r, group).transpose(0, 1).reshape(r, nh)

@@ -22,7 +22,10 @@ NEG_INF = float("-inf")
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge S partial results of the same query rows.
+    """Merge S partial results of the same query rows, all at once (S >= 1).
+
+    Four ops whatever S (logsumexp; the weights exp(LSE_s - LSE) as one softmax over S, with
+    the all -inf rows' NaN zeroed; one batched matmul): no temporary per partial.
 
     Args:
         outs: ``[S, *rows, DH]`` partial outputs, any float dtype.
@@ -33,15 +36,18 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     """
     lses = lses.float()
     lse = torch.logsumexp(lses, dim=0)                            # [*rows], -inf: no key anywhere
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(lses - lse_safe)                          # [S, *rows], exponents <= 0
-    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)       # rows with no key: 0
-    return out, lse
+    weights = torch.softmax(lses, dim=0).nan_to_num_(nan=0.0)     # [S, *rows]; no key anywhere: 0
+    s, dh = outs.shape[0], outs.shape[-1]
+    out = torch.bmm(weights.reshape(s, -1).t().unsqueeze(1),     # [rows, 1, S] @ [rows, S, DH]
+                    outs.float().reshape(s, -1, dh).transpose(0, 1))
+    return out.view(outs.shape[1:]), lse
 
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor) -> None:
     """Merge one partial into a running accumulator, in place (online form of Eq. 4).
+
+    Any LSE may be -inf (a partial, or the accumulator, that saw no key).
 
     Args:
         acc_out: ``[*rows, DH]`` float32 accumulator, updated in place.
@@ -51,12 +57,24 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     """
     lse = lse.float()
     # No host sync: no "is the accumulator empty" test; exp(-inf - m) = 0 does the work.
-    m = torch.maximum(acc_lse, lse)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_acc, w_new = torch.exp(acc_lse - m_safe), torch.exp(lse - m_safe)   # exponents <= 0
-    denom = w_acc + w_new
-    has_keys = denom > 0
-    inv = torch.where(has_keys, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
-    acc_out.mul_((w_acc * inv).unsqueeze(-1)).add_(out.float() * (w_new * inv).unsqueeze(-1))
-    acc_lse.copy_(torch.where(has_keys, m_safe + torch.log(denom.clamp_min(1e-30)),
-                              torch.full_like(m, NEG_INF)))
+    m = torch.logaddexp(acc_lse, lse)                            # -inf only where both are
+    m_safe = m.nan_to_num(neginf=0.0)
+    acc_out.mul_(torch.exp(acc_lse - m_safe).unsqueeze(-1))      # exponents <= 0
+    acc_out.addcmul_(out, torch.exp(lse - m_safe).unsqueeze(-1))
+    acc_lse.copy_(m)
+
+
+def merge_into_seen(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor) -> None:
+    """:func:`merge_into` where both sides saw keys (every LSE finite): four ops.
+
+    The round plan guarantees it for the blocks it merges (every row of a block sees a key,
+    and an accumulator row is first written by a copy), so the ring's merges use this form:
+    with d = LSE_new - LSE_acc, the new partial's weight is sigmoid(d) (Eq. 4 for two
+    partials), O = lerp(O_acc, O_new, sigmoid(d)) and LSE = logaddexp(LSE_acc, LSE_new).
+
+    Args: as :func:`merge_into`; ``out`` float32 (the accumulator's dtype, for ``lerp``).
+    """
+    weight = torch.sigmoid(lse - acc_lse).unsqueeze(-1)
+    acc_out.lerp_(out, weight)
+    torch.logaddexp(acc_lse, lse, out=acc_lse)

@@ -50,7 +50,7 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
         attend_blocks(partials[src, ..., :dh], partials[src, ..., dh], blocks[0], k, v,
                       plan.steps[s], scale)
 
-    ring_loop(group, (q,), step, stats)
+    ring_loop(group, (q.contiguous(),), step, stats)     # P2P sends packed tensors
     # Return partials to their owners: slot s goes to rank s.
     start = stats.mark(q.device) if stats is not None else None
     owned = torch.empty_like(partials)                                 # [N, Tq, NH, DH + 1]

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from cp_megatron.attention.heuristic import PASS_KV, PASS_Q
+from cp_megatron.attention.heuristic import ALL_GATHER_Q, PASS_KV, PASS_Q, Q_VARIANTS
 
 KVIndex = Union[slice, torch.Tensor]
 
@@ -150,11 +150,92 @@ def plan_blocks(q_pos: torch.Tensor, q_seq: torch.Tensor, kv_pos: torch.Tensor,
 
 
 @dataclass
+class DecodeBatch:
+    """One kernel call for a whole decode batch: every query row against its KV slots.
+
+    Built once per round when every block of the round is one query row (decode) and the
+    variant attends all rows at once (all-gather-Q, or CP 1).  ``rows`` query rows:
+    all-gather-Q's gathered block (``cp_size * q_len`` rows, rank-major, padding rows
+    included), or the local queries at CP 1.  One of three modes:
+
+    * "slice": exactly one row has keys here, in one contiguous slot range ``kv``: every
+      row attends to that view (no gather; the other rows are padding, their partials are
+      never read) -- batch 1;
+    * "gather": ``kv_index`` int64 ``[rows, L]`` slots per row (padded with slot 0) and
+      ``bias`` float32 ``[rows, L]`` (0 for a real slot, -inf for padding; lengths, not a
+      causal mask: a decode row sees its whole prefix) -- one gather and one batched
+      kernel;
+    * "empty": no row has a key on this rank: the partials are (0, -inf).
+
+    Attributes:
+        mode, rows, kv, kv_index, bias: as above (index tensors on the plan's device).
+        lengths: int32 ``[rows]`` keys per row (what a varlen kernel takes as ``cache_seqlens``).
+    """
+
+    mode: str
+    rows: int
+    kv: Optional[slice] = None
+    kv_index: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
+    _head_bias: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to(self, device: torch.device) -> "DecodeBatch":
+        for name in ("kv_index", "bias", "lengths"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device, non_blocking=True))
+        self._head_bias.clear()
+        return self
+
+    def head_bias(self, num_kv_heads: int) -> torch.Tensor:
+        """``bias`` repeated per KV head, ``[NKV * rows, 1, L]`` (KV-head-major), made on the
+        first layer's call and reused by the round's other layers."""
+        got = self._head_bias.get(num_kv_heads)
+        if got is None:
+            got = self.bias.repeat(num_kv_heads, 1).unsqueeze(1)
+            self._head_bias[num_kv_heads] = got
+        return got
+
+
+def build_decode_batch(steps: Sequence[tuple[int, Sequence[Block]]], q_len: int, num_queries: int
+                       ) -> Optional[DecodeBatch]:
+    """The :class:`DecodeBatch` of a plan: ``steps`` are (rank src, blocks of src's query rows
+    against the local KV), rows ``src * q_len + q0`` of the gathered block; ``num_queries``
+    the real query rows of all ranks.  None when a block has more than one query row (not a
+    decode round).  Host work, once per round."""
+    slots: dict[int, torch.Tensor] = {}
+    for src, blocks in steps:
+        for b in blocks:
+            if b.q1 - b.q0 != 1 or b.causal:
+                return None
+            row = src * q_len + b.q0
+            idx = torch.arange(b.kv.start, b.kv.stop) if isinstance(b.kv, slice) else b.kv
+            slots[row] = idx if row not in slots else torch.cat([slots[row], idx])
+    rows = len(steps) * q_len
+    if not slots:
+        return DecodeBatch("empty", rows)
+    if len(slots) == 1 and num_queries == 1:     # batch 1: every other row is padding
+        (idx,) = slots.values()
+        kv = _as_index(torch.sort(idx).values)
+        if isinstance(kv, slice):
+            return DecodeBatch("slice", rows, kv=kv, lengths=torch.tensor([idx.numel()], dtype=torch.int32))
+    longest = max(int(t.numel()) for t in slots.values())
+    kv_index = torch.zeros(rows, longest, dtype=torch.long)
+    bias = torch.full((rows, longest), float("-inf"))
+    lengths = torch.zeros(rows, dtype=torch.int32)
+    for row, idx in slots.items():
+        n = int(idx.numel())
+        kv_index[row, :n], bias[row, :n], lengths[row] = idx, 0.0, n
+    return DecodeBatch("gather", rows, kv_index=kv_index, bias=bias, lengths=lengths)
+
+
+@dataclass
 class AttentionPlan:
     """What every layer of one round needs to run ring attention, decided once.
 
     Attributes:
-        strategy: "pass-kv" or "pass-q" (docs/design.md §7).
+        strategy: "pass-kv", "pass-q" (ring) or "all-gather-q" (docs/design.md §7).
         cp_rank, cp_size: this rank and N.
         num_queries: this rank's query rows (Tq).
         q_len: pass-Q's rotating query block length: max Tq over ranks (padding rows
@@ -167,6 +248,8 @@ class AttentionPlan:
             ``(cp_rank - s) % N``'s rotating block: pass-KV: local queries against that
             rank's KV; pass-Q: that rank's queries against the local KV.
         causal, scale: the visibility rule and the softmax scale.
+        decode: the whole batch as one kernel call (:class:`DecodeBatch`), for decode
+            rounds of all-gather-Q and of CP 1; None otherwise.
     """
 
     strategy: str
@@ -179,6 +262,7 @@ class AttentionPlan:
     steps: list[list[Block]] = field(default_factory=list)
     causal: bool = True
     scale: Optional[float] = None
+    decode: Optional[DecodeBatch] = None
 
     @property
     def empty(self) -> bool:
@@ -190,6 +274,14 @@ class AttentionPlan:
         """KV slots the layer must provide: the padded ring block (pass-KV) or its own."""
         return self.kv_len if self.strategy == PASS_KV and self.cp_size > 1 else self.local_kv_len
 
+    @property
+    def collectives_per_layer(self) -> int:
+        """Communication calls a layer makes: 0 at CP 1; pass-KV N-1 ring exchanges;
+        pass-Q N-1 and an all_to_all; all-gather-Q an all_gather and an all_to_all."""
+        if self.cp_size == 1 or self.empty:
+            return 0
+        return {PASS_KV: self.cp_size - 1, PASS_Q: self.cp_size, ALL_GATHER_Q: 2}[self.strategy]
+
     def num_blocks(self) -> int:
         return sum(len(s) for s in self.steps)
 
@@ -197,6 +289,8 @@ class AttentionPlan:
         """Move the index tensors to ``device`` (once per round)."""
         device = torch.device(device)
         self.steps = [[b.to(device) for b in step] for step in self.steps]
+        if self.decode is not None:
+            self.decode.to(device)
         return self
 
 
@@ -206,7 +300,8 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
     """Plan one round of ring attention from every rank's token placement.
 
     Args:
-        strategy: "pass-kv" or "pass-q" (already decided: Alg. 1 / Alg. 5).
+        strategy: "pass-kv", "pass-q" or "all-gather-q" (already decided: Alg. 1 / Alg. 5
+            and :func:`~cp_megatron.attention.heuristic.choose_query_exchange`).
         cp_rank: this rank.
         q_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tq_r]`` of its queries.
         kv_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tkv_r]`` of its KV
@@ -221,8 +316,8 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
 
     Source: arXiv 2411.01783 Alg. 2 (pass-KV), Alg. 3 (pass-Q), Alg. 4 (decode).
     """
-    if strategy not in (PASS_KV, PASS_Q):
-        raise ValueError(f"build_plan: strategy must be {PASS_KV!r} or {PASS_Q!r}, got {strategy!r}")
+    if strategy not in (PASS_KV, *Q_VARIANTS):
+        raise ValueError(f"build_plan: strategy must be one of {(PASS_KV, *Q_VARIANTS)}, got {strategy!r}")
     size = len(q_layouts)
     if len(kv_layouts) != size or not 0 <= cp_rank < size:
         raise ValueError(f"build_plan: {len(q_layouts)} query layouts, {len(kv_layouts)} KV layouts, "
@@ -239,9 +334,14 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
         src = (cp_rank - step) % size
         q_pos, q_seq = q_layouts[cp_rank] if strategy == PASS_KV else q_layouts[src]
         kv_pos, kv_seq = kv_layouts[src] if strategy == PASS_KV else kv_layouts[cp_rank]
-        if strategy == PASS_Q:   # each step fills its own accumulator (that rank's partials)
+        if strategy != PASS_KV:   # each step fills its own accumulator (that rank's partials)
             written.zero_()
         plan.steps.append(_mark_first(plan_blocks(q_pos, q_seq, kv_pos, kv_seq, causal=causal), written))
+    if strategy == ALL_GATHER_Q:
+        plan.decode = build_decode_batch([((cp_rank - s) % size, b) for s, b in enumerate(plan.steps)],
+                                         plan.q_len, sum(int(p.numel()) for p, _ in q_layouts))
+    elif size == 1:
+        plan.decode = build_decode_batch([(0, plan.steps[0])], plan.q_len, plan.num_queries)
     return plan
 
 

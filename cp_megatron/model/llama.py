@@ -31,7 +31,7 @@ from cp_megatron.attention.ring import RingStats
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.fp8 import linear_classes
 from cp_megatron.model.kv_cache import KVCache
-from cp_megatron.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from cp_megatron.model.rope import apply_rope_tables, inv_frequencies, rope_tables
 from cp_megatron.model.tp_rule import tp_problem
 from cp_megatron.sharding import chunk_bounds
 
@@ -78,23 +78,22 @@ def check_tp(config: ModelConfig, tp_size: int) -> None:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 inside, returned in x's dtype:
+    ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.shape = eps, (dim,)
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return nn.functional.rms_norm(x, self.shape, self.weight, self.eps)
 
 
 class RoundContext:
-    """What every layer of one forward round shares: cos/sin of the tokens' global
-    positions, the cache, the round's attention plan, the CP group and the (opt-in)
-    timing accumulator."""
+    """What every layer of one forward round shares: the RoPE tables of the tokens' global
+    positions (cos, signed sin ``[T, 1, DH]`` in the activations' dtype), the cache, the
+    round's attention plan, the CP group and the (opt-in) timing accumulator."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan,
                  cp_group, stats: Optional[RingStats]) -> None:
@@ -104,7 +103,13 @@ class RoundContext:
 
 class Attention(nn.Module):
     """GQA self-attention with this TP rank's heads; K/V go to the sharded cache, then
-    context-parallel attention over everything cached for the sequence."""
+    context-parallel attention over everything cached for the sequence.
+
+    ``qkv_proj`` is one column-parallel GEMM (megatron-core's ``linear_qkv``, vLLM's
+    ``QKVParallelLinear``): TP rank r's weight rows are ``[q heads of r; k heads of r;
+    v heads of r]`` (:func:`cp_megatron.model.weights.load_weights` maps every checkpoint
+    format onto it), so q and k are adjacent in the output and RoPE rotates both at once.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, mp: ModelParallelConfig, tp_size: int,
                  weights: str = "dtype") -> None:
@@ -115,26 +120,26 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads // tp_size    # NKV local
         d, dh = config.hidden_size, config.head_dim
         col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
-        self.q_proj = column(d, config.num_heads * dh, **col)
-        self.k_proj = column(d, config.num_kv_heads * dh, **col)
-        self.v_proj = column(d, config.num_kv_heads * dh, **col)
+        self.qkv_proj = column(d, (config.num_heads + 2 * config.num_kv_heads) * dh, **col)
         self.o_proj = row(config.num_heads * dh, d, config=mp, init_method=nn.init.zeros_, bias=False,
                           input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x)[0].view(t, self.num_heads, self.head_dim)        # [T, NH, DH]
-        k = self.k_proj(x)[0].view(t, self.num_kv_heads, self.head_dim)     # [T, NKV, DH]
-        v = self.v_proj(x)[0].view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        nh, nkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)[0].view(t, nh + 2 * nkv, self.head_dim)      # [T, NH + 2 NKV, DH]
+        qk = apply_rope_tables(qkv[:, :nh + nkv], ctx.cos, ctx.sin)          # [T, NH + NKV, DH]
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
         ctx.kv_cache.store(self.layer, k, v)
         k_all, v_all = ctx.kv_cache.layer(self.layer, ctx.plan.sent_kv_len)     # views
         out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))[0]
+        return self.o_proj(out.reshape(t, nh * self.head_dim))[0]
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), FFN split over TP ranks."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), FFN split over TP ranks; gate and up are one
+    column-parallel GEMM ``gate_up_proj`` (megatron-core's ``linear_fc1``: TP rank r's rows
+    are ``[gate_r; up_r]``)."""
 
     def __init__(self, config: ModelConfig, mp: ModelParallelConfig, weights: str = "dtype") -> None:
         super().__init__()
@@ -142,13 +147,13 @@ class MLP(nn.Module):
                                      config.intermediate_size)
         d, f = config.hidden_size, config.intermediate_size
         col = dict(config=mp, init_method=nn.init.zeros_, bias=False, gather_output=False)
-        self.gate_proj = column(d, f, **col)
-        self.up_proj = column(d, f, **col)
+        self.gate_up_proj = column(d, 2 * f, **col)
         self.down_proj = row(f, d, config=mp, init_method=nn.init.zeros_, bias=False,
                              input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+        gate, up = self.gate_up_proj(x)[0].chunk(2, dim=-1)                  # [T, F/tp] each (views)
+        return self.down_proj(nn.functional.silu(gate).mul_(up))[0]
 
 
 class DecoderLayer(nn.Module):
@@ -162,7 +167,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 class LlamaStage(nn.Module):
@@ -178,7 +183,9 @@ class LlamaStage(nn.Module):
             weights float8_e4m3fn with row scales, :mod:`cp_megatron.model.fp8`).
 
     Parameter names follow Hugging Face's (``model.layers.{i}...``) with global layer
-    indices, so checkpoint readers fill them by name (see :func:`load_weights`).
+    indices, except the fused ``self_attn.qkv_proj`` and ``mlp.gate_up_proj``, which
+    :func:`~cp_megatron.model.weights.load_weights` fills from the q/k/v and gate/up tensors of
+    any checkpoint format.
     """
 
     def __init__(self, config: ModelConfig, layout: StageLayout, *, dtype: torch.dtype = torch.float32,
@@ -235,7 +242,7 @@ class LlamaStage(nn.Module):
             last stage: logits ``[n, vocab]`` float32, gathered over TP; other stages:
             hidden ``[T, D]`` for the next stage.
         """
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_tables(positions, self.inv_freq, self.dtype)                     # once a round
         ctx = RoundContext(cos, sin, kv_cache, plan, cp_group, stats)
         x = self.embed_tokens(inputs) if self.layout.is_first else inputs                  # [T, D]
         for layer in self.layers.values():

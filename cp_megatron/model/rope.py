@@ -42,6 +42,31 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The round's RoPE tables, built once and read by every layer.
+
+    Args:
+        positions: int64 ``[T]`` global positions.
+        inv_freq: ``[DH/2]`` float32 (:func:`inv_frequencies`).
+        dtype: the activations' dtype (the tables are cast once here, not per layer).
+
+    Returns:
+        (cos ``[T, 1, DH]``, signed sin ``[T, 1, DH]``) in ``dtype``: the signed sin is
+        ``[-sin, sin]`` over the two halves, so ``rotate_half(x) * sin == roll(x, DH/2) * signed``.
+    """
+    cos, sin = rope_cos_sin(positions, inv_freq)                                        # [T, DH]
+    half = sin.shape[-1] // 2
+    signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    return cos[:, None, :].to(dtype), signed[:, None, :].to(dtype)
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[T, H, DH]`` (any number of heads: q and k together) by the tables of
+    :func:`rope_tables`; three ops (roll, mul, addcmul).  Returns x's dtype."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[T, H, DH]`` by cos/sin ``[T, DH]``; returns x's dtype."""
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)

@@ -1,10 +1,15 @@
 """Filling a :class:`LlamaStage` from a checkpoint reader, one TP slice at a time.
 
-Every parameter is named like Hugging Face's (``model.layers.{i}.self_attn.q_proj.weight``)
+Every parameter is named like Hugging Face's (``model.layers.{i}.self_attn.o_proj.weight``)
 and split over TP like megatron-core's layers: column-parallel weights (q, k, v, gate, up,
 LM head, vocab-parallel embedding) along dim 0, row-parallel (o, down) along dim 1,
-norms replicated.  A reader returns only the slice asked for, so no rank ever holds
-the whole checkpoint.
+norms replicated.  The two fused projections are filled from their parts, each read as
+its own TP slice and concatenated, so the TP split stays by heads:
+``self_attn.qkv_proj.weight`` = ``[q_r; k_r; v_r]`` and ``mlp.gate_up_proj.weight`` =
+``[gate_r; up_r]`` on TP rank r (FP8: the row scales are concatenated alike, exact since
+they are per row).  Checkpoints keep the separate tensors, so conversion never sees the
+fusion.  A reader returns only the slice asked for, so no rank ever holds the whole
+checkpoint.
 
 ``DummyReader`` is the "dummy" load format (as in vLLM): seeded random weights that are
 the same for every TP layout, for tests and benchmarks.
@@ -24,6 +29,10 @@ from cp_megatron.model import fp8
 from cp_megatron.model.config import ModelConfig
 
 # suffix -> TP shard dim (None = replicated)
+# fused stage parameter suffix -> the checkpoint tensors it concatenates (dim 0, per TP slice)
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 _SHARD_DIM = {
     "embed_tokens.weight": 0, "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
     "o_proj.weight": 1, "gate_proj.weight": 0, "up_proj.weight": 0, "down_proj.weight": 1,
@@ -41,6 +50,17 @@ def checkpoint_name(param_name: str, config: ModelConfig) -> tuple[str, int | No
         if param_name.endswith(suffix):
             return hf, dim
     raise KeyError(f"no checkpoint mapping for parameter {param_name!r}")
+
+
+def checkpoint_sources(param_name: str, config: ModelConfig) -> tuple[list[str], int | None]:
+    """(HF tensor names whose TP slices, concatenated on dim 0, make the parameter; TP shard
+    dim) for a :class:`LlamaStage` parameter name (one name unless the parameter is fused)."""
+    for suffix, parts in FUSED.items():
+        if param_name.endswith(suffix):
+            prefix = "model." + param_name[: -len(suffix)]
+            return [prefix + p for p in parts], 0
+    hf, dim = checkpoint_name(param_name, config)
+    return [hf], dim
 
 
 def _init_std(name: str) -> float | None:
@@ -162,22 +182,27 @@ def load_weights(stage, reader, progress: bool = False) -> None:
     params = list(stage.named_parameters())
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for param_name, param in bar:
-        hf_name, dim = checkpoint_name(param_name, stage.config)
+        sources, dim = checkpoint_sources(param_name, stage.config)
+        what = ", ".join(sources)
         if param.dtype == fp8.FP8_DTYPE:  # fp8-rowwise: the weight and its row scales
             module = stage.get_submodule(param_name.rpartition(".")[0])
-            q, scale = fp8.read_quantized(reader, hf_name, dim, layout.tp_rank, layout.tp_size)
-            for got, want, what in ((q, param, hf_name), (scale, module.weight_scale, fp8.scale_name(hf_name))):
+            parts = [fp8.read_quantized(reader, s, dim, layout.tp_rank, layout.tp_size) for s in sources]
+            q = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            scale = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+            for got, want, name in ((q, param, what), (scale, module.weight_scale,
+                                                       ", ".join(fp8.scale_name(s) for s in sources))):
                 if tuple(got.shape) != tuple(want.shape):
-                    raise ValueError(f"tensor {what}: expected shape {tuple(want.shape)} for TP rank "
+                    raise ValueError(f"tensor {name}: expected shape {tuple(want.shape)} for TP rank "
                                      f"{layout.tp_rank}/{layout.tp_size}, checkpoint gives {tuple(got.shape)}")
                 want.copy_(got)
             continue
         if dim is None:
-            tensor = reader.read(hf_name, dtype=param.dtype)
+            parts = [reader.read(s, dtype=param.dtype) for s in sources]
         else:
-            tensor = reader.read(hf_name, shard_dim=dim, tp_rank=layout.tp_rank,
-                                 tp_size=layout.tp_size, dtype=param.dtype)
+            parts = [reader.read(s, shard_dim=dim, tp_rank=layout.tp_rank, tp_size=layout.tp_size,
+                                 dtype=param.dtype) for s in sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"tensor {hf_name}: expected shape {tuple(param.shape)} for TP rank "
+            raise ValueError(f"tensor {what}: expected shape {tuple(param.shape)} for TP rank "
                              f"{layout.tp_rank}/{layout.tp_size}, checkpoint gives {tuple(tensor.shape)}")
         param.copy_(tensor)

@@ -1,0 +1,96 @@
+"""All-gather-Q: the queries reach every rank by one all_gather, not around the ring.
+
+For a round that pass-Q runs (decode above all), each rank
+
+1. all-gathers the query blocks of every rank (``[N * q_len, NH, DH]``: a few KB per layer
+   in decode), one collective;
+2. attends all of them to its own KV shard: for decode one kernel call for the whole batch
+   (:class:`~cp_megatron.attention.plan.DecodeBatch`: a view for batch 1, else one gather
+   of each row's slots and one batched kernel), otherwise the plan's blocks;
+3. returns the partial (O, LSE) of rank r's queries to rank r with one all_to_all (the
+   LSE rides as one extra float32 column, as in pass-Q);
+4. merges the N partials of its own queries (Eq. 4) in one call.
+
+Two collectives per layer whatever N, against pass-Q's N-1 ring exchanges and an
+all_to_all (Alg. 4): the round plan chooses by
+:func:`~cp_megatron.attention.heuristic.choose_query_exchange`.  The partials and their
+merge are pass-Q's, so the two give the same tokens.
+
+Source: arXiv 2411.01783 §3.5.2 (Alg. 3, Alg. 4: the partials and their all_to_all);
+vLLM decode context parallelism (all-gather Q, one all-to-all of O and LSE); TRT-LLM Helix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cp_megatron.attention.blocks import attend_blocks
+from cp_megatron.attention.kernels import attention_with_lse, batched_decode_attention
+from cp_megatron.attention.merge import merge_partials
+from cp_megatron.attention.plan import AttentionPlan, DecodeBatch
+from cp_megatron.attention.ring import RingStats
+
+
+def attend_decode_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row of ``q`` ``[R, NH, DH]`` against its slots of ``k``, ``v`` ``[S, NKV, DH]``, as the
+    :class:`DecodeBatch` says; returns (out ``[R, NH, DH]`` float32 or q's dtype, lse ``[R, NH]``
+    float32), (0, -inf) for rows without keys here.  Batch 1 ("slice") is one call of the kernel
+    adapter on a view of the cache (flash attention on CUDA, the math kernel on CPU)."""
+    if batch.mode == "slice":
+        return attention_with_lse(q, k[batch.kv], v[batch.kv], scale=scale)
+    if batch.mode == "empty":
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    return batched_decode_attention(q, k, v, batch.kv_index, batch.head_bias(k.shape[1]), scale=scale)
+
+
+def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, group,
+                 scale: float, stats: RingStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context-parallel attention by all-gathering the queries (module doc).
+
+    Args:
+        q: ``[plan.q_len, NH, DH]`` this rank's queries, padded to the same length on every
+            rank (padding rows are in no block).
+        k, v: ``[Tkv, NKV, DH]`` this rank's KV slots.
+        plan: the round's plan (strategy all-gather-q).
+        group: CP process group (size N >= 2).
+        scale: softmax scale; stats: optional timing accumulator (the all_gather and the
+            all_to_all count as exposed communication).
+
+    Returns:
+        (out ``[plan.q_len, NH, DH]`` float32, lse ``[plan.q_len, NH]`` float32).
+
+    Communication: one all_gather (``all_gather_single``; ``all_gather_into_tensor`` before
+    torch 2.13) and one ``all_to_all_single``.
+    """
+    size, dh = plan.cp_size, q.shape[2]
+    device = q.device
+    t0 = stats.mark(device) if stats is not None else None
+    gathered = torch.empty((size * q.shape[0], *q.shape[1:]), dtype=q.dtype, device=device)
+    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same semantics)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, q.contiguous(), group=group)                               # [N * q_len, NH, DH]
+    t1 = stats.mark(device) if stats is not None else None
+    if plan.decode is not None:
+        out, lse = attend_decode_batch(gathered, k, v, plan.decode, scale)
+        partials = torch.cat([out, lse.unsqueeze(-1)], dim=-1)    # [N * q_len, NH, DH + 1] float32 (promotes)
+    else:   # a forced all-gather of a prefill round: the plan's blocks, step by step
+        partials = torch.zeros((size * q.shape[0], q.shape[1], dh + 1), dtype=torch.float32, device=device)
+        partials[..., dh] = float("-inf")
+        for s, blocks in enumerate(plan.steps):
+            rows = slice(((plan.cp_rank - s) % size) * q.shape[0], ((plan.cp_rank - s) % size + 1) * q.shape[0])
+            attend_blocks(partials[rows, :, :dh], partials[rows, :, dh], gathered[rows], k, v, blocks, scale)
+    t2 = stats.mark(device) if stats is not None else None
+    owned = torch.empty_like(partials)                                          # [N, q_len, NH, DH + 1]
+    dist.all_to_all_single(owned, partials, group=group)
+    if stats is not None:
+        t3 = stats.mark(device)
+        stats.add("compute_s", t1, t2)
+        stats.add("all_to_all_s", t2, t3)
+        stats.add("ring_s", t0, t3)
+        stats.sent_bytes += (q.numel() * q.element_size() + partials.numel() * 4 // size) * (size - 1)
+        stats.calls += 1
+    owned = owned.view(size, q.shape[0], q.shape[1], dh + 1)
+    return merge_partials(owned[..., :dh], owned[..., dh])
