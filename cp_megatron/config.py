@@ -170,6 +170,11 @@ class GenerationSection(_Strict):
     temperature: Number = Field(0.0, ge=0, description="0 = greedy")
     top_p: Number = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
+    prefill_chunk_tokens: Optional[int] = Field(
+        None, ge=1, description="prefill a turn longer than this in chunks of at most this many tokens, one "
+                                "round each (every chunk after the first is a partial prefill on the KV the "
+                                "earlier ones cached, ring variant chosen per chunk); null: one round. Bounds "
+                                "the activation memory of a 1M-token prefill; same greedy tokens")
 
 
 class ServeSection(_Strict):
@@ -183,8 +188,10 @@ class ServeSection(_Strict):
                                  "(each CP rank holds about 1/cp of them); admission control and LRU "
                                  "eviction keep below it")
     max_num_seqs: int = Field(64, ge=1, description="sequences generating at once (decode batch)")
-    max_prefill_tokens: int = Field(8192, ge=1, description="new tokens per fused prefill round (a longer "
-                                    "prompt runs alone)")
+    max_prefill_tokens: int = Field(8192, ge=1, description="token budget of one scheduler step: the decode "
+                                    "tokens of the running streams plus new prompt tokens; a prompt longer "
+                                    "than this is prefilled in chunks (chunked prefill), each chunk riding "
+                                    "with the decode tokens of the other streams")
     max_queue: int = Field(256, ge=0, description="requests waiting for admission; more are refused with 429")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that gives none")
     prefix_caching: bool = Field(True, description="reuse the KV of cached sequences sharing a prompt prefix")
