@@ -187,6 +187,7 @@ class Scheduler:
 
     Args:
         kv_cache_tokens: KV budget of the CP group (tokens, all sequences together).
+        budget_source: how the budget was given, named in a 400 (e.g. "serve.kv_cache_memory = ...").
         max_num_seqs: sequences generating at once.
         max_prefill_tokens: token budget of a round: new tokens of a fused prefill; a longer
             prompt is prefilled in chunks, each round carrying the decode tokens of the
@@ -201,11 +202,12 @@ class Scheduler:
         log: ``str -> None`` for one line per round; None for silence.
     """
 
-    def __init__(self, *, kv_cache_tokens: int, max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
+    def __init__(self, *, kv_cache_tokens: int, budget_source: str = "serve.kv_cache_tokens", max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
                  max_queue: int = 256, prefix_caching: bool = True, eos_ids: tuple = (),
                  decode_text: Optional[Callable[[list[int]], str]] = None, metrics=None,
                  log: Optional[Callable[[str], None]] = None) -> None:
         self.kv_cache_tokens, self.max_num_seqs = kv_cache_tokens, max_num_seqs
+        self.budget_source = budget_source
         self.max_prefill_tokens, self.max_queue = max_prefill_tokens, max_queue
         self.prefix_caching, self.eos_ids, self.decode_text = prefix_caching, tuple(eos_ids), decode_text
         self.metrics, self.log = metrics, log
@@ -239,7 +241,7 @@ class Scheduler:
             if req.reserve > self.kv_cache_tokens:
                 raise AdmissionError(400, f"prompt ({len(req.prompt)} tokens) + max_tokens "
                                      f"({req.params.max_tokens}) exceed the server's KV budget of "
-                                     f"{self.kv_cache_tokens} tokens (serve.kv_cache_tokens)",
+                                     f"{self.kv_cache_tokens} tokens ({self.budget_source})",
                                      "kv_budget_exceeded")
             queued = sum(1 for kind, _ in self._inbox if kind == "submit") + len(self.waiting)
             if queued >= self.max_queue:
