@@ -42,6 +42,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from cp_megatron.atomic import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -135,7 +137,6 @@ def one_mode(args, chunk: int, chats: list[list[int]], doc: list[int], model: st
 
 
 def main(argv=None) -> int:
-    from cp_megatron.atomic import write_json
     from cp_megatron.config import load_config
     from cp_megatron.preflight import check_model
 
@@ -167,6 +168,20 @@ def main(argv=None) -> int:
         print(f"  TTFT {m['ttft_s']:.2f} s; ITL idle p50 {m['itl_idle_s']['p50']:.3f} p99 {m['itl_idle_s']['p99']:.3f}"
               f" s; during p50 {m['itl_during_s']['p50']:.3f} p99 {m['itl_during_s']['p99']:.3f} s "
               f"(n={m['itl_during_s']['n']}); load {m['load_before'][0]:.1f}->{m['load_after'][0]:.1f}", flush=True)
+        summarise(modes)
+        if args.output:   # after every mode: a long run that is stopped keeps what it measured
+            write_json(Path(args.output), result_of(args, cfg, model, modes))
+    summarise(modes)
+    print_table(modes)
+    if args.output:
+        write_json(Path(args.output), result_of(args, cfg, model, modes))
+    if args.plot:
+        plot(args, cfg, modes)
+    return 0
+
+
+def summarise(modes: list[dict]) -> dict:
+    """Ratios and output comparisons against the unchunked mode (the first with chunk 0)."""
     ref = next((m for m in modes if m["chunk_tokens"] == 0), modes[0])
     for m in modes:
         m["p99_during_over_idle"] = m["itl_during_s"]["p99"] / m["itl_idle_s"]["p99"]
@@ -176,6 +191,16 @@ def main(argv=None) -> int:
                                                zip(m["chat_tokens"], ref["chat_tokens"]))
         m["meets_itl_target"] = m["p99_during_over_idle"] <= 3.0
         m["meets_ttft_target"] = m["ttft_over_unchunked"] <= 1.3
+    return ref
+
+
+def result_of(args, cfg, model, modes) -> dict:
+    return {"config": args.config, "overrides": args.overrides, "cp": cfg.parallel.cp, "model": model,
+            "streams": args.streams, "chat_tokens": args.chat_tokens, "doc_tokens": args.doc_tokens,
+            "cpu_count": os.cpu_count(), "modes": [{k: v for k, v in m.items() if k != "chat_tokens"} for m in modes]}
+
+
+def print_table(modes) -> None:
     print(f"\n{'chunk':>9} {'TTFT s':>8} {'xTTFT':>6} {'idle p50':>9} {'idle p99':>9} {'pre p50':>8} {'pre p99':>8} "
           f"{'p99 ratio':>9} {'same doc':>8} {'same chat':>9}")
     for m in modes:
@@ -183,12 +208,10 @@ def main(argv=None) -> int:
               f"{m['itl_idle_s']['p50']:>9.3f} {m['itl_idle_s']['p99']:>9.3f} {m['itl_during_s']['p50']:>8.3f} "
               f"{m['itl_during_s']['p99']:>8.3f} {m['p99_during_over_idle']:>9.2f} "
               f"{str(m['doc_tokens_match_unchunked']):>8} {str(m['chat_tokens_match_unchunked']):>9}")
-    result = {"config": args.config, "overrides": args.overrides, "cp": cfg.parallel.cp, "model": model,
-              "streams": args.streams, "chat_tokens": args.chat_tokens, "doc_tokens": args.doc_tokens,
-              "cpu_count": os.cpu_count(), "modes": [{k: v for k, v in m.items() if k != "chat_tokens"} for m in modes]}
-    if args.output:
-        write_json(Path(args.output), result)
-    if args.plot:
+
+
+def plot(args, cfg, modes) -> None:
+    if modes:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -211,7 +234,6 @@ def main(argv=None) -> int:
         a2.set_title(f"{args.doc_tokens}-token document; load {modes[0]['load_before'][0]:.0f}")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
-    return 0
 
 
 if __name__ == "__main__":
