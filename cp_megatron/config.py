@@ -177,6 +177,11 @@ class GenerationSection(_Strict):
     temperature: Number = Field(0.0, ge=0, description="0 = greedy")
     top_p: Number = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     stop: list[str] = Field(default_factory=list, description="stop strings (besides EOS)")
+    prefill_chunk_tokens: Optional[int] = Field(
+        None, ge=1, description="prefill a turn longer than this in chunks of at most this many tokens, one "
+                                "round each (every chunk after the first is a partial prefill on the KV the "
+                                "earlier ones cached, ring variant chosen per chunk); null: one round. Bounds "
+                                "the activation memory of a 1M-token prefill; same greedy tokens")
 
 
 class ServeSection(_Strict):
@@ -186,12 +191,22 @@ class ServeSection(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port)")
     model_name: Optional[str] = Field(None, min_length=1, description="model id in the API (default: the checkpoint's "
                                        "name, or its file / folder name)")
-    kv_cache_tokens: int = Field(65536, ge=1, description="KV budget: tokens the CP group may cache in all "
-                                 "(each CP rank holds about 1/cp of them); admission control and LRU "
-                                 "eviction keep below it")
+    kv_cache_tokens: Optional[int] = Field(None, ge=1, description="KV budget: tokens the CP group may cache in "
+                                           "all (each CP rank holds about 1/cp of them); admission control and "
+                                           "LRU eviction keep below it. Default 65536 when kv_cache_memory is not "
+                                           "given; giving both is an error")
+    kv_cache_memory: Optional[Number] = Field(
+        None, gt=0, description="KV budget in memory per rank: bytes (an integer > 1) or a fraction in (0, 1] of "
+                                "the rank's device memory -- the GPU's total memory on cuda, the host's physical "
+                                "memory divided by the ranks on the host on cpu; the K/V cache only (unlike "
+                                "vLLM's gpu_memory_utilization, weights are not in it). Converted at start-up "
+                                "to tokens from the model, dtype, TP, PP and CP (logged); every rank reserves "
+                                "it up front")
     max_num_seqs: int = Field(64, ge=1, description="sequences generating at once (decode batch)")
-    max_prefill_tokens: int = Field(8192, ge=1, description="new tokens per fused prefill round (a longer "
-                                    "prompt runs alone)")
+    max_prefill_tokens: int = Field(8192, ge=1, description="token budget of one scheduler step: the decode "
+                                    "tokens of the running streams plus new prompt tokens; a prompt longer "
+                                    "than this is prefilled in chunks (chunked prefill), each chunk riding "
+                                    "with the decode tokens of the other streams")
     max_queue: int = Field(256, ge=0, description="requests waiting for admission; more are refused with 429")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a chat request that gives none")
     prefix_caching: bool = Field(True, description="reuse the KV of cached sequences sharing a prompt prefix")
@@ -200,6 +215,18 @@ class ServeSection(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, time in-flight requests get to finish (s)")
     max_request_bytes: int = Field(16 * 2 ** 20, ge=1024, description="largest request body (bytes); a larger "
                                    "one gets 413 (16 MiB holds a million-token prompt as text or token ids)")
+
+
+    @model_validator(mode="after")
+    def _one_kv_budget(self):
+        if self.kv_cache_memory is not None and self.kv_cache_tokens is not None:
+            raise ValueError("give kv_cache_memory (bytes per rank or a fraction of device memory) or "
+                             "kv_cache_tokens, not both")
+        if self.kv_cache_memory is not None and self.kv_cache_memory > 1 and self.kv_cache_memory != int(
+                self.kv_cache_memory):
+            raise ValueError(f"kv_cache_memory: expected bytes (an integer) or a fraction in (0, 1], "
+                             f"got {self.kv_cache_memory}")
+        return self
 
 
 class RunConfig(_Strict):

@@ -382,13 +382,43 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     pending: Optional[int] = None   # last sampled token, not yet fed (its KV is not cached)
+    prefill_rounds: int = 1         # rounds its prefill took (chunks; 1 = unchunked)
+
+
+def prefill_chunks(n_tokens: int, chunk_tokens: Optional[int]) -> list[tuple[int, int]]:
+    """Split ``n_tokens`` new tokens into consecutive chunks of at most ``chunk_tokens``.
+
+    Args:
+        n_tokens: new tokens of the prefill (>= 0).
+        chunk_tokens: chunk size (tokens, >= 1), or None / 0 for one chunk.
+
+    Returns:
+        ``[(start, end), ...]`` covering ``[0, n_tokens)``; the last chunk may be shorter.
+
+    Raises:
+        ValueError: ``chunk_tokens`` below 0.
+
+    Source: chunked prefill as in vLLM (``enable_chunked_prefill``) and SGLang
+    (``chunked_prefill_size``); each chunk after the first is a partial prefill (§3.5).
+    """
+    if chunk_tokens is not None and chunk_tokens < 0:
+        raise ValueError(f"prefill_chunk_tokens: expected >= 1 tokens (or 0 / None for no chunking), got {chunk_tokens}")
+    if not chunk_tokens or n_tokens <= chunk_tokens:
+        return [(0, n_tokens)]
+    return [(a, min(a + chunk_tokens, n_tokens)) for a in range(0, n_tokens, chunk_tokens)]
 
 
 def generate(engine: InferenceEngine, new_tokens: dict[int, list[int]], params: SamplingParams, *,
-             eos_ids: tuple = (), decode_text=None, on_round=None
+             eos_ids: tuple = (), decode_text=None, on_round=None, prefill_chunk_tokens: Optional[int] = None
              ) -> tuple[dict[int, Generation], list[RoundMetrics]]:
     """Prefill (full or partial) ``new_tokens`` of each sequence, then decode until EOS,
     a stop string or ``max_new_tokens``.
+
+    With ``prefill_chunk_tokens``, a sequence feeding more than that many tokens is
+    prefilled in chunks of at most that many, one round per chunk (sequences one after the
+    other); every chunk after the first is a partial prefill on the tokens the earlier
+    chunks cached, with its own ring variant (Alg. 5).  Only the last chunk's sampled
+    token is kept, so the tokens equal an unchunked prefill's (up to float rounding).
 
     Args:
         engine: the rank's engine (its cache may already hold these sequences).
@@ -397,13 +427,28 @@ def generate(engine: InferenceEngine, new_tokens: dict[int, list[int]], params: 
         eos_ids: token ids that end a sequence.
         decode_text: ``ids -> str`` for stop strings (None: no stop strings).
         on_round: callback ``(RoundMetrics) -> None`` after each round (progress).
+        prefill_chunk_tokens: largest prefill round per sequence (tokens); None: no chunking.
 
     Returns:
-        ({seq_id: Generation}, [RoundMetrics of the prefill round, then each decode round]).
+        ({seq_id: Generation}, [RoundMetrics of the prefill round(s) -- one per chunk, see
+        ``Generation.prefill_rounds`` --, then each decode round]).
+
+    Raises:
+        ValueError: ``prefill_chunk_tokens`` below 0.
     """
     gens = {s: Generation(s) for s in new_tokens}
     rounds = []
     feed = dict(new_tokens)
+    chunks = {s: prefill_chunks(len(t), prefill_chunk_tokens) for s, t in new_tokens.items()}
+    if any(len(c) > 1 for c in chunks.values()):
+        for s, spans in chunks.items():       # every chunk but the last: its sampled token is dropped
+            for a, b in spans[:-1]:
+                _, metrics = engine.step({s: feed[s][a:b]}, {s: params}, {s: 0})
+                rounds.append(metrics)
+                if on_round is not None:
+                    on_round(metrics)
+            gens[s].prefill_rounds = len(spans)
+        feed = {s: t[chunks[s][-1][0]:] for s, t in feed.items()}
     while feed:
         tokens, metrics = engine.step(feed, {s: params for s in feed},
                                       {s: len(gens[s].token_ids) for s in feed})

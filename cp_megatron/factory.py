@@ -94,7 +94,8 @@ def _fake_stage(config, layout: StageLayout, dtype: torch.dtype, device, weights
     return stage
 
 
-def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False):
+def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False,
+                kv_capacity: Optional[int] = None):
     """On every rank of a run config's job: join the process groups, open the checkpoint and
     the tokenizer, build this rank's engine.
 
@@ -103,6 +104,8 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
         prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware).
         status: called on global rank 0 with one line before and after loading the weights.
         progress: a weight-loading bar on rank 0.
+        kv_capacity: KV slots to reserve on this rank (the server's budget); default the
+            first turn's (prompt + generation + ``runtime.kv_cache_margin_tokens``).
 
     Returns:
         (:class:`~cp_megatron.parallel_state.Topology`, the engine, the tokenizer or None).
@@ -131,8 +134,9 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     t0 = time.perf_counter()
     engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
                           strategy=cfg.attention.strategy, hardware=prep.hardware,
-                          kv_capacity=kv_slots_per_rank(len(prep.first_turn), cfg.generation.max_new_tokens,
-                                                        par.cp, rt.kv_cache_margin_tokens),
+                          kv_capacity=kv_capacity if kv_capacity is not None else kv_slots_per_rank(
+                              len(prep.first_turn), cfg.generation.max_new_tokens, par.cp,
+                              rt.kv_cache_margin_tokens),
                           kv_growth_slots=kv_growth_slots(rt.kv_cache_growth_tokens, par.cp),
                           profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights,
                           implementation=cfg.model.implementation)

@@ -1,7 +1,8 @@
 """A chat session on one engine: the conversation's messages, the turn-by-turn token feed
 (only what the cache does not hold yet), and generation for each turn.
 
-Turn 1 is a full prefill; every later user turn is a *partial prefill* of the new tokens on
+Turn 1 is a full prefill (in chunks, each after the first a partial prefill, when the
+turn is longer than ``prefill_chunk_tokens``); every later user turn is a *partial prefill* of the new tokens on
 top of the cached conversation (the reply's own tokens are already cached, except the
 last sampled one).  Every rank runs the same session in lockstep (the same token ids,
 the same sampling generator state).
@@ -60,11 +61,15 @@ class ChatSession:
         messages: the chat the first prompt encodes (None: a raw prompt, no later turns).
         params: sampling settings of every turn.
         seq_id: the sequence id in the engine's cache.
+        prefill_chunk_tokens: prefill a turn longer than this in chunks of at most this many
+            tokens (one partial prefill round each, :func:`~cp_megatron.engine.generate`);
+            None: one round.
     """
 
     def __init__(self, engine: InferenceEngine, tok, first_turn: list[int], messages: Optional[list[dict]],
-                 params: SamplingParams, seq_id: int = 0) -> None:
+                 params: SamplingParams, seq_id: int = 0, prefill_chunk_tokens: Optional[int] = None) -> None:
         self.engine, self.tok, self.params, self.seq_id = engine, tok, params, seq_id
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.feed, self.messages = list(first_turn), messages
         self.last: Optional[tuple[Generation, str]] = None  # the latest reply and its text
 
@@ -73,12 +78,14 @@ class ChatSession:
         """Prefill the pending feed and decode the reply.
 
         Returns:
-            (the Generation, its text, [prefill round, decode rounds...], tokens fed).
+            (the Generation, its text, [prefill round(s) -- ``Generation.prefill_rounds`` of
+            them, one per chunk --, decode rounds...], tokens fed).
         """
         tok = self.tok
         gens, rounds = generate(self.engine, {self.seq_id: self.feed}, self.params,
                                 eos_ids=tok.eos_ids if tok is not None else (),
-                                decode_text=tok.decode if tok is not None else None, on_round=on_round)
+                                decode_text=tok.decode if tok is not None else None, on_round=on_round,
+                                prefill_chunk_tokens=self.prefill_chunk_tokens)
         g = gens[self.seq_id]
         text = tok.decode(g.token_ids, skip_special_tokens=True) if tok is not None else ""
         fed, self.last = len(self.feed), (g, text)

@@ -107,6 +107,55 @@ def test_16_concurrent_clients_get_their_solo_greedy_outputs(tiny):
     assert max(seqs["prefill"]) > 1 and max(seqs["decode"]) > 1, log[-3000:]
 
 
+@pytest.mark.timeout(400)
+def test_chunked_prefill_between_decoding_streams_gives_the_unchunked_tokens(tiny, tmp_path):
+    """A 450-token prompt on a server with a 100-token step budget is prefilled in chunks
+    (partial prefills) that carry the other streams' decode tokens; every output equals the
+    unchunked server's (budget 8192) solo greedy output."""
+    chats = [ids_prompt(n, 300 + n) for n in (5, 40, 90)]
+    doc = ids_prompt(450, 7)
+    client = tiny.client(timeout=120)
+    solo = []
+    for p, n in [(c, 160) for c in chats] + [(doc, 4)]:
+        tiny.post("/reset_prefix_cache")
+        solo.append(complete(client, p, max_tokens=n)[0])
+    cfg = tmp_path / "chunked.yaml"
+    cfg.write_text(TINY)
+    chunked = Server(cfg, ["serve.max_prefill_tokens=100"])
+    try:
+        chunk_client = chunked.client(timeout=120)
+
+        started = threading.Barrier(len(chats) + 1, timeout=120)
+
+        def chat(p):
+            out = []
+            for i, c in enumerate(chunk_client.completions.create(model="tiny", prompt=p, max_tokens=160,
+                                                                  temperature=0, stream=True, extra_body=IDS)):
+                out += getattr(c.choices[0], "token_ids", None) or []
+                if i == 0:
+                    started.wait()
+            return out
+
+        def one(job):
+            p, n = job
+            if n == 4:
+                started.wait()                     # the document arrives once every chat streams
+                return complete(chunk_client, p, max_tokens=n)[0]
+            return chat(p)
+
+        jobs = [(c, 160) for c in chats] + [(doc, 4)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(one, jobs, timeout=300))
+        log = "".join(chunked.lines)
+    finally:
+        chunked.kill()
+    assert results == solo
+    spans = [(int(a), int(b)) for a, b in re.findall(r"chunk (\d+):(\d+) of 450 prompt tokens", log)]
+    assert spans[0][0] == 0 and spans[-1][1] == 450 and len(spans) >= 5, log[-3000:]
+    assert all(b - a <= 100 for a, b in spans)
+    assert max(int(n) for n in re.findall(r"\+(\d+) decode\)", log)) > 0      # streams decode between chunks
+
+
 BAD = {
     "malformed JSON": (b'{"model": "tiny", "prompt": [1, 2', "json_invalid"),
     "unknown field": ({"model": "tiny", "prompt": [1], "max_tokens": 2, "best_of_things": 3}, "extra_forbidden"),

@@ -309,3 +309,30 @@ def test_an_emit_error_fails_its_request_alone():
     outcomes = [type(e[-1]).__name__ for _, e in reqs]
     assert set(outcomes) == {"Finished", "Failed"} and sched.failed is None and not sched.running
     assert all(e[-1].code == "generation_failed" for _, e in reqs if isinstance(e[-1], Failed))
+
+
+@pytest.mark.parametrize("budget", [64, 100, 333])
+def test_a_long_prompt_is_prefilled_in_chunks_that_carry_the_other_streams_decode_tokens(budget):
+    chats = prompts(4, 30, seed=3)
+    doc = prompts(1, 1, seed=4)[0] + torch.randint(0, VOCAB, (1000,), generator=torch.Generator().manual_seed(5)).tolist()
+    sched, engine = make(max_prefill_tokens=budget), FakeEngine()
+    handles = [submit(sched, p, max_tokens=40) for p in chats]
+    for _ in range(3):                                   # the chats start generating
+        rnd = sched.plan()
+        sched.complete(rnd, engine.run(rnd.message))
+    _, doc_events = submit(sched, doc, max_tokens=4)
+    rounds = drive(sched, engine)
+    for p, (_, events) in zip(chats, handles):
+        assert tokens(events) == solo(p, max_tokens=40)
+    assert tokens(doc_events) == solo(doc, max_tokens=4)          # same tokens as one unchunked prefill
+    chunked = [r for r in rounds if r.chunk is not None]
+    starts = [r.chunk[0] for r in chunked]
+    assert starts[0] == 0 and [r.chunk[1] for r in chunked][-1] == len(doc)
+    assert all(a.chunk[1] == b.chunk[0] for a, b in zip(chunked, chunked[1:]))   # contiguous, in order
+    assert len(chunked) >= len(doc) // budget
+    for r in chunked:
+        assert sum(len(t) for t in r.message["feed"].values()) <= budget        # one token budget
+        assert r.partial is (None if r is chunked[-1] else r.requests[-1])
+    with_decodes = [r for r in chunked if len(r.requests) > 1]
+    assert len(with_decodes) >= len(chunked) - 1                 # the chat streams decode between chunks
+    assert all(len(t) == 1 for r in with_decodes for t in list(r.message["feed"].values())[:-1])

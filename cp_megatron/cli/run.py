@@ -74,16 +74,18 @@ class _Progress:
     def round_done(self, m) -> None:
         from tqdm import tqdm
 
-        if m.kind != "decode":
-            self.prefill_bar.close()
-            self.prefill_bar = None
+        if m.kind != "decode" or self.decode_bar is None:     # a prefill round (or chunk of one)
+            if self.prefill_bar is not None:
+                self.prefill_bar.close()
+                self.prefill_bar = None
             if self.on:
                 status(f"turn {self.turn} {m.kind}: T={m.new_tokens:,} new on P={m.cached_tokens:,} cached "
                        f"(miss rate {m.miss_rate:.3f}) -> {m.strategy} [{explain_choice(m.heuristic)}] "
                        f"in {m.time_s:.2f} s")
             # Decoding starts now: its bar counts decode steps (the prefill's token is step 0).
-            self.decode_bar = tqdm(total=max(self.max_new - 1, 0), desc=f"turn {self.turn} decode",
-                                   disable=not self.tty, file=sys.stderr, leave=False)
+            if self.decode_bar is None:
+                self.decode_bar = tqdm(total=max(self.max_new - 1, 0), desc=f"turn {self.turn} decode",
+                                       disable=not self.tty, file=sys.stderr, leave=False)
         else:
             self.steps, self.decode_s = self.steps + 1, self.decode_s + m.time_s
             self.decode_bar.update(1)
@@ -108,7 +110,8 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
 
     gen = cfg.generation
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, rt.seed, tuple(gen.stop))
-    session = ChatSession(engine, tok, prep.first_turn, prep.messages, params)
+    session = ChatSession(engine, tok, prep.first_turn, prep.messages, params,
+                          prefill_chunk_tokens=gen.prefill_chunk_tokens)
     progress: dict = {"turn": None}
 
     def layer_done(*_) -> None:  # a forward hook must return None (else it replaces the output)
@@ -126,7 +129,8 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
         bar.close()
         progress["turn"] = None
         turns_out.append(turn_summary(turn, fed, g, text, rounds))
-        rounds_out += [round_record(turn, r) for r in rounds]
+        rounds_out += [round_record(turn, r, i if g.prefill_rounds > 1 and i < g.prefill_rounds else None)
+                       for i, r in enumerate(rounds)]
     if topo.rank != 0:
         return None
     return {"model": prep.model_config.name, "parallel": {"tp": par.tp, "cp": par.cp, "pp": par.pp},
@@ -134,10 +138,14 @@ def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:
             "turns": turns_out, "rounds": rounds_out}
 
 
-def round_record(turn: int, r) -> dict:
+def round_record(turn: int, r, prefill_chunk: Optional[int] = None) -> dict:
     """One round for the JSON: its RoundMetrics, the turn, and ``ttft_s`` (prefill rounds)
-    or ``ttit_s`` (decode rounds) -- the same seconds as ``time_s`` under the field's name."""
+    or ``ttit_s`` (decode rounds) -- the same seconds as ``time_s`` under the field's name;
+    ``prefill_chunk``: the chunk's index (0, 1, ...) in a chunked prefill
+    (``generation.prefill_chunk_tokens``), else absent."""
     d = {"turn": turn, **r.to_dict()}
+    if prefill_chunk is not None:
+        d["prefill_chunk"] = prefill_chunk
     d["ttit_s" if r.kind == "decode" else "ttft_s"] = r.time_s
     return d
 
@@ -145,18 +153,21 @@ def round_record(turn: int, r) -> dict:
 def turn_summary(turn: int, fed: int, g, text: str, rounds) -> dict:
     """One turn for the JSON and the summary table (its rounds are in the top-level list).
 
-    ``ttft_s``: the prefill round (seconds); ``ttit_s``: median decode step (seconds);
+    ``ttft_s``: the prefill round(s) (seconds; all chunks of a chunked prefill);
+    ``prefill_chunks``: its rounds; ``ttit_s``: median decode step (seconds);
     ``decode_tokens_per_s``: decode steps / their total time; ``prefill_strategy`` /
-    ``decode_strategy``: the variants used (decode: every distinct one, '+'-joined).
+    ``decode_strategy``: the variants used (every distinct one, '+'-joined).
     """
-    decode = [r for r in rounds if r.kind == "decode"]
+    prefill, decode = rounds[:g.prefill_rounds], rounds[g.prefill_rounds:]
     decode_s = sum(r.time_s for r in decode)
     first = rounds[0]
     return {"turn": turn, "fed_tokens": fed, "cached_tokens": first.cached_tokens, "text": text,
-            "token_ids": g.token_ids, "finish_reason": g.finish_reason, "ttft_s": first.time_s,
+            "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+            "ttft_s": sum(r.time_s for r in prefill), "prefill_chunks": len(prefill),
             "ttit_s": statistics.median(r.time_s for r in decode) if decode else None,
             "decode_tokens_per_s": len(decode) / decode_s if decode_s > 0 else None,
-            "miss_rate": first.miss_rate, "prefill_strategy": first.strategy,
+            "miss_rate": first.miss_rate,
+            "prefill_strategy": "+".join(dict.fromkeys(r.strategy for r in prefill)),
             "decode_strategy": "+".join(sorted({r.strategy for r in decode})) or None,
             "kv_cache_bytes_rank0": rounds[-1].kv_cache_bytes,
             "kv_cache_capacity_bytes_rank0": rounds[-1].kv_cache_capacity_bytes}

@@ -43,11 +43,13 @@ def serve(cfg: RunConfig) -> int:
         0 after a drained shutdown.
 
     Raises:
-        ConfigError: pre-flight failures (before any rank starts).
+        ConfigError: pre-flight failures (before any rank starts), e.g. both KV budgets
+            given or a budget below the model's minimum (:func:`~cp_megatron.serve.budget.kv_budget`).
         RankFailure: a rank failed (every rank is stopped).
     """
     from cp_megatron.launcher import spawn, under_launcher
     from cp_megatron.preflight import Prepared, check_model, context_limit, heuristic_hardware
+    from cp_megatron.serve.budget import kv_budget
     from cp_megatron.serve.ranks import rank_main
 
     def prepare(world_size=None) -> Prepared:
@@ -58,16 +60,18 @@ def serve(cfg: RunConfig) -> int:
         from cp_megatron import parallel_state
 
         prep = prepare(int(os.environ["WORLD_SIZE"]))
+        budget = kv_budget(cfg, prep.model_config, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if int(os.environ["RANK"]) == 0:
             _check_port(cfg.serve.host, cfg.serve.port)
         try:
-            rank_main(cfg, prep)
+            rank_main(cfg, prep, budget)
         finally:
             parallel_state.destroy()
         return 0
     prep = prepare()
+    budget = kv_budget(cfg, prep.model_config)
     _check_port(cfg.serve.host, cfg.serve.port)
-    spawn(rank_main, cfg.parallel.world_size, (cfg, prep), timeout_s=float("inf"),
+    spawn(rank_main, cfg.parallel.world_size, (cfg, prep, budget), timeout_s=float("inf"),
           threads_per_rank=cfg.runtime.threads_per_rank, backend=None, forward_signals=True,
           grace_s=RANK_FAILURE_GRACE_S)
     return 0

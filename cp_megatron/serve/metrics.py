@@ -40,6 +40,8 @@ class ServeMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.kv_bytes = Gauge("cp_megatron_kv_cache_bytes", "K/V bytes held by each rank", ["rank"],
                               registry=r)
+        self.kv_capacity = Gauge("cp_megatron_kv_cache_capacity_bytes",
+                                 "K/V storage each rank has reserved (bytes)", ["rank"], registry=r)
         self.in_flight = Gauge("cp_megatron_requests_in_flight", "Requests queued or generating", registry=r)
         self.running = Gauge("cp_megatron_requests_running", "Requests generating", registry=r)
         self.waiting = Gauge("cp_megatron_requests_waiting", "Requests queued for admission", registry=r)
@@ -61,9 +63,11 @@ class ServeMetrics:
     def on_finish(self, finish_reason: str) -> None:
         self.requests.labels(finish_reason).inc()
 
-    def kv_cache_bytes(self, per_rank: list[int]) -> None:
-        for rank, nbytes in enumerate(per_rank):
+    def kv_cache_bytes(self, per_rank: list[tuple[int, int]]) -> None:
+        """``per_rank``: (K/V bytes held, bytes reserved) of each rank."""
+        for rank, (nbytes, capacity) in enumerate(per_rank):
             self.kv_bytes.labels(str(rank)).set(nbytes)
+            self.kv_capacity.labels(str(rank)).set(capacity)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -86,7 +86,8 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False, seen: Opt
         (next token id per fed sequence in feed order, identical on every rank, or None
         when nothing was fed,
         :class:`~cp_megatron.engine.RoundMetrics` or None,
-        KV-cache bytes of every rank ``[world]`` (list) when ``gather_kv_bytes`` else None,
+        KV-cache bytes of every rank, ``[(held, reserved capacity)] * world`` (list) when
+        ``gather_kv_bytes`` else None,
         per fed sequence None or its :class:`~cp_megatron.sampling.TokenLogprobs`, or None).
     """
     for seq in message["free"]:
@@ -106,10 +107,11 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False, seen: Opt
                                  if message["feed"] else (None, None, None))
     kv_bytes = None
     if gather_kv_bytes:
-        mine = torch.tensor([engine.kv_cache.nbytes()], dtype=torch.long, device=engine.stage.device)
+        mine = torch.tensor([engine.kv_cache.nbytes(), engine.kv_cache.capacity_bytes()], dtype=torch.long,
+                            device=engine.stage.device)
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
-        kv_bytes = [int(x) for x in torch.cat(every).tolist()]
+        kv_bytes = [tuple(int(x) for x in t.tolist()) for t in every]
     return tokens, metrics, kv_bytes, logprobs
 
 
@@ -120,14 +122,15 @@ def _broadcast(message: Optional[dict]) -> dict:
     return box[0]
 
 
-def rank_main(cfg, prep) -> Optional[int]:
-    """Entry of every rank: build the engine, then lead (rank 0) or follow."""
+def rank_main(cfg, prep, budget) -> Optional[int]:
+    """Entry of every rank: build the engine (its KV cache reserved up front for ``budget``,
+    a :class:`~cp_megatron.serve.budget.KVBudget`), then lead (rank 0) or follow."""
     from cp_megatron.factory import rank_engine
 
-    topo, engine, tok = rank_engine(cfg, prep)
+    topo, engine, tok = rank_engine(cfg, prep, kv_capacity=budget.slots_per_rank)
     seen = SeenTokens(prep.model_config.vocab_size, engine.stage.device)
     if topo.rank == 0:
-        return _lead(cfg, prep, engine, tok, seen)
+        return _lead(cfg, prep, engine, tok, seen, budget)
     # SIGTERM / Ctrl-C reach every rank (torchrun forwards them, so does our spawner):
     # followers keep running until rank 0, which drains, tells them to stop.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -144,7 +147,7 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _lead(cfg, prep, engine, tok, seen: SeenTokens) -> int:
+def _lead(cfg, prep, engine, tok, seen: SeenTokens, budget) -> int:
     import uvicorn
 
     from cp_megatron.serve.app import create_app
@@ -153,7 +156,7 @@ def _lead(cfg, prep, engine, tok, seen: SeenTokens) -> int:
 
     sv = cfg.serve
     metrics = ServeMetrics()
-    sched = Scheduler(kv_cache_tokens=sv.kv_cache_tokens, max_num_seqs=sv.max_num_seqs,
+    sched = Scheduler(kv_cache_tokens=budget.tokens, budget_source=budget.source, max_num_seqs=sv.max_num_seqs,
                       max_prefill_tokens=sv.max_prefill_tokens, max_queue=sv.max_queue,
                       prefix_caching=sv.prefix_caching,
                       eos_ids=tok.eos_ids if tok is not None else prep.model_config.eos_token_ids,
@@ -177,7 +180,13 @@ def _lead(cfg, prep, engine, tok, seen: SeenTokens) -> int:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     _log(f"[serve] {model_name} on http://{sv.host}:{port}/v1 (cp={cfg.parallel.cp}, "
-         f"kv_cache_tokens={sv.kv_cache_tokens}, rank 0 pid {os.getpid()})")
+         f"kv_cache_tokens={budget.tokens}, rank 0 pid {os.getpid()})")
+    _log(f"[serve] KV budget: {budget.source} -> {budget.slots_per_rank} slots x {budget.bytes_per_slot} bytes = "
+         f"{budget.bytes_per_rank / 2 ** 20:.1f} MiB reserved per rank -> {budget.tokens} tokens for the CP group "
+         f"(cp={cfg.parallel.cp}, headroom 2 x max_num_seqs slots per rank)")
+    empty = {"op": "round", "gather_kv_bytes": True, "free": [], "fork": [], "feed": {}, "sampling": {}, "draws": {}}
+    _broadcast(empty)                       # /metrics shows every rank's reservation from the start
+    metrics.kv_cache_bytes(engine_round(engine, empty, True, seen)[2])
 
     signals = []
 

@@ -8,10 +8,19 @@ HTTP handlers.
 
 * **Fused prefill** (§3.3): the requests admitted together are prefilled in ONE round,
   each sequence load-balanced over the CP ranks by the engine; at most
-  ``max_prefill_tokens`` new tokens per round (a longer prompt runs alone).
+  ``max_prefill_tokens`` new tokens per round.
 * **Batched decode** (§3.5.3, Alg. 4): one round feeds the last sampled token of every
   generating sequence (round-robin placement in the engine).  Prefill and decode rounds
   alternate while both have work, so admissions never stall running streams for long.
+* **Chunked prefill**: a prompt with more than ``max_prefill_tokens`` new tokens is
+  prefilled in chunks, one per round; each chunk after the first is a partial prefill on
+  the KV the earlier chunks left on the ranks (variant by Alg. 5 per chunk).  Every such
+  round carries the decode tokens of all generating streams *plus* the chunk, within one
+  token budget of ``max_prefill_tokens`` (decode tokens first, the chunk gets the rest,
+  at least one token): the streams keep their pace while a long document prefills, as in
+  vLLM's chunked-prefill scheduler and SGLang's ``chunked_prefill_size``.  One chunked
+  prefill runs at a time; admissions wait for it.  Only the last chunk's sampled token
+  is kept.
 * **Prefix reuse**: a prompt that shares a prefix with a cached sequence (a previous turn
   of the chat, the same document with another question) only prefills the rest -- a
   partial prefill with P > 0, which the paper's heuristic sends to pass-Q when the miss
@@ -150,6 +159,10 @@ class Round:
     kind: str                          # "prefill", "decode" or "free" (no forward)
     message: dict
     requests: list[Request]
+    # A chunk that is not its prompt's last: its request, and (start, end) of the chunk in
+    # the prompt; the token sampled after it is dropped.
+    partial: Optional[Request] = None
+    chunk: Optional[tuple[int, int]] = None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -174,8 +187,11 @@ class Scheduler:
 
     Args:
         kv_cache_tokens: KV budget of the CP group (tokens, all sequences together).
+        budget_source: how the budget was given, named in a 400 (e.g. "serve.kv_cache_memory = ...").
         max_num_seqs: sequences generating at once.
-        max_prefill_tokens: new tokens per fused prefill round.
+        max_prefill_tokens: token budget of a round: new tokens of a fused prefill; a longer
+            prompt is prefilled in chunks, each round carrying the decode tokens of the
+            generating streams plus at most this many tokens in all.
         max_queue: waiting requests before 429.
         prefix_caching: reuse cached sequences' K/V for matching prompt prefixes.
         eos_ids: token ids that end generation (finish_reason "stop").
@@ -186,11 +202,12 @@ class Scheduler:
         log: ``str -> None`` for one line per round; None for silence.
     """
 
-    def __init__(self, *, kv_cache_tokens: int, max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
+    def __init__(self, *, kv_cache_tokens: int, budget_source: str = "serve.kv_cache_tokens", max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
                  max_queue: int = 256, prefix_caching: bool = True, eos_ids: tuple = (),
                  decode_text: Optional[Callable[[list[int]], str]] = None, metrics=None,
                  log: Optional[Callable[[str], None]] = None) -> None:
         self.kv_cache_tokens, self.max_num_seqs = kv_cache_tokens, max_num_seqs
+        self.budget_source = budget_source
         self.max_prefill_tokens, self.max_queue = max_prefill_tokens, max_queue
         self.prefix_caching, self.eos_ids, self.decode_text = prefix_caching, tuple(eos_ids), decode_text
         self.metrics, self.log = metrics, log
@@ -224,7 +241,7 @@ class Scheduler:
             if req.reserve > self.kv_cache_tokens:
                 raise AdmissionError(400, f"prompt ({len(req.prompt)} tokens) + max_tokens "
                                      f"({req.params.max_tokens}) exceed the server's KV budget of "
-                                     f"{self.kv_cache_tokens} tokens (serve.kv_cache_tokens)",
+                                     f"{self.kv_cache_tokens} tokens ({self.budget_source})",
                                      "kv_budget_exceeded")
             queued = sum(1 for kind, _ in self._inbox if kind == "submit") + len(self.waiting)
             if queued >= self.max_queue:
@@ -370,20 +387,41 @@ class Scheduler:
             if src is not None and src in self.seqs:
                 self.seqs[src].last_used = next(self._clock)
             req.seq, req.cached_tokens = seq, n
-            feed[seq] = req.prompt[n:]
+            feed[seq] = req.prompt[n:n + self.max_prefill_tokens]   # longer: the first chunk
             new_tokens += len(feed[seq])
             admitted.append(req)
             self.running.append(req)
+            if n + len(feed[seq]) < len(req.prompt):
+                break                                      # a chunked prefill runs alone
         return feed, forks, admitted
+
+    def _chunk_round(self, req: Request, decodable: list[Request], start: int,
+                     ) -> tuple[dict, list[Request], Optional[tuple[int, int]]]:
+        """The decode tokens of ``decodable`` plus the next chunk of ``req``'s prompt from
+        ``start``, within ``max_prefill_tokens`` (the chunk gets what the decodes leave, at
+        least one token).  Returns (feed, requests in feed order, the chunk's span)."""
+        feed = {r.seq: [r.pending] for r in decodable if r is not req}
+        room = max(1, self.max_prefill_tokens - len(feed))
+        end = min(start + room, len(req.prompt))
+        feed[req.seq] = req.prompt[start:end]
+        return feed, [r for r in decodable if r is not req] + [req], (start, end)
 
     def plan(self) -> Optional[Round]:
         """The next round, or None when there is nothing to run."""
         self._take_inbox()
         decodable = [r for r in self.running if r.pending is not None]
-        feed, forks, reqs, kind = {}, [], [], ""
-        if not (decodable and self._last_kind == "prefill"):
+        chunking = [r for r in self.running if r.pending is None]   # a prefill left unfinished: chunked
+        feed, forks, reqs, kind, span = {}, [], [], "", None
+        if chunking:
+            req = chunking[0]
+            feed, reqs, span = self._chunk_round(req, decodable, len(self.seqs[req.seq].tokens))
+            kind = "prefill"
+        elif not (decodable and self._last_kind == "prefill"):
             feed, forks, reqs = self._admit()
             kind = "prefill" if feed else ""
+            if len(reqs) == 1 and len(reqs[0].prompt) > reqs[0].cached_tokens + len(feed[reqs[0].seq]):
+                req = reqs[0]                             # the first chunk, with the decode tokens
+                feed, reqs, span = self._chunk_round(req, decodable, req.cached_tokens)
         if not feed and decodable:
             feed, reqs, kind = {r.seq: [r.pending] for r in decodable}, decodable, "decode"
         if not feed and not self._to_free:
@@ -392,8 +430,9 @@ class Scheduler:
         self._last_kind = kind
         sampling = {r.seq: self._sampling(r) for r in reqs}
         draws = {r.seq: len(r.generated) for r in reqs}
+        partial = reqs[-1] if span is not None and span[1] < len(reqs[-1].prompt) else None
         return Round(kind or "free", {"free": free, "fork": forks, "feed": feed, "sampling": sampling,
-                                      "draws": draws}, reqs)
+                                      "draws": draws}, reqs, partial, span)
 
     def _sampling(self, r: Request) -> SamplingParams:
         p = r.params
@@ -413,7 +452,12 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.on_round(rnd.kind, metrics, len(rnd.requests))
             if self.log is not None:
-                self.log(f"[serve] round {self.rounds} {rnd.kind}: seqs={len(rnd.requests)} "
+                chunk = ""
+                if rnd.chunk is not None:
+                    req = rnd.requests[-1]
+                    chunk = (f" chunk {rnd.chunk[0]}:{rnd.chunk[1]} of {len(req.prompt)} prompt tokens"
+                             f" (request {req.request_id or '-'}, +{len(rnd.requests) - 1} decode)")
+                self.log(f"[serve] round {self.rounds} {rnd.kind}{chunk}: seqs={len(rnd.requests)} "
                          f"T={metrics.new_tokens} P={metrics.cached_tokens} miss_rate={metrics.miss_rate:.3f} "
                          f"-> {metrics.strategy} in {metrics.time_s:.3f} s")
         if tokens is None:
@@ -425,6 +469,8 @@ class Scheduler:
             s = self.seqs[seq]
             s.tokens.extend(fed)
             s.last_used = next(self._clock)
+            if req is rnd.partial:
+                continue                                    # a chunk before the last: no token yet
             token = tokens[row]
             if self.metrics is not None:
                 if req.generated:
