@@ -3,7 +3,7 @@ metadata, TP against the model (:mod:`cp_megatron.model.tp_rule`), the tokenizer
 token ids against the model's context, and the heuristic's hardware constants.  Every
 failure is one :class:`~cp_megatron.config.ConfigError` line naming the key.
 
-Shared by ``cp-megatron run`` (:mod:`cp_megatron.cli.run`) and the benchmark suites; every
+Shared by ``cp-megatron run`` (:mod:`cp_megatron.job`) and the benchmark suites; every
 rank reopens the checkpoint with :func:`open_reader` and builds its engine with
 :func:`cp_megatron.factory.build_engine`.
 

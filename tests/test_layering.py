@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "cp_megatron"
 TOOL_PACKAGES = ("cp_megatron.cli", "cp_megatron.bench", "cp_megatron.serve",  # command line, suites, server
-                 "cp_megatron.dryrun")  # the dry run traces the library; the library never imports it
+                 "cp_megatron.dryrun",  # the dry run traces the library; the library never imports it
+                 "cp_megatron.job")  # a run job (pre-flight, ranks, turns) for cli.run and the suites
 
 
 def _module_name(path: Path) -> str:
@@ -68,7 +69,7 @@ def _is_tool(module: str) -> bool:
 def test_the_walk_sees_the_known_edges():
     # guards the test itself: a walker that finds nothing would pass everything below
     assert "cp_megatron.engine" in GRAPH["cp_megatron.factory"]
-    assert "cp_megatron.factory" in GRAPH["cp_megatron.cli.run"]
+    assert "cp_megatron.factory" in GRAPH["cp_megatron.job"] and "cp_megatron.job" in GRAPH["cp_megatron.cli.run"]
     assert "cp_megatron.attention.heuristic" in GRAPH["cp_megatron.attention"]
     assert len(MODULES) > 40 and any(_is_tool(m) for m in MODULES)
 
@@ -77,6 +78,15 @@ def test_the_walk_sees_the_known_edges():
 def test_no_library_module_imports_a_tool_module():
     bad = {m: sorted(t for t in targets if _is_tool(t)) for m, targets in GRAPH.items() if not _is_tool(m)}
     assert not {m: t for m, t in bad.items() if t}, "library modules import tools"
+
+
+@pytest.mark.unit
+def test_only_the_command_line_imports_the_command_line():
+    # cli/ parses arguments and calls a job; a suite or the server calls the job itself
+    # (cp_megatron.job), never the command line above it
+    bad = {m: sorted(t for t in targets if t.startswith("cp_megatron.cli"))
+           for m, targets in GRAPH.items() if not m.startswith("cp_megatron.cli")}
+    assert not {m: t for m, t in bad.items() if t}
 
 
 # Readers, writers and the converter sit below the model and the engine: they may use the

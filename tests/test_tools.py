@@ -157,7 +157,8 @@ def _rounds():
 
 @pytest.mark.unit
 def test_summary_names_columns_and_variant_per_round_kind_json_rounds_once():
-    from cp_megatron.cli.run import format_summary, round_record, turn_summary
+    from cp_megatron.cli.run import format_summary
+    from cp_megatron.job import round_record, turn_summary
     from cp_megatron.engine import Generation
 
     rounds = _rounds()
@@ -180,7 +181,7 @@ def test_summary_names_columns_and_variant_per_round_kind_json_rounds_once():
 
 @pytest.mark.unit
 def test_heuristic_choice_is_explained_including_negative_thresholds():
-    from cp_megatron.cli.run import explain_choice
+    from cp_megatron.job import explain_choice
 
     h = {"forced": False, "new_tokens": 10, "kv_hidden_threshold_tokens": 50.0, "miss_rate_threshold": -0.5,
          "miss_rate": 0.01}

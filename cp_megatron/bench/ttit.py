@@ -2,7 +2,7 @@
 
 The run config (``--config``, default ``configs/default.yaml``: SmolLM2-135M, 4,085 prompt
 tokens, float32, 24 new tokens) runs at each CP size in turn (CP1, CP2, CP1, CP2, ... for
-``repeats`` rounds), each run a fresh job through :func:`cp_megatron.cli.run.run`.  Measured
+``repeats`` rounds), each run a fresh job through :func:`cp_megatron.job.run`.  Measured
 TTIT is the median over every decode step of every run of that CP size
 (``RoundMetrics.time_s`` of the decode rounds), TTFT the median of the prefill rounds.
 
@@ -96,7 +96,7 @@ def run(opts: BenchOptions) -> dict:
     """Run the config at each CP size in turn, predict, write ``ttit.json`` / ``ttit.png``."""
     from cp_megatron.config import load_config
     from cp_megatron.hardware import load_profile
-    from cp_megatron.cli.run import run as run_job
+    from cp_megatron.job import run as run_job
     from cp_megatron.preflight import prepare
 
     try:  # a bad profile fails now, not after minutes of measuring
