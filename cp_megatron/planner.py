@@ -569,7 +569,8 @@ class LayerCode:
     """What the layer's code keeps alive, as far as the activation peak is concerned.
 
     The defaults describe the code after the decode helper's change (#21): RMSNorm is
-    ``torch.nn.functional.rms_norm`` (no float32 copies of the hidden state), q/k/v and
+    ``torch.nn.functional.rms_norm`` (as the dry run traces it: decomposed, see
+    ``rms_norm_composite``), q/k/v and
     gate/up are one fused projection each, the fused gate/up output stays alive until the
     down projection returns, and the layer's input is still held by the caller while the
     layer runs (``x = layer(x, ctx)``: the residual stream lives twice after the first add).
@@ -577,6 +578,10 @@ class LayerCode:
     Attributes:
         rms_norm_fp32: RMSNorm computes in float32 copies of x (``x.float()``, ``pow(2)``,
             ``x32 * rsqrt``; the code before #21).
+        rms_norm_composite: ``F.rms_norm`` runs torch's CompositeImplicitAutograd
+            decomposition (``_fused_rms_norm`` has no kernel on the device, as in the CPU-build
+            dry run): the float32 upcast of x, ``x32 * rsqrt`` and ``* weight`` in float32 live
+            together, then the cast; False: a fused kernel that writes only its output.
         fused_qkv / fused_gate_up: one projection for q, k, v / for gate and up.
         gate_up_held: the gate/up output lives through the down projection.
         input_held: the layer's input lives until the layer returns (fixed by an in-place
@@ -584,6 +589,7 @@ class LayerCode:
     """
 
     rms_norm_fp32: bool = False
+    rms_norm_composite: bool = True
     fused_qkv: bool = True
     fused_gate_up: bool = True
     gate_up_held: bool = True
@@ -592,7 +598,8 @@ class LayerCode:
 
 # The code of this repository before #21 (float32 RMSNorm, separate projections): what the
 # CPU measurement in tests/test_memory_model.py runs.
-LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, fused_qkv=False, fused_gate_up=False, gate_up_held=False)
+LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, rms_norm_composite=False, fused_qkv=False, fused_gate_up=False,
+                              gate_up_held=False)
 
 
 @dataclass(frozen=True)
@@ -709,8 +716,11 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     with FP8 weights :func:`_quant` (row-parallel o / down with their activation-scale blocks).  RoPE, the ring and the projections run on
     the normed input h (X), which the attention / MLP call holds until it returns.
 
-        norm          h (F.rms_norm); code.rms_norm_fp32: the larger of x.float() + pow(2)
-                      (2*t*H*4) and x32*rsqrt + its cast + the output (t*H*4 + 2*X)
+        norm          F.rms_norm decomposed (code.rms_norm_composite): the float32 upcast
+                      t*H*4 (none for fp32), x32*rsqrt and its product with the weight
+                      (2*t*H*4); a fused kernel: h (X); code.rms_norm_fp32: the larger of
+                      x.float() + pow(2) (2*t*H*4) and x32*rsqrt + its cast + the output
+                      (t*H*4 + 2*X)
         qkv           h + linear(H -> q + 2k)  (separate q, k, v: the largest of the three,
                       with the ones before it held)
         rope          h + qkv + 4*t*q*e (x*cos, rotate_half, *sin, their sum) + cos/sin cast 2*t*DH*e
@@ -751,7 +761,9 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     if code.rms_norm_fp32:  # x.float() (no copy for fp32), pow(2); then x32 * rsqrt, its cast, * weight
         copy = t * h * 4 if e != 4 else 0.0
         norm = max(copy + t * h * 4, t * h * 4 + (x if e != 4 else 0.0) + x)
-    else:                   # F.rms_norm: its output
+    elif code.rms_norm_composite:   # F.rms_norm decomposed: upcast (none for fp32), x32*rsqrt, *weight
+        norm = max((t * h * 4 if e != 4 else 0.0) + 2 * t * h * 4, t * h * 4 + x)
+    else:                   # a fused F.rms_norm kernel: its output
         norm = x
     qkv_out = t * (q + 2 * k) * e
     if code.fused_qkv:
@@ -834,7 +846,7 @@ def allowance_bytes(tp: int, cp: int, transient_bytes: float) -> dict:
 def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_tokens: int, batch: int,
                   dtype: str, *, strategy: str = PASS_KV, max_new_tokens: int = 0,
                   kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, code: LayerCode = LayerCode(),
-                  dryrun_config: Optional[str] = None) -> MemoryReport:
+                  dryrun_config: Optional[str] = None, reserved_tokens: Optional[int] = None) -> MemoryReport:
     """Weights, KV cache capacity, prefill activations and ring buffers of one GPU, the
     allowances beside them, and whether they fit an 80 GB H100 and a 141 GB H200.
 
@@ -846,6 +858,9 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
             reserves B*context + B*max_new_tokens + margin, :func:`kv_capacity_slots`).
         code: what the layer code keeps alive (:class:`LayerCode`).
         dryrun_config: the run config to name in ``dryrun_command`` (None: ``CONFIG``).
+        reserved_tokens: the first turn's prompt the KV cache was reserved for, per sequence
+            (None: ``context_tokens``); a later turn's round (a partial prefill) runs in the
+            cache its first turn reserved.
 
     Raises:
         PlanInputError: unknown dtype.
@@ -854,7 +869,8 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
     w = loaded_weight_bytes(cfg, tp, dtype)
     kv = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
     slot = 2 * cfg.num_layers * kv_heads_per_rank(cfg, tp) * cfg.head_dim * e
-    kv_cap = float(slot * kv_capacity_slots(batch * context_tokens, batch * max_new_tokens, cp, kv_margin_tokens))
+    reserved = context_tokens if reserved_tokens is None else reserved_tokens
+    kv_cap = float(slot * kv_capacity_slots(batch * reserved, batch * max_new_tokens, cp, kv_margin_tokens))
     phases = activation_phases(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, code)
     act = max(phases.values())
     comm = comm_buffer_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, strategy)

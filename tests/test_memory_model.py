@@ -11,14 +11,12 @@ planner is evaluated with :data:`cp_megatron.planner.LAYER_CODE_BEFORE`.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from cp_megatron import planner
+from cp_megatron.dryrun import LiveBytes
 from cp_megatron.launcher import spawn
 from cp_megatron.model.config import get_preset
 
@@ -29,41 +27,6 @@ SMALL = get_preset("tiny").with_(hidden_size=512, intermediate_size=1536, num_he
 TOKENS = 1024
 # The measured peak must match the planner's phase model within the issue's 5%.
 ACTIVATION_REL = 0.05
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of storages allocated by ops under the mode; ``peak`` is the high-water mark."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._refs: dict[int, list] = {}      # storage ptr -> [nbytes, tensors alive]
-
-    def _release(self, ptr: int) -> None:
-        entry = self._refs[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in self._refs:                 # a view of a tracked storage: one more user
-                self._refs[ptr][1] += 1
-            elif ptr in inputs or ptr == 0:       # in place, or a view of something older
-                continue
-            else:
-                self._refs[ptr] = [t.untyped_storage().nbytes(), 1]
-                self.live += self._refs[ptr][0]
-                self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._release, ptr)
-        return out
 
 
 def _measure_job(dtype_name: str, weights: str, tokens: int):
