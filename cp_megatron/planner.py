@@ -568,12 +568,12 @@ ALLOWANCES = {
 class LayerCode:
     """What the layer's code keeps alive, as far as the activation peak is concerned.
 
-    The defaults describe the code after the decode helper's change (#21): RMSNorm is
-    ``torch.nn.functional.rms_norm`` (as the dry run traces it: decomposed, see
-    ``rms_norm_composite``), q/k/v and
-    gate/up are one fused projection each, the fused gate/up output stays alive until the
-    down projection returns, and the layer's input is still held by the caller while the
-    layer runs (``x = layer(x, ctx)``: the residual stream lives twice after the first add).
+    The defaults describe the code after #21 (the decode and decfast helpers' changes):
+    RMSNorm is ``torch.nn.functional.rms_norm`` (as the dry run traces it: decomposed, see
+    ``rms_norm_composite``), q/k/v and gate/up are one fused projection each, q/k/v's output
+    is dropped once K and V are cached, gate/up's before the down projection (``silu(gate)
+    * up`` in one new tensor), both residual adds are in place on the sublayer's output, and
+    the layer's input is held by the caller while the layer runs (``x = layer(x, ctx)``).
 
     Attributes:
         rms_norm_fp32: RMSNorm computes in float32 copies of x (``x.float()``, ``pow(2)``,
@@ -584,22 +584,28 @@ class LayerCode:
             together, then the cast; False: a fused kernel that writes only its output.
         fused_qkv / fused_gate_up: one projection for q, k, v / for gate and up.
         gate_up_held: the gate/up output lives through the down projection.
-        input_held: the layer's input lives until the layer returns (fixed by an in-place
-            residual add, ``x.add_(...)``).
+        input_held: the layer's input lives until the layer returns (the caller's
+            ``x = layer(x, ctx)`` holds it).
+        qkv_held: the fused q/k/v output lives through the ring (False: dropped once K and V
+            are cached; v's rows were its last use, q is a view of the rotated q/k).
+        residual_in_place: the residual adds write into the sublayer's fresh output
+            (``attn.add_(x)``), so an add makes no new hidden state.
     """
 
     rms_norm_fp32: bool = False
     rms_norm_composite: bool = True
     fused_qkv: bool = True
     fused_gate_up: bool = True
-    gate_up_held: bool = True
+    gate_up_held: bool = False
     input_held: bool = True
+    qkv_held: bool = False
+    residual_in_place: bool = True
 
 
 # The code of this repository before #21 (float32 RMSNorm, separate projections): what the
 # CPU measurement in tests/test_memory_model.py runs.
 LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, rms_norm_composite=False, fused_qkv=False, fused_gate_up=False,
-                              gate_up_held=False)
+                              gate_up_held=False, qkv_held=True, residual_in_place=False)
 
 
 @dataclass(frozen=True)
@@ -724,16 +730,17 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
         qkv           h + linear(H -> q + 2k)  (separate q, k, v: the largest of the three,
                       with the ones before it held)
         rope          h + qkv + 4*t*q*e (x*cos, rotate_half, *sin, their sum) + cos/sin cast 2*t*DH*e
-        ring          h + qkv + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
+        ring          h + [qkv if code.qkv_held] + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
                       block's kernel output and LSE tb*q*e + tb*nh*4, and at CP > 1 a merge's
                       float32 partial and weighted partial 2*tb*q*4 (one of them for fp32);
                       tb = t: at CP 1, and on CP rank N-1 (its two chunks are adjacent, so a
                       fully visible KV chunk meets all its queries as one block); the other
                       ranks' blocks have t/2 rows (the most loaded rank is costed)
-        o_proj        h + qkv + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
-        residual      X (attention output) + X (sum)
+        o_proj        h + [qkv if code.qkv_held] + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
+        residual      X (attention output) + X (sum; none with code.residual_in_place)
         gate_up       h2 + linear(H -> 2f)  (separate: gate, then up with silu(gate) held)
-        act           h2 + gate_up (2*t*f*e) + silu + product (2*t*f*e); separate: 3*t*f*e
+        act           h2 + gate_up (2*t*f*e) + silu(gate) (t*f*e; ``.mul_(up)`` in place);
+                      separate: silu(gate), up, product (3*t*f*e)
         down          h2 + [gate_up if code.gate_up_held] + product + linear(f -> H)
         logits        B*V*4*3 (the TP shards, their gather, the engine's all-reduce buffer)
 
@@ -773,7 +780,7 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     rope_q = t * q * e
     # h, the projection outputs still referenced (fused: all of qkv through v's view; separate:
     # v, as rotated q and k replaced q and k), rotated q and k
-    attn_live = x + (qkv_out if code.fused_qkv else t * k * e) + rope_q + t * k * e
+    attn_live = x + ((qkv_out if code.fused_qkv else t * k * e) if code.qkv_held else 0.0) + rope_q + t * k * e
     # Rows of one block of a ring step: t at CP 1 (one causal square) and on CP rank N-1, whose
     # two load-balanced chunks are adjacent, so its queries meet a fully visible KV chunk as one
     # block; t/2 on the other ranks.  The most loaded rank is costed.  At CP > 1 a later block's
@@ -787,7 +794,7 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
         "ring": base + attn_live + t * q * 4 + t * nh * 4 + tb * q * e + tb * nh * 4 + merge,
         "o_proj": base + attn_live + t * nh * 4 + t * q * e
                   + linear(q, h, _act_blocks(cfg, tp, cfg.num_heads * dh)),
-        "residual": base + 2 * x,
+        "residual": base + (x if code.residual_in_place else 2 * x),
         "norm2": base + held + norm,
     }
     if code.fused_gate_up:
@@ -796,11 +803,11 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
         gate_up = max(linear(h, f), 2 * t * f * e, t * f * e + linear(h, f))
     mlp_held = held + x                           # input + h2
     phases["gate_up"] = base + mlp_held + gate_up
-    # fused: gate_up, silu(gate), product; separate: silu(gate), up, product
-    phases["act"] = base + mlp_held + (4 if code.fused_gate_up else 3) * t * f * e
+    # fused: gate_up and silu(gate) (``.mul_(up)`` in place); separate: silu(gate), up, product
+    phases["act"] = base + mlp_held + 3 * t * f * e
     gu_live = 2 * t * f * e if (code.fused_gate_up and code.gate_up_held) else 0.0
     phases["down"] = base + mlp_held + gu_live + t * f * e + linear(f, h, _act_blocks(cfg, tp, cfg.intermediate_size))
-    phases["residual2"] = base + held + 2 * x
+    phases["residual2"] = base + held + (x if code.residual_in_place else 2 * x)
     phases["logits"] = x + batch * cfg.vocab_size * 4 * 3
     return {name: float(v) for name, v in phases.items()}
 

@@ -4,8 +4,9 @@ Oracles: the bytes of a stage's own parameters and buffers (weights), the cache'
 (KV capacity), and the peak of live tensor bytes while the stage runs one prefill on CPU,
 measured by a dispatch mode that follows every storage an op allocates until the last tensor
 using it dies (activations; what a fake-tensor dry run sees: op outputs, not kernel workspace).
-The layer code measured is this branch's (float32 RMSNorm, separate projections), so the
-planner is evaluated with :data:`cp_megatron.planner.LAYER_CODE_BEFORE`.
+The layer code measured is this repository's (fused q/k/v and gate/up, ``F.rms_norm`` as
+torch decomposes it), the planner's default :class:`cp_megatron.planner.LayerCode`; the
+dimensions are those of ``benchmarks/activation_phases.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _measure_job(dtype_name: str, weights: str, tokens: int):
 def test_planner_memory_by_category_matches_a_cpu_run(dtype, weights, plan_dtype):
     got = spawn(_measure_job, 1, (dtype, weights, TOKENS), timeout_s=240)[0]
     report = planner.memory_report(SMALL, 1, 1, TOKENS, TOKENS, 1, plan_dtype, max_new_tokens=16,
-                                   kv_margin_tokens=256, code=planner.LAYER_CODE_BEFORE)
+                                   kv_margin_tokens=256)
     assert report.weight_bytes == got["weights"]                       # exact: one weight figure
     assert report.kv_cache_capacity_bytes == got["kv_capacity"]        # exact: the reservation
     assert report.activation_bytes == pytest.approx(got["activations"], rel=ACTIVATION_REL), (
@@ -184,7 +185,7 @@ def test_ring_phase_and_its_buffers_match_a_cp2_run():
     accumulators, a block's output, a merge's temporaries and the two receive buffers -- and the
     layer's peak, against the planner (bf16 weights, 512 tokens per rank)."""
     got = spawn(_ring_job, 2, (TOKENS,), timeout_s=240)
-    report = planner.memory_report(SMALL, 1, 2, TOKENS, TOKENS, 1, "bf16", code=planner.LAYER_CODE_BEFORE)
+    report = planner.memory_report(SMALL, 1, 2, TOKENS, TOKENS, 1, "bf16")
     ring = report.activation_phases["ring"] + report.comm_buffer_bytes
     # Rank 1 (= N-1) holds chunks 1 and 2, adjacent: a fully visible KV chunk meets all its
     # queries as one block, the case the planner costs; rank 0's blocks have half the rows.
