@@ -692,15 +692,16 @@ def kv_capacity_slots(prompt_tokens: int, new_tokens: int, cp: int, margin_token
 def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) -> float:
     """Peak of an FP8 linear on t rows of ``width`` (output ``out_width``), per model/fp8.py.
 
-    Quantising (``quantize_activations``): in one piece when t*width*4 <= 256 MiB, the float32
-    copy and then its ``abs`` (2*t*width*4; the 1-byte result replaces ``abs``); in chunks,
-    the 1-byte result t*width plus one chunk's two temporaries (2 * 256 MiB).  Then the
+    Quantising (``quantize_activations`` / ``quantize_rowwise``): in one piece when
+    t*width*4 <= 1 GiB, the float32 quotient ``x / scale`` and its 1-byte cast
+    (t*width*4 + t*width); in chunks, the 1-byte result t*width plus one chunk's quotient and
+    cast (1.25 GiB).  Then the
     matmul: the 1-byte input and its float32 scales beside the output t*out_width*e, or, with
     activation scales over ``blocks`` > 1 blocks of K, three float32 partial sums
     (accumulator, the next block's product and their sum) 3*t*out_width*4.
     """
     whole = t * width * 4
-    tmp = 2 * whole if whole <= ACT_QUANT_CHUNK_BYTES else t * width + 2 * ACT_QUANT_CHUNK_BYTES
+    tmp = whole + t * width if whole <= ACT_QUANT_CHUNK_BYTES else t * width + 1.25 * ACT_QUANT_CHUNK_BYTES
     out = 3 * t * out_width * 4 if blocks > 1 else t * out_width * e
     return t * 4 * blocks + max(tmp, t * width + out)
 
