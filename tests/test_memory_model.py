@@ -11,7 +11,6 @@ dimensions are those of ``benchmarks/activation_phases.py``.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
