@@ -343,7 +343,9 @@ class Tracer(TorchDispatchMode):
         name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
         src, line = _source()
         if func is aten._local_scalar_dense.default:
-            if rt is not None:
+            # a read of a device tensor blocks the host; of a host tensor (after its copy,
+            # which was the sync) it does not
+            if rt is not None and args[0].device.type != "cpu":
                 rt.syncs.append({"kind": "item/tolist", "where": f"{src}:{line}", "layer": self.layer,
                                  "on": str(args[0].device)})
             dtype = args[0].dtype
