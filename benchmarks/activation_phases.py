@@ -2,11 +2,11 @@
 
     python -m benchmarks.activation_phases --dtype bfloat16 --weights fp8-rowwise
 
-Runs the dummy model of ``tests/test_memory_model.py`` (hidden 512, 2 layers) at CP 1 on
-1,024 tokens under its ``LiveBytes`` dispatch mode and prints, at the entry and exit of every
+Runs a dummy model with the dimensions of ``tests/test_memory_model.py`` (hidden 512,
+2 layers) at CP 1 on 1,024 tokens under :class:`cp_megatron.dryrun.LiveBytes` and prints, at the entry and exit of every
 module of layer 0, the live bytes and the peak since the previous mark, in units of
 X = t*H*e (one hidden state), then ``planner.activation_phases`` for the same inputs and the
-code this branch runs (``LAYER_CODE_BEFORE``).  The figures quoted in docs/planner.md
+layer code of this repository (``planner.LayerCode()``).  The figures quoted in docs/planner.md
 ("Memory") come from this script.
 
 Source: issue #21 (planner vs measured memory); cp_megatron.planner.activation_phases.
@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# The dimensions of tests/test_memory_model.py: one hidden state (t*H*e = 1 MiB) dwarfs the
+# round's small host tensors.
+TOKENS = 1024
+
+
+def small_model():
+    from cp_megatron.model.config import get_preset
+
+    return get_preset("tiny").with_(hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2,
+                                    head_dim=64, num_layers=2, vocab_size=512)
 
 
 def _job(dtype_name: str, weights: str) -> list:
     import torch
-    from test_memory_model import SMALL, TOKENS, LiveBytes
 
     from cp_megatron import parallel_state
+    from cp_megatron.dryrun import LiveBytes
     from cp_megatron.engine import InferenceEngine
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import DummyReader, load_weights
 
+    SMALL = small_model()
     topo = parallel_state.initialize(1, 1, 1)
     stage = LlamaStage(SMALL, StageLayout(), dtype=getattr(torch, dtype_name), weights=weights)
     load_weights(stage, DummyReader(SMALL, seed=1))
@@ -59,8 +68,6 @@ def _job(dtype_name: str, weights: str) -> list:
 
 
 def main(argv=None) -> int:
-    from test_memory_model import SMALL, TOKENS
-
     from cp_megatron import planner
     from cp_megatron.launcher import spawn
 
@@ -69,11 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--weights", choices=("dtype", "fp8-rowwise"), default="fp8-rowwise")
     args = p.parse_args(argv)
     marks = spawn(_job, 1, (args.dtype, args.weights), timeout_s=300)[0]
+    SMALL = small_model()
     x = TOKENS * SMALL.hidden_size * (4 if args.dtype == "float32" else 2)
     for name, where, live, peak in marks:
         print(f"{name:36} {where:4} live {live / x:6.2f} X   peak since last mark {peak / x:6.2f} X")
     plan_dtype = "fp8" if args.weights == "fp8-rowwise" else {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
-    phases = planner.activation_phases(SMALL, 1, 1, TOKENS, TOKENS, 1, plan_dtype, planner.LAYER_CODE_BEFORE)
+    phases = planner.activation_phases(SMALL, 1, 1, TOKENS, TOKENS, 1, plan_dtype, planner.LayerCode())
     print("planner (X):", ", ".join(f"{k} {v / x:.2f}" for k, v in phases.items()))
     return 0
 

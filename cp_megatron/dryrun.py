@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -44,8 +45,10 @@ from typing import Callable, Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
 
 from cp_megatron import device as devices
+from cp_megatron.planner import DEFAULT_KV_GROWTH_TOKENS, DEFAULT_KV_MARGIN_TOKENS
 
 aten = torch.ops.aten
 PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -54,6 +57,7 @@ _SKIP_FILES = (os.path.join(PKG_DIR, "dryrun.py"), os.path.join(PKG_DIR, "device
 _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
                "_local_scalar_dense"}
 CATEGORIES = ("weights", "kv_cache", "activations", "comm_buffers")
+_COMM_FILES = ("attention/ring.py", "attention/pass_q.py", "attention/decode.py")
 
 _GUARD_SRC = r"""
 #include <torch/extension.h>
@@ -138,6 +142,50 @@ def _desc(t) -> dict:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "stride": list(t.stride())}
 
 
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the storages that ops under the mode allocate, on real tensors (a CPU run):
+    a storage counts from the op that made it until the last tensor using it dies (views
+    share it; in-place ops add nothing).  ``live`` is the bytes now, ``peak`` the high-water
+    mark (reset it to ``live`` to measure a span).  The fake-tensor dry run counts the same
+    way (:class:`Tracer`, by category); this one serves the CPU measurements of the planner's
+    phase model (tests/test_memory_model.py, benchmarks/activation_phases.py).
+
+    Source: ``torch.utils._python_dispatch.TorchDispatchMode``; what a caching allocator
+    holds for op outputs, not kernel workspace.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: dict[int, list] = {}      # storage ptr -> [nbytes, tensors alive]
+
+    def _release(self, ptr: int) -> None:
+        entry = self._refs[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in self._refs:                 # a view of a tracked storage: one more user
+                self._refs[ptr][1] += 1
+            elif ptr in inputs or ptr == 0:       # in place, or a view of something older
+                continue
+            else:
+                self._refs[ptr] = [t.untyped_storage().nbytes(), 1]
+                self.live += self._refs[ptr][0]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
 @dataclass
 class RoundTrace:
     """What one round did on one rank (see :meth:`Tracer.round_report`)."""
@@ -155,6 +203,7 @@ class RoundTrace:
     peak_by_category: dict = field(default_factory=dict)
     max_by_category: dict = field(default_factory=dict)
     end_by_category: dict = field(default_factory=dict)
+    activations_at_max: dict = field(default_factory=dict)   # file:line -> bytes when they peaked
     time_s: float = 0.0
 
 
@@ -190,12 +239,12 @@ class Tracer(TorchDispatchMode):
         if kv:
             dead += [k for k in self._kv_keys if self._live[k][0].expired()]
         for k in dead:
-            _, n, cat = self._live.pop(k)
+            _, n, cat, _where = self._live.pop(k)
             self._by_cat[cat] -= n
             self._transient.discard(k)
             self._kv_keys.discard(k)
 
-    def _track(self, t: torch.Tensor, category: str) -> None:
+    def _track(self, t: torch.Tensor, category: str, where: str = "") -> None:
         from torch.multiprocessing.reductions import StorageWeakRef
 
         st = t.untyped_storage()
@@ -203,7 +252,7 @@ class Tracer(TorchDispatchMode):
         if key in self._live:
             return
         n = st.nbytes()
-        self._live[key] = [StorageWeakRef(st), n, category]
+        self._live[key] = [StorageWeakRef(st), n, category, where]
         self._by_cat[category] += n
         if category == "kv_cache":
             self._kv_keys.add(key)
@@ -220,7 +269,7 @@ class Tracer(TorchDispatchMode):
         for t in list(module.parameters()) + list(module.buffers()):
             key = t.untyped_storage()._cdata
             if key in self._live:
-                _, n, cat = self._live[key]
+                _, n, cat, _where = self._live[key]
                 self._by_cat[cat] -= n
                 self._by_cat["weights"] += n
                 self._live[key][2] = "weights"
@@ -229,6 +278,14 @@ class Tracer(TorchDispatchMode):
             else:
                 self._track(t, "weights")
 
+    def _composition(self, category: str) -> dict:
+        """Live bytes of ``category`` by the ``file:line`` that allocated them, largest first."""
+        out = Counter()
+        for _ref, n, cat, where in self._live.values():
+            if cat == category:
+                out[where] += n
+        return dict(out.most_common())
+
     def live_bytes(self) -> dict:
         self._sweep(kv=True)
         return {c: int(self._by_cat.get(c, 0)) for c in CATEGORIES}
@@ -236,7 +293,10 @@ class Tracer(TorchDispatchMode):
     def _category(self, src: str, func) -> str:
         if src == "model/kv_cache.py":
             return "kv_cache"
-        if src == "attention/ring.py" or func.namespace == "c10d":
+        # the ring's receive buffers (ring.py), pass-Q's float32 partials and the all_to_all
+        # output they go back in (pass_q.py; decode.py for all-gather-Q: the gathered queries
+        # too): what the planner's comm_buffer_bytes costs
+        if src in _COMM_FILES or func.namespace == "c10d":
             return "comm_buffers"
         return "activations"
 
@@ -283,7 +343,9 @@ class Tracer(TorchDispatchMode):
         name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
         src, line = _source()
         if func is aten._local_scalar_dense.default:
-            if rt is not None:
+            # a read of a device tensor blocks the host; of a host tensor (after its copy,
+            # which was the sync) it does not
+            if rt is not None and args[0].device.type != "cpu":
                 rt.syncs.append({"kind": "item/tolist", "where": f"{src}:{line}", "layer": self.layer,
                                  "on": str(args[0].device)})
             dtype = args[0].dtype
@@ -309,12 +371,14 @@ class Tracer(TorchDispatchMode):
             cat = self._category(src, func)
             for o in _tensors(out, []):
                 if isinstance(o, FakeTensor) and o.device.type != "meta":
-                    self._track(o, cat)
+                    self._track(o, cat, f"{src}:{line}")
         peak = sum(self._by_cat.get(c, 0) for c in CATEGORIES)
         if rt is not None:
             for c in CATEGORIES:
                 if self._by_cat.get(c, 0) > rt.max_by_category.get(c, 0):
                     rt.max_by_category[c] = int(self._by_cat[c])
+                    if c == "activations":
+                        rt.activations_at_max = self._composition("activations")
         if rt is not None and peak > rt.peak_bytes:
             rt.peak_bytes = peak
             rt.peak_by_category = {c: int(self._by_cat.get(c, 0)) for c in CATEGORIES}
@@ -500,8 +564,10 @@ class DryRunSpec:
         model_config: the model (:class:`~cp_megatron.model.config.ModelConfig`, full depth).
         tp, cp, pp: the grid; dtype: torch dtype; weights: "dtype" | "fp8-rowwise".
         strategy: ring variant ("auto" ...); hardware: heuristic profile (None: by device).
-        prompt_tokens: T of the first prefill; max_new_tokens: generation budget (the
-            engine's KV reservation, as ``run`` makes it).
+        prompt_tokens: T of the first prefill; max_new_tokens: generation budget;
+            kv_margin_tokens / kv_growth_tokens: ``runtime.kv_cache_margin_tokens`` /
+            ``kv_cache_growth_tokens`` (with the budget, the engine's KV reservation, made as
+            ``run`` makes it: :func:`cp_megatron.factory.kv_reservation`).
         rounds: :func:`parse_rounds` output; layers: layers to build (<= the model's).
         device: "cuda" or "cpu"; capability: the fake GPU's compute capability.
     """
@@ -520,7 +586,9 @@ class DryRunSpec:
     layers: int
     device: str = "cuda"
     capability: tuple = (9, 0)
-    kv_capacity: Optional[int] = None   # None: as ``run`` reserves it
+    kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS   # runtime.kv_cache_margin_tokens
+    kv_growth_tokens: int = DEFAULT_KV_GROWTH_TOKENS   # runtime.kv_cache_growth_tokens
+    kv_capacity: Optional[int] = None   # slots; None: as ``run`` reserves them (factory.kv_reservation)
 
     @property
     def world_size(self) -> int:
@@ -577,8 +645,7 @@ def trace_rank(spec: DryRunSpec, rank: int, progress: Optional[Callable[[str], N
 
     from cp_megatron import parallel_state
     from cp_megatron.engine import SamplingParams
-    from cp_megatron.factory import build_engine
-    from cp_megatron.sharding import kv_slots_per_rank
+    from cp_megatron.factory import build_engine, kv_reservation
 
     if not 0 <= rank < spec.world_size:
         raise ValueError(f"--rank: expected 0..{spec.world_size - 1}, got {rank}")
@@ -593,14 +660,15 @@ def trace_rank(spec: DryRunSpec, rank: int, progress: Optional[Callable[[str], N
     parallel_state.init_distributed("fake", rank=rank, world_size=spec.world_size)
     try:
         topo = parallel_state.initialize(spec.tp, spec.cp, spec.pp)
-        kv_capacity = spec.kv_capacity if spec.kv_capacity is not None else \
-            kv_slots_per_rank(spec.prompt_tokens, spec.max_new_tokens, spec.cp)
+        kv = kv_reservation(spec.prompt_tokens, spec.max_new_tokens, spec.cp, spec.kv_margin_tokens,
+                            spec.kv_growth_tokens)
+        if spec.kv_capacity is not None:
+            kv["kv_capacity"] = spec.kv_capacity
         with devices.use_fake_cuda(spec.capability), FakeTensorMode(allow_non_fake_inputs=True), tracer:
             device = devices.current_device() if spec.device == "cuda" else torch.device("cpu")
             tracer.tracking = False   # building: only what the engine keeps counts (below)
             engine = build_engine(ShapeReader(model, device), topo, dtype=spec.dtype, device=device,
-                                  strategy=spec.strategy, hardware=spec.hardware, kv_capacity=kv_capacity,
-                                  weights=spec.weights)
+                                  strategy=spec.strategy, hardware=spec.hardware, weights=spec.weights, **kv)
             tracer.tracking = True
             tracer.mark_weights(engine.stage)
             tracer.mark_kv_cache(engine.kv_cache)
@@ -678,7 +746,8 @@ def rank_report(spec: DryRunSpec, topo, tracer: Tracer, engine, elapsed_s: float
             "scaled_mm": list(rt.scaled_mm.values()),
             "memory_traced": {"peak_bytes": rt.peak_bytes, "peak_by_category": peak,
                               "max_by_category": {c: rt.max_by_category.get(c, 0) for c in CATEGORIES},
-                              "end_by_category": rt.end_by_category},
+                              "end_by_category": rt.end_by_category,
+                              "activations_at_max_by_source": rt.activations_at_max},
             "memory_full_depth": {"peak_bytes": int(sum(full_peak.values())), "peak_by_category": full_peak,
                                   "max_by_category": {**{c: rt.max_by_category.get(c, 0) for c in CATEGORIES},
                                                       "weights": full_peak["weights"],

@@ -94,6 +94,27 @@ def _fake_stage(config, layout: StageLayout, dtype: torch.dtype, device, weights
     return stage
 
 
+def kv_reservation(prompt_tokens: int, max_new_tokens: int, cp_size: int, margin_tokens: int,
+                   growth_tokens: int, kv_capacity: Optional[int] = None) -> dict:
+    """The KV cache a run's engine reserves: ``build_engine`` keyword arguments
+    ``kv_capacity`` (slots per CP rank for the prompt, the generation budget and
+    ``runtime.kv_cache_margin_tokens``) and ``kv_growth_slots`` (one step of
+    ``runtime.kv_cache_growth_tokens``).  ``run`` and the dry run both reserve with this;
+    the server passes its budget's slots as ``kv_capacity`` (then the first three are unused).
+
+    Raises:
+        ValueError: a negative count, ``cp_size`` < 1 or ``growth_tokens`` < 1.
+
+    Source: :func:`cp_megatron.sharding.kv_slots_per_rank`, :func:`~cp_megatron.sharding.kv_growth_slots`.
+    """
+    from cp_megatron.sharding import kv_growth_slots, kv_slots_per_rank
+
+    if kv_capacity is None:
+        kv_capacity = kv_slots_per_rank(prompt_tokens, max_new_tokens, cp_size, margin_tokens)
+    return {"kv_capacity": kv_capacity,
+            "kv_growth_slots": kv_growth_slots(growth_tokens, cp_size)}
+
+
 def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False,
                 kv_capacity: Optional[int] = None):
     """On every rank of a run config's job: join the process groups, open the checkpoint and
@@ -115,8 +136,6 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     """
     from cp_megatron import parallel_state
     from cp_megatron.preflight import open_reader, open_tokenizer
-    from cp_megatron.sharding import kv_growth_slots, kv_slots_per_rank
-
     par, rt = cfg.parallel, cfg.runtime
     local = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
     if rt.bind_cores and rt.device == "cpu" and None not in local:   # set by spawn and torchrun
@@ -134,10 +153,9 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     t0 = time.perf_counter()
     engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,
                           strategy=cfg.attention.strategy, hardware=prep.hardware,
-                          kv_capacity=kv_capacity if kv_capacity is not None else kv_slots_per_rank(
-                              len(prep.first_turn), cfg.generation.max_new_tokens, par.cp,
-                              rt.kv_cache_margin_tokens),
-                          kv_growth_slots=kv_growth_slots(rt.kv_cache_growth_tokens, par.cp),
+                          **kv_reservation(len(prep.first_turn), cfg.generation.max_new_tokens, par.cp,
+                                           rt.kv_cache_margin_tokens, rt.kv_cache_growth_tokens,
+                                           kv_capacity),
                           profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights,
                           implementation=cfg.model.implementation)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy

@@ -568,31 +568,44 @@ ALLOWANCES = {
 class LayerCode:
     """What the layer's code keeps alive, as far as the activation peak is concerned.
 
-    The defaults describe the code after the decode helper's change (#21): RMSNorm is
-    ``torch.nn.functional.rms_norm`` (no float32 copies of the hidden state), q/k/v and
-    gate/up are one fused projection each, the fused gate/up output stays alive until the
-    down projection returns, and the layer's input is still held by the caller while the
-    layer runs (``x = layer(x, ctx)``: the residual stream lives twice after the first add).
+    The defaults describe the code after #21 (the decode and decfast helpers' changes):
+    RMSNorm is ``torch.nn.functional.rms_norm`` (as the dry run traces it: decomposed, see
+    ``rms_norm_composite``), q/k/v and gate/up are one fused projection each, q/k/v's output
+    is dropped once K and V are cached, gate/up's before the down projection (``silu(gate)
+    * up`` in one new tensor), both residual adds are in place on the sublayer's output, and
+    the layer's input is held by the caller while the layer runs (``x = layer(x, ctx)``).
 
     Attributes:
         rms_norm_fp32: RMSNorm computes in float32 copies of x (``x.float()``, ``pow(2)``,
             ``x32 * rsqrt``; the code before #21).
+        rms_norm_composite: ``F.rms_norm`` runs torch's CompositeImplicitAutograd
+            decomposition (``_fused_rms_norm`` has no kernel on the device, as in the CPU-build
+            dry run): the float32 upcast of x, ``x32 * rsqrt`` and ``* weight`` in float32 live
+            together, then the cast; False: a fused kernel that writes only its output.
         fused_qkv / fused_gate_up: one projection for q, k, v / for gate and up.
         gate_up_held: the gate/up output lives through the down projection.
-        input_held: the layer's input lives until the layer returns (fixed by an in-place
-            residual add, ``x.add_(...)``).
+        input_held: the layer's input lives until the layer returns (the caller's
+            ``x = layer(x, ctx)`` holds it).
+        qkv_held: the fused q/k/v output lives through the ring (False: dropped once K and V
+            are cached; v's rows were its last use, q is a view of the rotated q/k).
+        residual_in_place: the residual adds write into the sublayer's fresh output
+            (``attn.add_(x)``), so an add makes no new hidden state.
     """
 
     rms_norm_fp32: bool = False
+    rms_norm_composite: bool = True
     fused_qkv: bool = True
     fused_gate_up: bool = True
-    gate_up_held: bool = True
+    gate_up_held: bool = False
     input_held: bool = True
+    qkv_held: bool = False
+    residual_in_place: bool = True
 
 
 # The code of this repository before #21 (float32 RMSNorm, separate projections): what the
 # CPU measurement in tests/test_memory_model.py runs.
-LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, fused_qkv=False, fused_gate_up=False, gate_up_held=False)
+LAYER_CODE_BEFORE = LayerCode(rms_norm_fp32=True, rms_norm_composite=False, fused_qkv=False, fused_gate_up=False,
+                              gate_up_held=False, qkv_held=True, residual_in_place=False)
 
 
 @dataclass(frozen=True)
@@ -679,15 +692,16 @@ def kv_capacity_slots(prompt_tokens: int, new_tokens: int, cp: int, margin_token
 def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) -> float:
     """Peak of an FP8 linear on t rows of ``width`` (output ``out_width``), per model/fp8.py.
 
-    Quantising (``quantize_activations``): in one piece when t*width*4 <= 256 MiB, the float32
-    copy and then its ``abs`` (2*t*width*4; the 1-byte result replaces ``abs``); in chunks,
-    the 1-byte result t*width plus one chunk's two temporaries (2 * 256 MiB).  Then the
+    Quantising (``quantize_activations`` / ``quantize_rowwise``): in one piece when
+    t*width*4 <= 1 GiB, the float32 quotient ``x / scale`` and its 1-byte cast
+    (t*width*4 + t*width); in chunks, the 1-byte result t*width plus one chunk's quotient and
+    cast (1.25 GiB).  Then the
     matmul: the 1-byte input and its float32 scales beside the output t*out_width*e, or, with
     activation scales over ``blocks`` > 1 blocks of K, three float32 partial sums
     (accumulator, the next block's product and their sum) 3*t*out_width*4.
     """
     whole = t * width * 4
-    tmp = 2 * whole if whole <= ACT_QUANT_CHUNK_BYTES else t * width + 2 * ACT_QUANT_CHUNK_BYTES
+    tmp = whole + t * width if whole <= ACT_QUANT_CHUNK_BYTES else t * width + 1.25 * ACT_QUANT_CHUNK_BYTES
     out = 3 * t * out_width * 4 if blocks > 1 else t * out_width * e
     return t * 4 * blocks + max(tmp, t * width + out)
 
@@ -709,21 +723,25 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     with FP8 weights :func:`_quant` (row-parallel o / down with their activation-scale blocks).  RoPE, the ring and the projections run on
     the normed input h (X), which the attention / MLP call holds until it returns.
 
-        norm          h (F.rms_norm); code.rms_norm_fp32: the larger of x.float() + pow(2)
-                      (2*t*H*4) and x32*rsqrt + its cast + the output (t*H*4 + 2*X)
+        norm          F.rms_norm decomposed (code.rms_norm_composite): the float32 upcast
+                      t*H*4 (none for fp32), x32*rsqrt and its product with the weight
+                      (2*t*H*4); a fused kernel: h (X); code.rms_norm_fp32: the larger of
+                      x.float() + pow(2) (2*t*H*4) and x32*rsqrt + its cast + the output
+                      (t*H*4 + 2*X)
         qkv           h + linear(H -> q + 2k)  (separate q, k, v: the largest of the three,
                       with the ones before it held)
         rope          h + qkv + 4*t*q*e (x*cos, rotate_half, *sin, their sum) + cos/sin cast 2*t*DH*e
-        ring          h + qkv + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
+        ring          h + [qkv if code.qkv_held] + q' + k' + float32 O and LSE accumulators t*q*4 + t*nh*4, one
                       block's kernel output and LSE tb*q*e + tb*nh*4, and at CP > 1 a merge's
                       float32 partial and weighted partial 2*tb*q*4 (one of them for fp32);
                       tb = t: at CP 1, and on CP rank N-1 (its two chunks are adjacent, so a
                       fully visible KV chunk meets all its queries as one block); the other
                       ranks' blocks have t/2 rows (the most loaded rank is costed)
-        o_proj        h + qkv + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
-        residual      X (attention output) + X (sum)
+        o_proj        h + [qkv if code.qkv_held] + q' + k' + LSE + O in e (t*q*e) + linear(q -> H)
+        residual      X (attention output) + X (sum; none with code.residual_in_place)
         gate_up       h2 + linear(H -> 2f)  (separate: gate, then up with silu(gate) held)
-        act           h2 + gate_up (2*t*f*e) + silu + product (2*t*f*e); separate: 3*t*f*e
+        act           h2 + gate_up (2*t*f*e) + silu(gate) (t*f*e; ``.mul_(up)`` in place);
+                      separate: silu(gate), up, product (3*t*f*e)
         down          h2 + [gate_up if code.gate_up_held] + product + linear(f -> H)
         logits        B*V*4*3 (the TP shards, their gather, the engine's all-reduce buffer)
 
@@ -751,7 +769,9 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     if code.rms_norm_fp32:  # x.float() (no copy for fp32), pow(2); then x32 * rsqrt, its cast, * weight
         copy = t * h * 4 if e != 4 else 0.0
         norm = max(copy + t * h * 4, t * h * 4 + (x if e != 4 else 0.0) + x)
-    else:                   # F.rms_norm: its output
+    elif code.rms_norm_composite:   # F.rms_norm decomposed: upcast (none for fp32), x32*rsqrt, *weight
+        norm = max((t * h * 4 if e != 4 else 0.0) + 2 * t * h * 4, t * h * 4 + x)
+    else:                   # a fused F.rms_norm kernel: its output
         norm = x
     qkv_out = t * (q + 2 * k) * e
     if code.fused_qkv:
@@ -761,7 +781,7 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
     rope_q = t * q * e
     # h, the projection outputs still referenced (fused: all of qkv through v's view; separate:
     # v, as rotated q and k replaced q and k), rotated q and k
-    attn_live = x + (qkv_out if code.fused_qkv else t * k * e) + rope_q + t * k * e
+    attn_live = x + ((qkv_out if code.fused_qkv else t * k * e) if code.qkv_held else 0.0) + rope_q + t * k * e
     # Rows of one block of a ring step: t at CP 1 (one causal square) and on CP rank N-1, whose
     # two load-balanced chunks are adjacent, so its queries meet a fully visible KV chunk as one
     # block; t/2 on the other ranks.  The most loaded rank is costed.  At CP > 1 a later block's
@@ -775,7 +795,7 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
         "ring": base + attn_live + t * q * 4 + t * nh * 4 + tb * q * e + tb * nh * 4 + merge,
         "o_proj": base + attn_live + t * nh * 4 + t * q * e
                   + linear(q, h, _act_blocks(cfg, tp, cfg.num_heads * dh)),
-        "residual": base + 2 * x,
+        "residual": base + (x if code.residual_in_place else 2 * x),
         "norm2": base + held + norm,
     }
     if code.fused_gate_up:
@@ -784,11 +804,11 @@ def activation_phases(cfg: ModelConfig, tp: int, cp: int, new_tokens: int, conte
         gate_up = max(linear(h, f), 2 * t * f * e, t * f * e + linear(h, f))
     mlp_held = held + x                           # input + h2
     phases["gate_up"] = base + mlp_held + gate_up
-    # fused: gate_up, silu(gate), product; separate: silu(gate), up, product
-    phases["act"] = base + mlp_held + (4 if code.fused_gate_up else 3) * t * f * e
+    # fused: gate_up and silu(gate) (``.mul_(up)`` in place); separate: silu(gate), up, product
+    phases["act"] = base + mlp_held + 3 * t * f * e
     gu_live = 2 * t * f * e if (code.fused_gate_up and code.gate_up_held) else 0.0
     phases["down"] = base + mlp_held + gu_live + t * f * e + linear(f, h, _act_blocks(cfg, tp, cfg.intermediate_size))
-    phases["residual2"] = base + held + 2 * x
+    phases["residual2"] = base + held + (x if code.residual_in_place else 2 * x)
     phases["logits"] = x + batch * cfg.vocab_size * 4 * 3
     return {name: float(v) for name, v in phases.items()}
 
@@ -834,7 +854,7 @@ def allowance_bytes(tp: int, cp: int, transient_bytes: float) -> dict:
 def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_tokens: int, batch: int,
                   dtype: str, *, strategy: str = PASS_KV, max_new_tokens: int = 0,
                   kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, code: LayerCode = LayerCode(),
-                  dryrun_config: Optional[str] = None) -> MemoryReport:
+                  dryrun_config: Optional[str] = None, reserved_tokens: Optional[int] = None) -> MemoryReport:
     """Weights, KV cache capacity, prefill activations and ring buffers of one GPU, the
     allowances beside them, and whether they fit an 80 GB H100 and a 141 GB H200.
 
@@ -846,6 +866,9 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
             reserves B*context + B*max_new_tokens + margin, :func:`kv_capacity_slots`).
         code: what the layer code keeps alive (:class:`LayerCode`).
         dryrun_config: the run config to name in ``dryrun_command`` (None: ``CONFIG``).
+        reserved_tokens: the first turn's prompt the KV cache was reserved for, per sequence
+            (None: ``context_tokens``); a later turn's round (a partial prefill) runs in the
+            cache its first turn reserved.
 
     Raises:
         PlanInputError: unknown dtype.
@@ -854,7 +877,8 @@ def memory_report(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, new_t
     w = loaded_weight_bytes(cfg, tp, dtype)
     kv = kv_cache_bytes_per_gpu(cfg, tp, cp, context_tokens, batch, e)
     slot = 2 * cfg.num_layers * kv_heads_per_rank(cfg, tp) * cfg.head_dim * e
-    kv_cap = float(slot * kv_capacity_slots(batch * context_tokens, batch * max_new_tokens, cp, kv_margin_tokens))
+    reserved = context_tokens if reserved_tokens is None else reserved_tokens
+    kv_cap = float(slot * kv_capacity_slots(batch * reserved, batch * max_new_tokens, cp, kv_margin_tokens))
     phases = activation_phases(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, code)
     act = max(phases.values())
     comm = comm_buffer_bytes(cfg, tp, cp, new_tokens, context_tokens, batch, dtype, strategy)

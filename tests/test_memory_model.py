@@ -4,21 +4,18 @@ Oracles: the bytes of a stage's own parameters and buffers (weights), the cache'
 (KV capacity), and the peak of live tensor bytes while the stage runs one prefill on CPU,
 measured by a dispatch mode that follows every storage an op allocates until the last tensor
 using it dies (activations; what a fake-tensor dry run sees: op outputs, not kernel workspace).
-The layer code measured is this branch's (float32 RMSNorm, separate projections), so the
-planner is evaluated with :data:`cp_megatron.planner.LAYER_CODE_BEFORE`.
+The layer code measured is this repository's (fused q/k/v and gate/up, ``F.rms_norm`` as
+torch decomposes it), the planner's default :class:`cp_megatron.planner.LayerCode`; the
+dimensions are those of ``benchmarks/activation_phases.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from cp_megatron import planner
+from cp_megatron.dryrun import LiveBytes
 from cp_megatron.launcher import spawn
 from cp_megatron.model.config import get_preset
 
@@ -29,41 +26,6 @@ SMALL = get_preset("tiny").with_(hidden_size=512, intermediate_size=1536, num_he
 TOKENS = 1024
 # The measured peak must match the planner's phase model within the issue's 5%.
 ACTIVATION_REL = 0.05
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of storages allocated by ops under the mode; ``peak`` is the high-water mark."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._refs: dict[int, list] = {}      # storage ptr -> [nbytes, tensors alive]
-
-    def _release(self, ptr: int) -> None:
-        entry = self._refs[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[ptr]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in self._refs:                 # a view of a tracked storage: one more user
-                self._refs[ptr][1] += 1
-            elif ptr in inputs or ptr == 0:       # in place, or a view of something older
-                continue
-            else:
-                self._refs[ptr] = [t.untyped_storage().nbytes(), 1]
-                self.live += self._refs[ptr][0]
-                self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._release, ptr)
-        return out
 
 
 def _measure_job(dtype_name: str, weights: str, tokens: int):
@@ -102,7 +64,7 @@ def _measure_job(dtype_name: str, weights: str, tokens: int):
 def test_planner_memory_by_category_matches_a_cpu_run(dtype, weights, plan_dtype):
     got = spawn(_measure_job, 1, (dtype, weights, TOKENS), timeout_s=240)[0]
     report = planner.memory_report(SMALL, 1, 1, TOKENS, TOKENS, 1, plan_dtype, max_new_tokens=16,
-                                   kv_margin_tokens=256, code=planner.LAYER_CODE_BEFORE)
+                                   kv_margin_tokens=256)
     assert report.weight_bytes == got["weights"]                       # exact: one weight figure
     assert report.kv_cache_capacity_bytes == got["kv_capacity"]        # exact: the reservation
     assert report.activation_bytes == pytest.approx(got["activations"], rel=ACTIVATION_REL), (
@@ -221,7 +183,7 @@ def test_ring_phase_and_its_buffers_match_a_cp2_run():
     accumulators, a block's output, a merge's temporaries and the two receive buffers -- and the
     layer's peak, against the planner (bf16 weights, 512 tokens per rank)."""
     got = spawn(_ring_job, 2, (TOKENS,), timeout_s=240)
-    report = planner.memory_report(SMALL, 1, 2, TOKENS, TOKENS, 1, "bf16", code=planner.LAYER_CODE_BEFORE)
+    report = planner.memory_report(SMALL, 1, 2, TOKENS, TOKENS, 1, "bf16")
     ring = report.activation_phases["ring"] + report.comm_buffer_bytes
     # Rank 1 (= N-1) holds chunks 1 and 2, adjacent: a fully visible KV chunk meets all its
     # queries as one block, the case the planner costs; rank 0's blocks have half the rows.

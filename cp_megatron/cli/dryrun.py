@@ -104,22 +104,33 @@ def build_spec(cfg, layers, rounds_text, prompt_tokens, capability, say=lambda _
                       dtype=getattr(torch, m.dtype), weights=m.weights, strategy=cfg.attention.strategy,
                       hardware=heuristic_hardware(cfg), prompt_tokens=prompt_tokens,
                       max_new_tokens=cfg.generation.max_new_tokens, rounds=rounds,
+                      kv_margin_tokens=cfg.runtime.kv_cache_margin_tokens,
+                      kv_growth_tokens=cfg.runtime.kv_cache_growth_tokens,
                       layers=layers or model.num_layers, device=cfg.runtime.device, capability=cap)
 
 
-def planner_figures(spec, round_name: str, cached: int, new: int) -> dict:
-    """The planner's memory per category for one round of the spec (bytes, full depth)."""
+def planner_figures(spec, round_name: str, cached: int, new: int, strategy: str = "pass-kv") -> dict:
+    """The planner's memory per category for one round of the spec (bytes per GPU, full depth):
+    weights, the KV cache's reserved capacity (reserved for the first prompt, the generation
+    budget and ``runtime.kv_cache_margin_tokens``, as the engine reserves it), the round's
+    activation peak and the ring's receive buffers for the round's variant
+    (:func:`cp_megatron.planner.memory_report`)."""
+    from cp_megatron.attention.heuristic import PASS_KV, PASS_Q
     from cp_megatron.planner import memory_report
 
     dtype = "fp8" if spec.weights == "fp8-rowwise" else ("bf16" if str(spec.dtype).endswith("bfloat16") else "fp32")
-    rep = memory_report(spec.model_config, spec.tp, spec.cp, cached + new, new, 1, dtype)
-    out = {"weights": rep.weight_bytes, "kv_cache": rep.kv_cache_bytes,
-           "activations": rep.activation_bytes, "total": rep.total_bytes}
-    for extra in ("comm_buffers", "comm_bytes", "communication_bytes"):
-        if hasattr(rep, extra):
-            out["comm_buffers"] = getattr(rep, extra)
+    # all-gather-Q moves the same float32 partials as pass-Q (its gathered queries instead of
+    # the ring's two Q blocks): costed as pass-Q
+    strategy = PASS_Q if strategy in ("pass-q", "all-gather-q") else PASS_KV
+    rep = memory_report(spec.model_config, spec.tp, spec.cp, cached + new, new, 1, dtype, strategy=strategy,
+                        max_new_tokens=spec.max_new_tokens, kv_margin_tokens=spec.kv_margin_tokens,
+                        reserved_tokens=spec.prompt_tokens)
+    out = {"weights": rep.weight_bytes, "kv_cache": rep.kv_cache_capacity_bytes, "kv_cache_used": rep.kv_cache_bytes,
+           "activations": rep.activation_bytes, "comm_buffers": rep.comm_buffer_bytes, "total": rep.total_bytes,
+           "strategy": strategy}
     out["command"] = (f"cp-megatron plan --model {spec.model_config.name} --tp {spec.tp} --cp {spec.cp} "
-                      f"--context {cached + new} --cached {cached} --dtype {dtype} --hardware h100-rdma")
+                      f"--context {cached + new} --cached {cached} --dtype {dtype} --hardware h100-rdma "
+                      f"--max-new-tokens {spec.max_new_tokens} --kv-margin {spec.kv_margin_tokens}")
     return out
 
 
@@ -130,7 +141,7 @@ def attach_planner(spec, report: dict) -> None:
         m = r.get("metrics", {})
         new = m.get("new_tokens", 0)
         cached = m.get("cached_tokens", cached)
-        r["planner"] = planner_figures(spec, r["round"], cached, new)
+        r["planner"] = planner_figures(spec, r["round"], cached, new, m.get("strategy", "pass-kv"))
 
 
 def _gb(n) -> str:
@@ -148,11 +159,13 @@ def format_report(rep: dict) -> str:
         m = r.get("metrics", {})
         lines += ["", f"== {r['round']}: T={m.get('new_tokens')} P={m.get('cached_tokens')} "
                       f"variant {m.get('strategy')}  ({r['time_s']:.1f} s traced)"]
-        full, pl = r["memory_full_depth"]["peak_by_category"], r.get("planner", {})
-        lines.append(f"  {'memory at peak (GB, full depth)':34}{'dry run':>10}{'planner':>10}")
+        mem, pl = r["memory_full_depth"], r.get("planner", {})
+        lines.append(f"  {'memory (GB per GPU, full depth)':34}{'at peak':>10}{'max':>10}{'planner':>10}{'diff':>8}")
         for c in CATEGORIES:
-            lines.append(f"  {c:34}{_gb(full[c])}{_gb(pl.get(c)) if c in pl else '         -':>10}")
-        lines.append(f"  {'total':34}{_gb(r['memory_full_depth']['peak_bytes'])}{_gb(pl.get('total'))}")
+            got, want = mem["max_by_category"][c], pl.get(c)
+            diff = f"{100 * (got - want) / want:+7.1f}%" if want else ("    0.0%" if want == 0 and not got else "       -")
+            lines.append(f"  {c:34}{_gb(mem['peak_by_category'][c])}{_gb(got)}{_gb(want):>10}{diff}")
+        lines.append(f"  {'total (peak; planner: sum of maxima)':34}{_gb(mem['peak_bytes'])}{'':10}{_gb(pl.get('total'))}")
         kv = r["kv_cache"]
         lines.append(f"  KV cache after the round: capacity {_gb(kv['capacity_bytes_full_depth']).strip()} GB, "
                      f"used {_gb(kv['used_bytes_full_depth']).strip()} GB, allocations {kv['allocations']}")

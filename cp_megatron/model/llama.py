@@ -131,6 +131,7 @@ class Attention(nn.Module):
         qk = apply_rope_tables(qkv[:, :nh + nkv], ctx.cos, ctx.sin)          # [T, NH + NKV, DH]
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
         ctx.kv_cache.store(self.layer, k, v)
+        del qkv, k, v                                # cached now: only q's rows stay alive
         k_all, v_all = ctx.kv_cache.layer(self.layer, ctx.plan.sent_kv_len)     # views
         out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats)
         return self.o_proj(out.reshape(t, nh * self.head_dim))[0]
@@ -152,8 +153,8 @@ class MLP(nn.Module):
                              input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)[0].chunk(2, dim=-1)                  # [T, F/tp] each (views)
-        return self.down_proj(nn.functional.silu(gate).mul_(up))[0]
+        # the [T, 2F/tp] gate_up output is dropped inside _swiglu: only [T, F/tp] reaches down_proj
+        return self.down_proj(_swiglu(self.gate_up_proj(x)[0]))[0]
 
 
 class DecoderLayer(nn.Module):
@@ -166,8 +167,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mp, weights)
 
     def forward(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        """``x`` ``[T, D]`` -> ``[T, D]``; ``x`` itself is never written.  Both residual adds
+        are in place on fresh tensors (the attention output, then that sum), so at most two
+        ``[T, D]`` activations live at once (``x + attn`` would hold a third)."""
+        h = self.self_attn(self.input_layernorm(x), ctx).add_(x)   # o_proj's fresh output
+        return h.add_(self.mlp(self.post_attention_layernorm(h)))
 
 
 class LlamaStage(nn.Module):
@@ -255,6 +259,13 @@ class LlamaStage(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head.weight is None else None
         local = self.lm_head(x, weight=weight)[0].float()                                  # [n, V/tp]
         return _gather_last_dim(local, self.layout.tp_size)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused ``[T, 2F]`` output (rows ``[gate; up]``) -> ``[T, F]``, one new
+    tensor; the caller's reference to ``gate_up`` is the only one left, so it is freed on return."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate).mul_(up)
 
 
 def _gather_last_dim(t: torch.Tensor, tp_size: int) -> torch.Tensor:
