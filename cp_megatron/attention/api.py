@@ -207,8 +207,8 @@ def _gather_layout(group, size: int, pos: torch.Tensor, seq: torch.Tensor, lengt
 
 
 def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
-                      group=None, stats: Optional[RingStats] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      group=None, stats: Optional[RingStats] = None, need_lse: bool = True
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One layer's attention from the round's plan: kernels and the ring's P2P only.
 
     Args:
@@ -219,10 +219,12 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
         plan: the round's :class:`AttentionPlan`, index tensors on q's device.
         group: the CP group (size ``plan.cp_size``); None only for CP 1.
         stats: opt-in timing accumulator.
+        need_lse: False lets pass-Q and all-gather-Q skip the merged LSE (a layer reads only
+            the output); lse is then None for them.
 
     Returns:
-        (out ``[Tq, NH, DH]`` in q's dtype, lse ``[Tq, NH]`` float32).  A query that sees
-        no key gets out 0 and lse -inf.
+        (out ``[Tq, NH, DH]`` in q's dtype, lse ``[Tq, NH]`` float32, or None without
+        ``need_lse`` on pass-Q / all-gather-Q).  A query that sees no key gets out 0 and lse -inf.
 
     Communication: none for CP 1; N-1 ring exchanges for pass-KV; N-1 ring exchanges and
     one all_to_all for pass-Q; one all_gather and one all_to_all for all-gather-Q.  No host
@@ -256,10 +258,12 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
         out, lse = ring_pass_kv(q.contiguous(), k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
                                 stats=stats)
     elif plan.strategy == ALL_GATHER_Q:
-        out, lse = all_gather_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)
-        out, lse = out[:tq], lse[:tq]
+        out, lse = all_gather_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats,
+                                need_lse=need_lse)
+        out, lse = out[:tq], (lse[:tq] if need_lse else None)
     else:
         assert plan.strategy == PASS_Q, plan.strategy
-        out, lse = ring_pass_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats)
-        out, lse = out[:tq], lse[:tq]
+        out, lse = ring_pass_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats,
+                               need_lse=need_lse)
+        out, lse = out[:tq], (lse[:tq] if need_lse else None)
     return out.to(q.dtype), lse

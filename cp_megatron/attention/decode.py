@@ -47,7 +47,8 @@ def attend_decode_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch
 
 
 def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, group,
-                 scale: float, stats: RingStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, stats: RingStats | None = None, need_lse: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context-parallel attention by all-gathering the queries (module doc).
 
     Args:
@@ -57,7 +58,7 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
         plan: the round's plan (strategy all-gather-q).
         group: CP process group (size N >= 2).
         scale: softmax scale; stats: optional timing accumulator (the all_gather and the
-            all_to_all count as exposed communication).
+            all_to_all count as exposed communication); need_lse: False returns lse None.
 
     Returns:
         (out ``[plan.q_len, NH, DH]`` float32, lse ``[plan.q_len, NH]`` float32).
@@ -93,4 +94,4 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
         stats.sent_bytes += (q.numel() * q.element_size() + partials.numel() * 4 // size) * (size - 1)
         stats.calls += 1
     owned = owned.view(size, q.shape[0], q.shape[1], dh + 1)
-    return merge_partials(owned[..., :dh], owned[..., dh])
+    return merge_partials(owned[..., :dh], owned[..., dh], need_lse)

@@ -21,7 +21,8 @@ import torch
 NEG_INF = float("-inf")
 
 
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor, need_lse: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge S partial results of the same query rows, all at once (S >= 1).
 
     Four ops whatever S (logsumexp; the weights exp(LSE_s - LSE) as one softmax over S, with
@@ -30,12 +31,13 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     Args:
         outs: ``[S, *rows, DH]`` partial outputs, any float dtype.
         lses: ``[S, *rows]`` partial LSEs (natural log), -inf for "no visible key".
+        need_lse: False skips the merged LSE (a layer's forward reads only O): three ops.
 
     Returns:
-        (out ``[*rows, DH]`` float32, lse ``[*rows]`` float32).
+        (out ``[*rows, DH]`` float32, lse ``[*rows]`` float32 or None without ``need_lse``).
     """
     lses = lses.float()
-    lse = torch.logsumexp(lses, dim=0)                            # [*rows], -inf: no key anywhere
+    lse = torch.logsumexp(lses, dim=0) if need_lse else None     # [*rows], -inf: no key anywhere
     weights = torch.softmax(lses, dim=0).nan_to_num_(nan=0.0)     # [S, *rows]; no key anywhere: 0
     s, dh = outs.shape[0], outs.shape[-1]
     out = torch.bmm(weights.reshape(s, -1).t().unsqueeze(1),     # [rows, 1, S] @ [rows, S, DH]

@@ -22,8 +22,8 @@ from cp_megatron.attention.ring import RingStats, ring_loop
 
 
 def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *,
-                group, scale: float, stats: RingStats | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                group, scale: float, stats: RingStats | None = None, need_lse: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context-parallel attention by rotating Q.
 
     Args:
@@ -33,6 +33,7 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
         plan: the round's plan (strategy pass-Q).
         group: CP process group (size N >= 2).
         scale, stats: as in :func:`ring_pass_kv`.
+        need_lse: False returns lse None (one op fewer in the merge).
 
     Returns:
         (out ``[plan.q_len, NH, DH]`` float32, lse ``[plan.q_len, NH]`` float32) for this
@@ -60,4 +61,4 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attenti
         stats.add("all_to_all_s", start, end)
         stats.add("ring_s", start, end)
         stats.sent_bytes += partials.numel() * 4 * (size - 1) // size
-    return merge_partials(owned[..., :dh], owned[..., dh])
+    return merge_partials(owned[..., :dh], owned[..., dh], need_lse)

@@ -79,7 +79,9 @@ def check_tp(config: ModelConfig, tp_size: int) -> None:
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, in float32 inside, returned in x's dtype:
-    ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA)."""
+    ``torch.nn.functional.rms_norm``.  Under inference mode (:meth:`LlamaStage.forward`) that
+    is one ``aten.rms_norm`` (the fused kernel on CUDA); with autograd keys active (plain
+    ``no_grad``) torch 2.13 decomposes it into eight ops (casts, pow, mean, add, rsqrt, muls)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
         super().__init__()
@@ -133,7 +135,8 @@ class Attention(nn.Module):
         ctx.kv_cache.store(self.layer, k, v)
         del qkv, k, v                                # cached now: only q's rows stay alive
         k_all, v_all = ctx.kv_cache.layer(self.layer, ctx.plan.sent_kv_len)     # views
-        out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats)
+        out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats,
+                                   need_lse=False)
         return self.o_proj(out.reshape(t, nh * self.head_dim))[0]
 
 
@@ -244,10 +247,17 @@ class LlamaStage(nn.Module):
 
         Returns:
             last stage: logits ``[n, vocab]`` float32, gathered over TP; other stages:
-            hidden ``[T, D]`` for the next stage.
+            hidden ``[T, D]`` for the next stage.  Runs under ``torch.inference_mode`` (no
+            autograd dispatch: composite ops such as ``rms_norm`` stay one kernel); the results
+            are inference tensors (read them freely; write into them only inside inference mode).
         """
         cos, sin = rope_tables(positions, self.inv_freq, self.dtype)                     # once a round
         ctx = RoundContext(cos, sin, kv_cache, plan, cp_group, stats)
+        with torch.inference_mode():
+            return self._layers_and_head(inputs, ctx, logits_index)
+
+    def _layers_and_head(self, inputs: torch.Tensor, ctx: RoundContext,
+                         logits_index: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.embed_tokens(inputs) if self.layout.is_first else inputs                  # [T, D]
         for layer in self.layers.values():
             x = layer(x, ctx)
