@@ -568,9 +568,9 @@ ALLOWANCES = {
 class LayerCode:
     """What the layer's code keeps alive, as far as the activation peak is concerned.
 
-    The defaults describe the code after #21 (the decode and decfast helpers' changes):
-    RMSNorm is ``torch.nn.functional.rms_norm`` (as the dry run traces it: decomposed, see
-    ``rms_norm_composite``), q/k/v and gate/up are one fused projection each, q/k/v's output
+    The defaults describe the code after #21 and #22: RMSNorm is
+    ``torch.nn.functional.rms_norm`` run as one fused kernel (the stage's layers run under
+    ``torch.inference_mode``, where it is not decomposed; see ``rms_norm_composite``), q/k/v and gate/up are one fused projection each, q/k/v's output
     is dropped once K and V are cached, gate/up's before the down projection (``silu(gate)
     * up`` in one new tensor), both residual adds are in place on the sublayer's output, and
     the layer's input is held by the caller while the layer runs (``x = layer(x, ctx)``).
@@ -593,7 +593,7 @@ class LayerCode:
     """
 
     rms_norm_fp32: bool = False
-    rms_norm_composite: bool = True
+    rms_norm_composite: bool = False
     fused_qkv: bool = True
     fused_gate_up: bool = True
     gate_up_held: bool = False
