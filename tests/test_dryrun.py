@@ -130,8 +130,9 @@ def test_1m_partial_prefill_adds_at_most_5_percent_kv_capacity(report_1m):
 @pytest.mark.integration
 def test_1m_collectives_per_layer_match_the_ring_algorithms(report_1m):
     """pass-KV prefill (Alg. 2): N-1 steps of K and V to the next CP rank, each c x NKV/tp x DH
-    bf16; two TP all-reduces of t x H bf16.  pass-Q (Alg. 3/4): N-1 Q messages and one
-    all_to_all of N x q x NH/tp x (DH + 1) float32 (O with its LSE)."""
+    bf16; two TP all-reduces of t x H bf16.  pass-Q (Alg. 3) for the partial prefill: N-1 Q
+    messages and one all_to_all of N x q x NH/tp x (DH + 1) float32 (O with its LSE); decode
+    by all-gather-Q: one all_gather of the queries and the same all_to_all."""
     spec, rep = report_1m
     n, h, dh, nh = 16, spec.model_config.hidden_size, 128, 128 // 8
     t = 1_000_000 // n
@@ -152,7 +153,15 @@ def test_1m_collectives_per_layer_match_the_ring_algorithms(report_1m):
     for name, q_len in (("partial:2000", math.ceil(2000 / n)), ("decode#1", 1), ("decode#2", 1)):
         cs = layer0(name)
         q_sends = [c for c in cs if c["kind"] == "send"]
-        assert len(q_sends) == n - 1 and all(c["bytes"] == q_len * nh * dh * 2 for c in q_sends), name
+        gathers = [c for c in cs if c["kind"] == "_allgather_base_"]
+        if name.startswith("decode"):
+            # all-gather-Q (docs/performance.md §7): no ring, one all_gather of every rank's
+            # [q_len, NH/tp, DH] bf16 queries (the trace counts its input and its output)
+            assert not q_sends and len(gathers) == 1, name
+            assert gathers[0]["group"] == cp_group and gathers[0]["bytes"] == (n + 1) * q_len * nh * dh * 2, name
+        else:
+            assert len(q_sends) == n - 1 and all(c["bytes"] == q_len * nh * dh * 2 for c in q_sends), name
+            assert not gathers, name
         (a2a,) = [c for c in cs if c["kind"] == "alltoall_base_"]
         assert a2a["bytes"] == n * q_len * nh * (dh + 1) * 4, name
     # the same count in every layer of a round
