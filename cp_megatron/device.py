@@ -85,6 +85,15 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def total_memory(index: int = 0) -> int:
+    """Total memory of CUDA device ``index`` in bytes (an 80 GB H100's while faking).
+
+    Source: ``torch.cuda.get_device_properties(index).total_memory``."""
+    if _fake is not None:
+        return 80 * 10 ** 9
+    return torch.cuda.get_device_properties(index).total_memory
+
+
 def set_device(index: int) -> None:
     """Make CUDA device ``index`` current (a no-op while faking)."""
     if _fake is None:

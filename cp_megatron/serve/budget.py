@@ -57,9 +57,9 @@ def device_memory_bytes(device: str, local_ranks: int) -> int:
     """Memory one rank may draw a fraction of: the GPU's total memory on CUDA; on CPU the
     host's physical memory divided by the ``local_ranks`` ranks that share it."""
     if device == "cuda":
-        import torch
+        from cp_megatron import device as devices
 
-        return torch.cuda.get_device_properties(0).total_memory
+        return devices.total_memory(0)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
 
 
