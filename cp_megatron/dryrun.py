@@ -342,7 +342,7 @@ class Tracer(TorchDispatchMode):
         rt = self.current
         name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
         src, line = _source()
-        if func is aten._local_scalar_dense.default:
+        if func in (aten._local_scalar_dense.default, aten.item.default):   # item: as dispatched in inference mode
             # a read of a device tensor blocks the host; of a host tensor (after its copy,
             # which was the sync) it does not
             if rt is not None and args[0].device.type != "cpu":
@@ -385,14 +385,14 @@ class Tracer(TorchDispatchMode):
         return out
 
     def _copies(self, rt, func, name, args, kwargs, out, src, line) -> None:
-        if name in ("_to_copy", "copy_", "copy"):
-            if name == "_to_copy":
+        if name in ("_to_copy", "to", "copy_", "copy"):   # "to": as dispatched in inference mode
+            if name in ("_to_copy", "to"):
                 a, b = args[0].device, out.device
             else:
                 b, a = args[0].device, args[1].device
             if a.type != b.type:
                 kind = "device-to-host" if b.type == "cpu" else "host-to-device"
-                nbytes = args[0].numel() * args[0].element_size() if name == "_to_copy" else \
+                nbytes = args[0].numel() * args[0].element_size() if name in ("_to_copy", "to") else \
                     args[1].numel() * args[1].element_size()
                 rt.copies.append({"kind": kind, "where": f"{src}:{line}", "layer": self.layer,
                                   "bytes": int(nbytes)})
