@@ -410,24 +410,28 @@ def test_405b_tp8_fp8_weights_51gb_per_gpu_and_1m_tokens_at_cp16_fit_one_h100_no
 
 @pytest.mark.unit
 def test_prefill_activation_bytes_hand_checked_tiny():
-    """The phase model (planner.activation_phases, default LayerCode: fused projections, F.rms_norm,
-    gate/up and the layer input held) counted by hand; replaces the old single-sum formula,
-    which missed the held residual and the FP8 quantiser's float32 temporaries (issue #21)."""
-    from cp_megatron.planner import activation_phases, comm_buffer_bytes, prefill_activation_bytes
+    """The phase model (planner.activation_phases with fused projections, a fused F.rms_norm,
+    the gate/up and q/k/v outputs and the layer input held: ``CODE``) counted by hand; replaces
+    the old single-sum formula, which missed the held residual and the FP8 quantiser's float32
+    temporaries (issue #21)."""
+    from cp_megatron.planner import LayerCode, activation_phases, comm_buffer_bytes, prefill_activation_bytes
+
+    CODE = LayerCode(gate_up_held=True, qkv_held=True, rms_norm_composite=False)
 
     cfg = get_preset("tiny")   # H 64, F 128, NH 4, NKV 2, DH 16, V 512
     t = 50                     # 100 tokens at CP 2; tp 2: q = 32, k = 16, f = 64, nh = 2
     x, base = t * 64 * 2, t * 64 * 2 + 2 * t * 16 * 4
-    phases = activation_phases(cfg, 2, 2, 100, 100, 1, "bf16")
+    phases = activation_phases(cfg, 2, 2, 100, 100, 1, "bf16", CODE)
     assert phases["down"] == base + x + x + 2 * t * 64 * 2 + t * 64 * 2 + t * 64 * 2
     attn_live = x + t * 64 * 2 + t * 32 * 2 + t * 16 * 2           # h, qkv, rotated q and k
     tb = t                     # CP rank N-1: one block of all its rows (the most loaded rank)
     ring = base + attn_live + t * 32 * 4 + t * 2 * 4 + tb * 32 * 2 + tb * 2 * 4 + 2 * tb * 32 * 4
-    assert phases["ring"] == ring == prefill_activation_bytes(cfg, 2, 2, 100, 100, 1, "bf16")
+    assert phases["ring"] == ring == prefill_activation_bytes(cfg, 2, 2, 100, 100, 1, "bf16", code=CODE)
     assert phases["logits"] == x + 512 * 4 * 3
-    fp8_down = activation_phases(cfg, 2, 2, 100, 100, 1, "fp8")["down"]
-    # the product quantised in one piece: its float32 copy and abs (2*t*f*4) beat q8 + output
-    assert fp8_down == base + 2 * x + 2 * t * 64 * 2 + t * 64 * 2 + t * 4 + 2 * t * 64 * 4
+    fp8_down = activation_phases(cfg, 2, 2, 100, 100, 1, "fp8", CODE)["down"]
+    # the product quantised in one piece: its float32 quotient and 1-byte cast (t*f*4 + t*f)
+    # beat q8 + output; t*4 its row scales
+    assert fp8_down == base + 2 * x + 2 * t * 64 * 2 + t * 64 * 2 + t * 4 + t * 64 * 4 + t * 64
     assert comm_buffer_bytes(cfg, 2, 2, 100, 100, 1, "bf16", "pass-kv") == 4 * 51 * 16 * 2
 
 
