@@ -24,8 +24,9 @@ pays the import once.  The server is a clean single-threaded process that has ru
 op and touched no CUDA device, so forking it is as safe as spawning (it is what
 multiprocessing offers instead of fork for threaded parents).  Its children would inherit
 the server's environment, working directory and ``sys.path`` as they were when it started,
-so each rank is handed the launcher's current ones and the job's function and arguments
-are unpickled only after they are applied.
+so each rank is handed the launcher's current environment and directory, and the job's
+function and arguments are unpickled only after they are applied (``sys.path`` is the
+server's: the launcher's when its first job started).
 
 Source: torch.distributed.run (torchrun) environment contract.
 """
@@ -34,12 +35,12 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
+from multiprocessing import forkserver
 import os
 import pickle
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -215,11 +216,11 @@ def bind_cores(local_rank: int, local_world_size: int, threads: int) -> list[int
 
 def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: int,
                backend: str | None, timeout_s: float, launcher_pid: int, orphan_folders: Sequence[str],
-               launcher_state: tuple[dict, str, list], job: bytes) -> None:
-    """One rank: take the launcher's environment, directory and ``sys.path`` (the fork
-    server's are those of its start), then unpickle and run the job ``(fn, args)``."""
+               launcher_state: tuple[dict, str], job: bytes) -> None:
+    """One rank: take the launcher's environment and working directory (the fork server's
+    are those of its start), then unpickle and run the job ``(fn, args)``."""
     _die_with_launcher(launcher_pid, (result_dir, *orphan_folders))
-    env, cwd, path = launcher_state
+    env, cwd = launcher_state
     os.environ.clear()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -227,7 +228,6 @@ def _rank_main(rank: int, world_size: int, port: int, result_dir: str, threads: 
     out = Path(result_dir) / f"rank{rank}.pkl"
     try:
         os.chdir(cwd)
-        sys.path[:] = path
         fn, args = pickle.loads(job)
         import threading
 
@@ -295,8 +295,9 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))      # takes effect when the server first starts
+    forkserver.ensure_running()      # its imports happen now, before this job owns a folder
     job = pickle.dumps((fn, tuple(args)))
-    state = (dict(os.environ), os.getcwd(), list(sys.path))
+    state = (dict(os.environ), os.getcwd())
     port = free_port()
     result_dir = tempfile.mkdtemp(prefix="cp_megatron_ranks_")
     procs = [ctx.Process(target=_rank_main, daemon=True,

@@ -707,7 +707,7 @@ def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) ->
 
 
 def _act_blocks(cfg: ModelConfig, tp: int, in_features: int) -> int:
-    """Activation-scale blocks of a row-parallel FP8 linear (model.fp8.linear_classes' rule)."""
+    """Activation-scale blocks of a row-parallel FP8 linear (model.fp8_layers.linear_classes' rule)."""
     nkv = cfg.num_kv_heads
     return nkv // tp if nkv % tp == 0 and in_features % nkv == 0 else 1
 

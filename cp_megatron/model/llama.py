@@ -29,7 +29,7 @@ from cp_megatron.attention.api import planned_attention
 from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.model.config import ModelConfig
-from cp_megatron.model.fp8 import linear_classes
+from cp_megatron.model.fp8_layers import linear_classes
 from cp_megatron.model.kv_cache import KVCache
 from cp_megatron.model.rope import apply_rope_tables, inv_frequencies, rope_tables
 from cp_megatron.model.tp_rule import tp_problem
