@@ -40,9 +40,8 @@ from cp_megatron.checkpoint.base import CheckpointReader
 from cp_megatron.dtypes import torch_dtype
 from cp_megatron.checkpoint.sharded import (
     DTYPE_NAME, METADATA_FILE, SAFETENSORS_DTYPE, SafetensorsWriter, TensorPlan, build_metadata, write_shards)
+from cp_megatron.checkpoint.options import DTYPE_NAMES, TO_FORMATS, VERIFY_ATOL, WEIGHTS
 from cp_megatron.model import fp8
-
-from cp_megatron.checkpoint.options import DEFAULT_MAX_SHARD, DTYPE_NAMES, TO_FORMATS, VERIFY_ATOL, WEIGHTS
 
 DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}  # --dtype choices
 # Copied from the source folder when present (GGUF: tokenizer.json is exported from the vocabulary).
