@@ -692,7 +692,7 @@ def kv_capacity_slots(prompt_tokens: int, new_tokens: int, cp: int, margin_token
 def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) -> float:
     """Peak of an FP8 linear on t rows of ``width`` (output ``out_width``), per model/fp8.py.
 
-    Quantising (``quantize_activations`` / ``quantize_rowwise``): in one piece when
+    Quantising (``quantize_activations`` / ``quantize_activation_rows``): in one piece when
     t*width*4 <= 1 GiB, the float32 quotient ``x / scale`` and its 1-byte cast
     (t*width*4 + t*width); in chunks, the 1-byte result t*width plus one chunk's quotient and
     cast (1.25 GiB).  Then the
