@@ -13,7 +13,7 @@ running either way:
   temporary folder before the exception leaves it (what Slurm's cancel or Ctrl-C expect);
 * a rank whose launcher disappears without a word (SIGKILL, a crash) notices within a
   fraction of a second -- Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) and a
-  watchdog thread on the parent pid as the portable fallback -- removes the job's
+  watchdog thread on the launcher's pid as the portable fallback -- removes the job's
   temporary folders and exits.
 
 Ranks are forked from a fork server (``multiprocessing``'s "forkserver" start method) that
@@ -127,7 +127,7 @@ def stop_on_signals() -> Iterator[None]:
 def _die_with_launcher(launcher_pid: int, folders: Sequence[str]) -> None:
     """In a rank: when the launcher process goes away, remove ``folders`` and exit.
 
-    The kernel's parent-death signal (Linux) and a watchdog thread polling the parent pid
+    The kernel's parent-death signal (Linux) and a watchdog thread polling the launcher's pid
     (everywhere) both lead here; either is enough.  SIGINT is ignored: a Ctrl-C reaches
     the whole process group, and the launcher stops the ranks in order.
     """
