@@ -108,7 +108,7 @@ def format_decode(p: dict) -> list[str]:
     eager, graph = d["modes"]["eager"], d["modes"]["cuda_graphs"]
     hw = p["hardware_profile"]
     hbm = hw["memory_bandwidth_bytes_per_s"] * hw["memory_efficiency"]
-    rows = [f"decode step  TTIT of one step on {p['context_tokens']:,} cached tokens: {d['strategy']}, queries by "
+    rows = [f"decode step  TTIT of one step on {p['context_tokens']:,} cached tokens: {d['strategy']}, query exchange "
             f"{d['exchange']}, batch {p['batch']} ({d['tokens_per_rank']} per CP rank); "
             f"{'CUDA graph' if d['cuda_graphs'] else 'eager'} (--cuda-graphs)",
             f"  {'kernel launches':32}{d['launches']:>14,}   ({d['launches_per_layer']} per layer x {layers} "
