@@ -20,7 +20,7 @@ max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth).  Every block 
 cost: its kernel launches (the code model's count x ``launch_s``; on CPU the runtime's measured
 host work) plus one per extra ring step.
 
-TTIT is the decode step as the runtime runs it (:mod:`cp_megatron.decode_step`): the code
+TTIT is the decode step as the runtime runs it (:mod:`cp_megatron.decode_cost`): the code
 model's launches x a per-launch cost (eager or from a CUDA graph), the step's collectives
 through NCCL's latency model and the link bandwidths, and the HBM bytes of the weights and
 the KV shard over the achieved bandwidth.
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from cp_megatron.attention.heuristic import PASS_KV, choose_strategy
-from cp_megatron.decode_step import (DecodeStepCode, allreduce_latency, allreduce_time,
+from cp_megatron.decode_cost import (DecodeStepCode, allreduce_latency, allreduce_time,
                                      decode_step_cost, group_bandwidth, kv_heads_per_rank, layer_launch_floor)
 from cp_megatron.dtypes import BY_SHORT
 from cp_megatron.hardware import HardwareProfile, load_profile
@@ -175,7 +175,7 @@ class RoundCost:
         tp_comm_s: TP all-reduce time (s), never overlapped.
         fixed_s: per-block fixed cost no byte or FLOP term covers: layers *
             (``layer_overhead_s`` + L * ``launch_s`` + (N - 1) * ``ring_step_overhead_s``), L the
-            decode layer's launches (:func:`~cp_megatron.decode_step.layer_launch_floor`, a floor
+            decode layer's launches (:func:`~cp_megatron.decode_cost.layer_launch_floor`, a floor
             for a prefill layer) (s).
         lm_head_s: LM head for the last token of each sequence (s).
         total_s: the round's latency (s).
@@ -287,7 +287,7 @@ class Plan:
     one block); ``*_bytes_per_layer`` are bytes one GPU sends per block; other bytes are per
     GPU; times are seconds on the slowest GPU.  The round's times (``attention_s`` ...
     ``ttft_s``) are the prefill of ``new_tokens`` on ``cached_tokens``; ``decode`` is the
-    breakdown of one decode step after it (:class:`~cp_megatron.decode_step.DecodeCost`:
+    breakdown of one decode step after it (:class:`~cp_megatron.decode_cost.DecodeCost`:
     launches, collectives, HBM bytes), whose total is ``ttit_s`` -- eager, or replayed from a
     CUDA graph when ``cuda_graphs``; ``ttit_eager_s`` and ``ttit_cuda_graphs_s`` are both.
     ``heuristic`` and ``decode["heuristic"]`` are Alg. 1 / Alg. 5's values.

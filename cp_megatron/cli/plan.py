@@ -101,7 +101,7 @@ _KIND_WORDS = {"all_reduce": "all-reduce", "all_gather": "all_gather", "all_to_a
 
 
 def format_decode(p: dict) -> list[str]:
-    """Rows of the decode step's TTIT breakdown (:class:`cp_megatron.decode_step.DecodeCost`):
+    """Rows of the decode step's TTIT breakdown (:class:`cp_megatron.decode_cost.DecodeCost`):
     launches, each collective, the HBM terms, the total eager and from a CUDA graph."""
     d = p["decode"]
     layers = round(p["attention_flops"] / p["attention_flops_per_layer"]) if p["attention_flops_per_layer"] else 0

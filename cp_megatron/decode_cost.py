@@ -57,9 +57,10 @@ class DecodeStepCode:
         llama: model/llama.py per layer: 2 ``rms_norm``, 2 residual ``add_``, ``silu``, ``mul_``.
         gemm: one GEMM per linear (4 per layer): ``_scaled_mm`` (model/fp8.py) with FP8
             weights, ``matmul`` (model/llama.py) otherwise.
-        fp8_quantize: model/fp8.py per FP8 linear: the activation's inf-norm, ``clamp_min_``,
-            ``div_``, the division written into float8.
-        rope: model/rope.py per layer: ``mul``, ``roll``, ``addcmul``.
+        fp8_quantize: model/fp8.py per FP8 linear: the activation's inf-norm, the scale in one
+            ``rsub``, the division written into float8 (``quantize_activation_rows``).
+        rope: model/rope.py per layer: q and k rotated by one ``bmm`` with the round's per-token
+            rotation matrices (``RopeTables.rotation``, rounds of at most 64 tokens).
         kv_store: model/kv_cache.py per layer: the K and V ``copy_``.
         attention: attention/kernels.py per layer: the flash kernel.
         all_gather_q: CP > 1, all-gather-Q: (source, launches) per layer (pack of (O, LSE),
@@ -72,15 +73,15 @@ class DecodeStepCode:
 
     llama: int = 6
     gemm: int = 1
-    fp8_quantize: int = 4
-    rope: int = 3
+    fp8_quantize: int = 3
+    rope: int = 1
     kv_store: int = 2
     attention: int = 1
     all_gather_q: tuple = (("attention/decode.py", 1), ("attention/merge.py", 3))
     ring_q: tuple = (("attention/pass_q.py", 2), ("attention/blocks.py", 2), ("attention/merge.py", 3))
-    outside: tuple = (("attention/plan.py", 1), ("engine.py", 7), ("model/rope.py", 10), ("model/llama.py", 12),
+    outside: tuple = (("attention/plan.py", 1), ("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12),
                       ("sampling.py", 1))
-    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 10), ("model/llama.py", 12), ("sampling.py", 1))
+    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12), ("sampling.py", 1))
 
     def layer_launches(self, fp8: bool, exchange: str) -> dict:
         """{source file: launches} of one decoder layer.
