@@ -131,7 +131,9 @@ class HostKVStore:
             torch.index_select(k, 1, idx, out=k_sel)
             torch.index_select(v, 1, idx, out=v_sel)
             k, v = k_sel, v_sel
-        start = self.stream.mark()
+        cache.reserve(cache.num_tokens + len(positions[cp_rank]))   # any growth is queued before the copies
+        self.stream.after_current()
+        start = self.stream.mark()                                   # times the copies, not what they wait for
         cache.import_sequence(dst_seq, positions[cp_rank], k, v, self.stream)
         self._pending_timings.append((start, self.stream.mark()))
         self.restored_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
