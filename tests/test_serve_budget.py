@@ -99,3 +99,27 @@ def test_server_reserves_the_byte_budget_reports_it_and_refuses_what_exceeds_it(
         assert r.usage.completion_tokens == 4
     finally:
         server.kill()
+
+
+@pytest.mark.unit
+def test_host_tier_budget_in_slots_per_rank_and_its_errors_name_the_field(tmp_path):
+    import os
+
+    tiny = get_preset("tiny")
+    b = kv_budget(config(tmp_path, overrides=[f"serve.host_kv_cache_memory={TINY_SLOT * 500 + 7}"]), tiny)
+    assert (b.host_slots_per_rank, b.host_bytes_per_rank) == (500, 500 * TINY_SLOT)
+    assert b.host_source == f"serve.host_kv_cache_memory = {TINY_SLOT * 500 + 7} bytes per rank"
+    assert b.tokens == DEFAULT_KV_CACHE_TOKENS                                     # the device budget as before
+    for off in ([], ["serve.host_kv_cache_memory=0"], ["serve.host_kv_cache_memory=null"]):
+        assert kv_budget(config(tmp_path, overrides=off), tiny).host_slots_per_rank == 0
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    frac = kv_budget(config(tmp_path, overrides=["serve.host_kv_cache_memory=0.01"]), tiny)
+    assert frac.host_slots_per_rank == int(0.01 * host // 2) // TINY_SLOT          # 2 ranks share the host
+    with pytest.raises(ConfigError, match=rf"^serve.host_kv_cache_memory: {TINY_SLOT - 1} bytes per rank hold "
+                                          rf"no KV slot.*at least {TINY_SLOT} bytes"):
+        kv_budget(config(tmp_path, overrides=[f"serve.host_kv_cache_memory={TINY_SLOT - 1}"]), tiny)
+    for bad, why in (("1234.5", "expected bytes"), ("-1", "greater than or equal to 0"), ("lots", "number")):
+        with pytest.raises(ConfigError, match=f"host_kv_cache_memory.*{why}"):
+            config(tmp_path, overrides=[f"serve.host_kv_cache_memory={bad}"])
+    with pytest.raises(ConfigError, match="host_kv_cache_memory.*prefix_caching"):
+        config(tmp_path, overrides=["serve.host_kv_cache_memory=100000", "serve.prefix_caching=false"])
