@@ -67,16 +67,22 @@ def test_both_budgets_or_a_budget_below_the_minimum_are_config_errors(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_both_budgets_exit_2_with_one_line_before_any_rank(tmp_path):
+@pytest.mark.timeout(300)
+def test_bad_budgets_exit_2_with_one_line_before_any_rank(tmp_path):
+    # Both forms; a device budget below the model's minimum; a host tier that holds no slot.
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
-    proc = subprocess.run([sys.executable, "-m", "cp_megatron.cli", "serve", str(cfg), "--port", "0",
-                           "--set", "serve.kv_cache_memory=0.1", "--set", "serve.kv_cache_tokens=1000"],
-                          capture_output=True, text=True, timeout=100, cwd=REPO)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
-    assert len(lines) == 1 and "not both" in lines[0] and "weights" not in proc.stderr
+    cases = [(["serve.kv_cache_memory=0.1", "serve.kv_cache_tokens=1000"], "not both"),
+             ([f"serve.kv_cache_memory={TINY_SLOT * 100}"], "minimum is 129 slots"),
+             ([f"serve.host_kv_cache_memory={TINY_SLOT - 1}"], "serve.host_kv_cache_memory")]
+    for overrides, expected in cases:
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        proc = subprocess.run([sys.executable, "-m", "cp_megatron.cli", "serve", str(cfg), "--port", "0", *sets],
+                              capture_output=True, text=True, timeout=100, cwd=REPO)
+        assert proc.returncode == 2, (overrides, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
+        assert len(lines) == 1 and expected in lines[0], (overrides, proc.stderr[-2000:])
+        assert "weights" not in proc.stderr and "rank" not in proc.stderr.replace(lines[0], ""), proc.stderr
 
 
 @pytest.mark.integration
