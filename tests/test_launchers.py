@@ -1,6 +1,7 @@
-"""The default config: the right answer, the same greedy tokens at CP 1, 2 and 4, and the
-same tokens under torchrun and the deepspeed launcher as with the embedded launch; every
-shipped config validates."""
+"""The default config: the right answer as shipped; then, on a shorter real document (the
+same model and settings, so each launch costs seconds, not a 4K-token prefill), the same greedy
+tokens at CP 1, 2 and 4 and under torchrun and the deepspeed launcher as with the embedded
+launch; every shipped config validates."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import pytest
 from cp_megatron.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT: list[str] = []  # the default config exactly as shipped
+# The default config on the BSD licence (~400 tokens, a real text) with 12 new tokens: the
+# launch paths are compared on it; the shipped 4K-token job runs once (its answer).
+SHORT = ["--set", "prompt.file=/usr/share/common-licenses/BSD",
+         "--set", "prompt.question=May the name of the University be used to endorse products?",
+         "--set", "generation.max_new_tokens=12"]
 RUN = [sys.executable, "-m", "cp_megatron.cli", "run", "configs/default.yaml"]
 # The document states once that "Yoyodyne, Inc." disclaims copyright in Gnomovision.
 ANSWER = "Yoyodyne"
@@ -33,18 +38,25 @@ def _tokens(cmd, out: Path) -> list[int]:
     return _result(cmd, out)["token_ids"]
 
 
-@pytest.fixture(scope="module")
-def embedded_tokens(tmp_path_factory):
-    result = _result(RUN + SHORT, tmp_path_factory.mktemp("embedded") / "r.json")
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_default_config_as_shipped_answers(tmp_path):
+    result = _result(RUN, tmp_path / "r.json")
     assert ANSWER in result["text"], result["text"]
     first = result["rounds"][0]
     assert first["strategy"] == "pass-kv" and first["miss_rate"] == 1.0 and first["ttft_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def embedded_tokens(tmp_path_factory):
+    result = _result(RUN + SHORT, tmp_path_factory.mktemp("embedded") / "r.json")
+    assert result["turns"][0]["fed_tokens"] > 300 and len(result["token_ids"]) == 12, result
     return result["token_ids"]
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_default_config_answers_and_same_tokens_at_cp_1_and_4(tmp_path, embedded_tokens):
+def test_same_tokens_at_cp_1_and_4_as_at_cp_2(tmp_path, embedded_tokens):
     for cp in (1, 4):
         assert _tokens(RUN + SHORT + ["--set", f"parallel.cp={cp}"], tmp_path / f"cp{cp}.json") == \
             embedded_tokens, f"cp={cp}"
