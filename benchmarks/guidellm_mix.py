@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,20 @@ def guidellm_env() -> dict:
     return env
 
 
+def slim(report: dict) -> dict:
+    """``report`` without the requests' prompt and output texts (``request_args``, ``output``;
+    a 16K-token prompt is ~80 KB) and the per-modality word / character / image ... statistics
+    (``metrics.text`` etc.); every timing and token count stays."""
+    for bench in report.get("benchmarks", []):
+        for modality in ("text", "image", "video", "audio"):
+            (bench.get("metrics") or {}).pop(modality, None)
+        for reqs in (bench.get("requests") or {}).values():
+            for r in reqs or []:
+                r.pop("request_args", None)
+                r.pop("output", None)
+    return report
+
+
 def run_guidellm(cmd: list[str], out: str, timeout: float, cwd: str, result: dict) -> None:
     """Run one guidellm process; ``result`` gets its report (or the failure) and wall times."""
     result["command"] = cmd
@@ -98,7 +113,7 @@ def run_guidellm(cmd: list[str], out: str, timeout: float, cwd: str, result: dic
         if proc.returncode != 0:
             result["stderr_tail"] = proc.stderr[-3000:]
         else:
-            result["report"] = json.loads(Path(out).read_text())
+            result["report"] = slim(json.loads(Path(out).read_text()))
     except subprocess.TimeoutExpired:
         result["returncode"] = None
         result["error"] = f"guidellm ran past {timeout:.0f} s"
@@ -123,23 +138,63 @@ def dist(bench: dict, name: str) -> dict:
     return {"p50": d["percentiles"]["p50"], "p99": d["percentiles"]["p99"], "max": d["max"], "n": d["count"]}
 
 
-def chat_split(chat: dict, doc_req: dict) -> dict:
+def chat_split(chat: dict, doc_req: dict, itl_idle_ms: float) -> dict:
     """The chat requests of the *with* run split by the document's prefill window
-    [its request start, its first token] (guidellm's per-request timings, epoch seconds)."""
+    [its request start, its first token] (guidellm's per-request timings, epoch seconds).
+
+    guidellm keeps no per-token times (it spaces a request's tokens evenly between its first
+    and last), so a stall inside a request shows only in that request's mean ITL; its
+    ``stall_s`` is its decode span (first to last token) minus (tokens - 1) x
+    ``itl_idle_ms`` (the without run's median ITL): the time the stream lost."""
     t0 = doc_req["info"]["timings"]["request_start"]
     t1 = doc_req["info"]["timings"]["first_token_iteration"]
-    itl_in, itl_out, ttft_in, ttft_out = [], [], [], []
+    itl_in, itl_out, ttft_in, ttft_out, stall = [], [], [], [], []
     for r in chat["requests"]["successful"]:
         tm = r["info"]["timings"]
         first, last = tm["first_token_iteration"], tm["last_token_iteration"]
-        (itl_in if first < t1 and last > t0 else itl_out).append(r["inter_token_latency_ms"])
+        if first < t1 and last > t0:
+            itl_in.append(r["inter_token_latency_ms"])
+            stall.append((last - first) - (tm["token_iterations"] - 1) * itl_idle_ms / 1000)
+        else:
+            itl_out.append(r["inter_token_latency_ms"])
         (ttft_in if t0 <= tm["request_start"] < t1 else ttft_out).append(r["time_to_first_token_ms"])
 
     def s(xs):
         return {"p50": percentile(xs, 50), "p99": percentile(xs, 99), "max": max(xs) if xs else None,
                 "n": len(xs)}
     return {"prefill_window_s": [t0, t1], "itl_ms_overlapping_prefill": s(itl_in), "itl_ms_outside": s(itl_out),
-            "ttft_ms_arrived_during_prefill": s(ttft_in), "ttft_ms_arrived_outside": s(ttft_out)}
+            "ttft_ms_arrived_during_prefill": s(ttft_in), "ttft_ms_arrived_outside": s(ttft_out),
+            "stall_s_overlapping_prefill": s(stall)}
+
+
+ROUND = re.compile(r"\[serve\] round \d+ (\w+)(?: chunk \d+:\d+ of (\d+) prompt tokens)?.*: seqs=(\d+) "
+                   r"T=(\d+) P=(\d+) .* in ([0-9.]+) s")
+
+
+def server_rounds(lines: list[str]) -> list[dict]:
+    """The server's round log lines (``[serve] round N KIND[ chunk a:b of N prompt tokens (...)]:
+    seqs=S T=T P=P ... in X s``) as dicts; the round time is the engine's, rank 0's."""
+    out = []
+    for line in lines:
+        m = ROUND.search(line)
+        if m:
+            out.append({"kind": m[1], "chunk_of": int(m[2]) if m[2] else None, "seqs": int(m[3]),
+                        "new_tokens": int(m[4]), "cached_tokens": int(m[5]), "time_s": float(m[6])})
+    return out
+
+
+def round_figures(rounds: list[dict], doc_tokens: int) -> dict:
+    """Server-side view of a run: the document's prefill rounds (its chunks, or its one round
+    unchunked: every chat stream waits that long for a token) against the decode rounds."""
+    doc = [r for r in rounds if (r["chunk_of"] or 0) >= doc_tokens
+           or (r["kind"] == "prefill" and r["new_tokens"] >= doc_tokens)]
+    dec = sorted(r["time_s"] for r in rounds if r["kind"] == "decode")
+    return {"doc_rounds": len(doc), "doc_round_s_max": max((r["time_s"] for r in doc), default=None),
+            "doc_round_s_median": percentile([r["time_s"] for r in doc], 50),
+            "doc_rounds_total_s": sum(r["time_s"] for r in doc),
+            "doc_rounds_with_decode_tokens": sum(1 for r in doc if r["seqs"] > 1),
+            "decode_rounds": len(dec), "decode_round_s_p50": percentile(dec, 50),
+            "decode_round_s_p99": percentile(dec, 99)}
 
 
 def one_mode(args, chunk: int, model: str, tok_dir: str, tmp: str) -> dict:
@@ -171,8 +226,10 @@ def one_mode(args, chunk: int, model: str, tok_dir: str, tmp: str) -> dict:
         def run(name, cmd_out, timeout):
             httpx.post(base + "/reset_prefix_cache", timeout=30).raise_for_status()
             res = {"load_before": os.getloadavg()}
+            mark = len(server.lines)
             run_guidellm(*cmd_out, timeout, tmp, res)
             res["load_after"] = os.getloadavg()
+            res["server_rounds"] = server_rounds(server.lines[mark:])
             mode["runs"][name] = res
             return res
 
@@ -187,6 +244,7 @@ def one_mode(args, chunk: int, model: str, tok_dir: str, tmp: str) -> dict:
         with_s = args.doc_delay_s + args.with_factor * doc_alone_s + args.tail_s
         httpx.post(base + "/reset_prefix_cache", timeout=30).raise_for_status()
         chat_res, doc_res = {"load_before": os.getloadavg()}, {}
+        mark = len(server.lines)
         cmd, out = chat_cmd("with", with_s, 31)
         chat_thread = threading.Thread(target=run_guidellm, args=(cmd, out, with_s + 600, tmp, chat_res))
         chat_thread.start()
@@ -197,6 +255,7 @@ def one_mode(args, chunk: int, model: str, tok_dir: str, tmp: str) -> dict:
         doc_res["load_after"] = os.getloadavg()
         chat_thread.join()
         chat_res["load_after"] = os.getloadavg()
+        chat_res["server_rounds"] = server_rounds(server.lines[mark:])
         mode["runs"]["with"], mode["runs"]["with_doc"] = chat_res, doc_res
         mode["server_error_lines"] = [ln for ln in server.lines if "internal error" in ln or "failed" in ln]
         mode["chunk_rounds"] = sum(1 for ln in server.lines if ln.startswith("[serve] round") and " chunk " in ln)
@@ -210,7 +269,7 @@ def summarise_mode(mode: dict) -> dict:
     runs = mode["runs"]
     alone, without, with_, with_doc = (bench_of(runs[k]) for k in ("doc_alone", "without", "with", "with_doc"))
     doc_req = with_doc["requests"]["successful"][0]
-    window = chat_split(with_, doc_req)
+    window = chat_split(with_, doc_req, dist(without, "inter_token_latency_ms")["p50"])
     chat_ended = runs["with"]["ended"]
     mode["summary"] = {
         "doc_prompt_tokens": doc_req["prompt_tokens"],
@@ -227,6 +286,9 @@ def summarise_mode(mode: dict) -> dict:
         "load_average": {k: [runs[k]["load_before"], runs[k]["load_after"]] for k in runs},
     }
     s = mode["summary"]
+    if "server_rounds" in runs["with"]:   # (absent from runs saved before the script kept them)
+        s["server_rounds"] = {k: round_figures(runs[k]["server_rounds"], s["doc_prompt_tokens"] - 64)
+                              for k in ("without", "with", "doc_alone")}
     for metric in ("itl", "ttft"):
         a, b = s["with"][metric + "_ms"]["p99"], s["without"][metric + "_ms"]["p99"]
         s[f"{metric}_p99_with_over_without"] = a / b if a and b else None
@@ -260,8 +322,9 @@ def table(modes: list[dict]) -> str:
                          f"{f(r['ttft_ms']['p50'])} / {f(r['ttft_ms']['p99'])} | "
                          f"{f(r['itl_ms']['p50'])} / {f(r['itl_ms']['p99'])} | {doc} |")
     lines += ["", "| mode | ITL p99 with / without | chat ITL p50 / p99 (ms), requests overlapping the prefill (n) | "
-              "... the rest (n) | chat TTFT p50 / p99 (ms), arrived during the prefill (n) | ... the rest (n) |",
-              "|---|---|---|---|---|---|"]
+              "... the rest (n) | stall per overlapping request p50 / max (s) | "
+              "chat TTFT p50 / p99 (ms), arrived during the prefill (n) | ... the rest (n) |",
+              "|---|---|---|---|---|---|---|"]
     for m in modes:
         s = m["summary"]
         w = s["with"]
@@ -270,8 +333,22 @@ def table(modes: list[dict]) -> str:
         def c(d):
             return f"{f(d['p50'])} / {f(d['p99'])} ({d['n']})"
         lines.append(f"| {name} | {f(s['itl_p99_with_over_without'], '{:.2f}')} | {c(w['itl_ms_overlapping_prefill'])} | "
-                     f"{c(w['itl_ms_outside'])} | {c(w['ttft_ms_arrived_during_prefill'])} | "
+                     f"{c(w['itl_ms_outside'])} | {f(w['stall_s_overlapping_prefill']['p50'], '{:.1f}')} / "
+                     f"{f(w['stall_s_overlapping_prefill']['max'], '{:.1f}')} | {c(w['ttft_ms_arrived_during_prefill'])} | "
                      f"{c(w['ttft_ms_arrived_outside'])} |")
+    if all("server_rounds" in m["summary"] for m in modes):
+        lines += ["", "| mode (server's round log) | document rounds (with decode tokens) | document round max / "
+                  "median (s) | decode round p50 / p99, without run (s) | longest round / decode p99 |",
+                  "|---|---|---|---|---|"]
+        for m in modes:
+            w, wo = m["summary"]["server_rounds"]["with"], m["summary"]["server_rounds"]["without"]
+            name = f"chunks of {m['chunk_tokens']}" if m["chunk_tokens"] else "unchunked"
+            ratio = (w["doc_round_s_max"] / wo["decode_round_s_p99"]
+                     if w["doc_round_s_max"] and wo["decode_round_s_p99"] else None)
+            lines.append(f"| {name} | {w['doc_rounds']} ({w['doc_rounds_with_decode_tokens']}) | "
+                         f"{f(w['doc_round_s_max'], '{:.2f}')} / {f(w['doc_round_s_median'], '{:.2f}')} | "
+                         f"{f(wo['decode_round_s_p50'], '{:.3f}')} / {f(wo['decode_round_s_p99'], '{:.3f}')} | "
+                         f"{f(ratio, '{:.0f}')} |")
     return "\n".join(lines)
 
 
