@@ -24,8 +24,11 @@ every run.  guidellm keeps no per-token times, only each request's start, first 
 times, so the *with* run's chat requests are also split by time from the per-request data:
 those whose decode span (first to last token) overlaps the document's prefill (its request
 start to its first token, same clock: both processes run on this machine) against the rest,
-and those that *arrived* during the prefill (their TTFT) against the rest.  The machine's load
-average is recorded around every run (a shared machine: quote ratios of one invocation).
+and those that *arrived* during the prefill (their TTFT) against the rest.  The server's round
+log of every run is kept too (``server_rounds``): the document's rounds (its chunks) and their
+times, the decode rounds' p50 / p99 -- the streams' per-round gap, which guidellm cannot see.
+The machine's load average is recorded around every run (a shared machine: quote ratios of
+one invocation).
 
 Run (from the repository root; guidellm in its own venv, see benchmarks/guidellm_serve.py)::
 
@@ -58,8 +61,6 @@ import httpx
 from benchmarks.guidellm_serve import export_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.append(str(REPO / "tests"))   # tests/serve_helpers.py imports its sibling process_helpers
 
 
 def percentile(xs: list[float], q: float):
