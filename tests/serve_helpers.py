@@ -14,7 +14,10 @@ from pathlib import Path
 import httpx
 
 from cp_megatron.launcher import free_port
-from process_helpers import rank_pids
+try:
+    from process_helpers import rank_pids          # under pytest (tests/ on the path)
+except ModuleNotFoundError:                        # python -m benchmarks.X from the repository root
+    from tests.process_helpers import rank_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE = [sys.executable, "-m", "cp_megatron.cli", "serve"]
