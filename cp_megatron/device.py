@@ -1,5 +1,6 @@
 """The one place that talks to the accelerator runtime: current device, capability,
-synchronize, events, device count.  Every such call in cp_megatron goes through here.
+synchronize, events, device count, CUDA graphs and side streams.  Every such call in
+cp_megatron goes through here.
 
 Three states, one switch:
 
@@ -160,3 +161,40 @@ def event(enable_timing: bool = True):
     if _fake is not None:
         return _FakeEvent()
     return _Event(enable_timing)
+
+
+# -- CUDA graphs (cp_megatron.cuda_graphs is their one user) -------------------------------------
+def cuda_graph():
+    """A new, empty ``torch.cuda.CUDAGraph``.
+
+    Raises:
+        RuntimeError: while faking (the dry run traces the eager step; a graph needs a real GPU).
+    """
+    if _fake is not None:
+        raise RuntimeError("CUDA graphs need a real GPU: the dry run traces the eager decode step")
+    return torch.cuda.CUDAGraph()
+
+
+@contextlib.contextmanager
+def graph_capture(graph) -> Iterator[None]:
+    """Capture the CUDA work issued inside the block into ``graph`` (``torch.cuda.graph``).
+
+    ``capture_error_mode="thread_local"``: only this thread's CUDA calls are checked during
+    capture, so the NCCL process group's watchdog thread (which queries events) cannot fail the
+    capture; megatron-core captures its CUDA graphs the same way.
+
+    Source: PyTorch ``torch.cuda.graph`` (CUDA Graphs notes, "whole-network capture").
+    """
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        yield
+
+
+def run_on_side_stream(fn: Callable[[], object]):
+    """``fn()`` on a fresh side stream that waits for the current one, which then waits for it
+    (the warm-up before a capture, as the CUDA Graphs notes ask); returns its result."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
