@@ -98,6 +98,7 @@ BAD_CONFIGS = {
     "unknown hardware profile": (["--set", "attention.hardware=tpu-v9"], "attention.hardware"),
     "prompt too long": (["--set", "prompt.file=null", "--set", "prompt.question=null",
                          "--set", "prompt.random_tokens=9000"], "prompt"),
+    "cuda graphs on cpu": (["--set", "runtime.cuda_graphs=true"], "cuda_graphs"),
 }
 
 
