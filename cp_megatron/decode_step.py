@@ -21,6 +21,8 @@ index tensors built on the host are copied each step.  The static step fixes all
   lengths) are packed on the host into one int64 and one int32 tensor and copied into the
   step's device buffers: two host-to-device copies per step, no host sync, no allocation.
 
+The engine runs it on CUDA stages by default (CPU ranks share one host's memory bandwidth, so a
+padding row's reads slow the others: ``InferenceEngine(static_decode=True)`` runs it there too).
 A step is keyed by :class:`StepKey`; consecutive decode steps of one batch share the key until
 ``kv_len`` crosses a bucket (every 1/16 of growth) or the cache regrows.  The engine keeps the
 :class:`DecodeStep` of each key (its buffers and plan) and, with ``runtime.cuda_graphs``, a

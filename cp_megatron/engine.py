@@ -14,7 +14,7 @@ then do device work and the ring's P2P only (plus pass-Q's all_to_all).  Activat
 between pipeline stages point to point; at the end of the round the sampled token ids
 (not the logits) are shared with every rank by one small all-reduce.
 
-A decode round of all-gather-Q (or of CP 1) is a *static* step (:mod:`cp_megatron.decode_step`):
+On CUDA, a decode round of all-gather-Q (or of CP 1) is a *static* step (:mod:`cp_megatron.decode_step`):
 the same kernels with the same shapes every step -- a bucket of query rows on every rank, KV
 writes through a slot tensor, a bucketed KV view, inputs copied into persistent buffers -- so
 that with ``cuda_graphs`` it is captured once per bucket and replayed (:mod:`cp_megatron.cuda_graphs`).
@@ -142,7 +142,9 @@ class InferenceEngine:
             has no timing at all.  A profiled decode round runs eagerly (no graph replay).
         static_decode: run decode rounds of all-gather-Q and of CP 1 as the static step
             (:mod:`cp_megatron.decode_step`); False plans them like any round (one kernel call
-            on the valid slots; tests compare the two).
+            on the valid slots).  Default (None): on a CUDA stage (the dry run's fake one too),
+            not on CPU, where the padding rows' extra compute shares the host's memory bandwidth
+            with the other ranks (docs/performance.md §8: +12% TTIT at CP 2); the tests run both.
         cuda_graphs: capture the static decode step once per step key and replay it
             (:mod:`cp_megatron.cuda_graphs`); CUDA only.
 
@@ -154,12 +156,14 @@ class InferenceEngine:
     def __init__(self, stage: LlamaStage, topo: Topology, *, strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
                  kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False,
-                 static_decode: bool = True, cuda_graphs: bool = False) -> None:
+                 static_decode: Optional[bool] = None, cuda_graphs: bool = False) -> None:
         if kv_growth_slots < 1:
             raise ValueError(f"kv_growth_slots: expected >= 1 slots, got {kv_growth_slots}")
         if cuda_graphs and (stage.device.type != "cuda" or devices.is_fake()):
             raise ValueError(f"cuda_graphs: needs a CUDA device, the stage is on {stage.device}"
                              + (" (fake)" if devices.is_fake() else ""))
+        if static_decode is None:
+            static_decode = stage.device.type == "cuda"
         if cuda_graphs and not static_decode:
             raise ValueError("cuda_graphs: needs static_decode (the graph is the static decode step)")
         self.stage, self.topo, self.strategy, self.profile = stage, topo, strategy, profile
