@@ -214,6 +214,13 @@ class ServeSection(_Strict):
                                 "vLLM's gpu_memory_utilization, weights are not in it). Converted at start-up "
                                 "to tokens from the model, dtype, TP, PP and CP (logged); every rank reserves "
                                 "it up front")
+    host_kv_cache_memory: Optional[Number] = Field(
+        None, ge=0, description="host tier of the KV cache, per rank: bytes (an integer > 1) or a fraction in "
+                                "(0, 1] of the host's physical memory divided by the ranks on the host; 0 or "
+                                "null: no host tier. An idle cached sequence evicted from the device moves "
+                                "there (each rank copies its own shard, pinned memory on cuda) and a later "
+                                "prompt it prefixes is restored instead of prefilled; least recently used "
+                                "entries are dropped past the budget. Needs prefix_caching")
     max_num_seqs: int = Field(64, ge=1, description="sequences generating at once (decode batch)")
     max_prefill_tokens: int = Field(8192, ge=1, description="token budget of one scheduler step: the decode "
                                     "tokens of the running streams plus new prompt tokens; a prompt longer "
@@ -238,6 +245,13 @@ class ServeSection(_Strict):
                 self.kv_cache_memory):
             raise ValueError(f"kv_cache_memory: expected bytes (an integer) or a fraction in (0, 1], "
                              f"got {self.kv_cache_memory}")
+        host = self.host_kv_cache_memory
+        if host is not None and host > 1 and host != int(host):
+            raise ValueError(f"host_kv_cache_memory: expected bytes (an integer), a fraction in (0, 1] or 0 "
+                             f"(off), got {host}")
+        if host and not self.prefix_caching:
+            raise ValueError("host_kv_cache_memory: the host tier keeps idle cached sequences, which "
+                             "prefix_caching: false does not keep; turn prefix_caching on or the tier off (0)")
         return self
 
 

@@ -15,13 +15,19 @@ Three states, one switch:
 
 The library never imports the dry run: the dry run switches this module on and listens.
 
+Host <-> device copies of the KV host tier (:mod:`cp_megatron.model.kv_offload`) go through
+:func:`host_empty` (page-locked host buffers on CUDA) and :class:`CopyStream` (a side stream
+on CUDA; plain synchronous copies on CPU and on the fake device).
+
 Source: PyTorch ``torch.cuda`` API (``current_device``, ``get_device_capability``,
-``Stream.synchronize``, ``Event(enable_timing=True)``).
+``Stream.synchronize``, ``Event(enable_timing=True)``, ``Stream.wait_stream``,
+``Tensor.record_stream``, ``pin_memory``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import traceback
 from typing import Callable, Iterator, Optional
 
@@ -134,6 +140,9 @@ class _FakeEvent:
     def synchronize(self) -> None:
         _report("event.synchronize")
 
+    def query(self) -> bool:
+        return True
+
     def elapsed_time(self, other) -> float:
         return 0.0
 
@@ -150,6 +159,10 @@ class _Event:
     def synchronize(self) -> None:
         _report("event.synchronize")
         self._event.synchronize()
+
+    def query(self) -> bool:
+        """The work recorded before this event is done (never blocks)."""
+        return self._event.query()
 
     def elapsed_time(self, other: "_Event") -> float:
         return self._event.elapsed_time(other._event)
@@ -198,3 +211,95 @@ def run_on_side_stream(fn: Callable[[], object]):
         out = fn()
     torch.cuda.current_stream().wait_stream(side)
     return out
+
+
+def host_empty(shape, dtype: torch.dtype, for_device: torch.device | str) -> torch.Tensor:
+    """An uninitialised host tensor for copies to and from ``for_device``: page-locked
+    (pinned) when that is a real CUDA device, so the copies are DMA transfers that run
+    asynchronously on a :class:`CopyStream`; ordinary memory on CPU and while faking.
+
+    Pinned blocks come from PyTorch's caching host allocator, which does not hand a block
+    out again before the copies queued on it are done.
+
+    Source: ``torch.empty(..., pin_memory=True)``; CUDA C guide, page-locked host memory.
+    """
+    pin = torch.device(for_device).type == "cuda" and _fake is None
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+class _HostMark:
+    """A point in time on the host: the mark of a :class:`CopyStream` without a stream."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other: "_HostMark") -> float:
+        return (other.t - self.t) * 1e3
+
+
+class CopyStream:
+    """A side stream for host <-> device copies on ``device``.
+
+    Use: :meth:`after_current` (the copies start after the work already queued on the
+    current stream), :meth:`copy` (queued on the side stream), then :meth:`join` (the
+    current stream waits for them: a device-side wait, the host does not block) when later
+    device work reads what was copied.  :meth:`mark` records an event on the side stream
+    (``query``, ``synchronize``, ``elapsed_time`` in ms), e.g. to time the copies.
+
+    On CPU and on the fake device there is no stream: :meth:`copy` is a plain synchronous
+    ``copy_``, the waits do nothing and a mark is a host clock reading.
+
+    Source: ``torch.cuda.Stream``, ``Stream.wait_stream``, ``Tensor.record_stream`` (a
+    tensor used on a side stream is not reused by the caching allocator before that
+    stream's work on it is done).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and _fake is None else None
+
+    @property
+    def asynchronous(self) -> bool:
+        """True on a real CUDA device (copies overlap later work)."""
+        return self._stream is not None
+
+    def after_current(self) -> None:
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)`` on the side stream (non-blocking; pinned host memory on the
+        host side for a true overlap)."""
+        if self._stream is None:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+        for t in (dst, src):
+            if t.is_cuda:
+                t.record_stream(self._stream)
+
+    def join(self) -> None:
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def mark(self):
+        """An event recorded on the side stream now (a host clock reading without one)."""
+        if self._stream is None:
+            return _HostMark()
+        ev = _Event(enable_timing=True)
+        ev.record(self._stream)
+        return ev
+
+    def synchronize(self) -> None:
+        """Block the host until the side stream's copies are done (reported to the sync
+        listeners)."""
+        if self._stream is not None:
+            _report("synchronize")
+            self._stream.synchronize()

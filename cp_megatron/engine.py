@@ -43,6 +43,7 @@ from cp_megatron.decode_step import (DecodeStep, StaticDecode, clear_older, plan
                                      step_lru)
 from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS, KVLayout
+from cp_megatron.model.kv_offload import HostKVStore
 from cp_megatron.model.llama import LlamaStage
 from cp_megatron.parallel_state import Topology
 from cp_megatron.sampling import (FAILED_TOKEN, SamplingParams, TokenLogprobs, draw_rng, draw_seed,  # noqa: F401
@@ -471,12 +472,76 @@ class InferenceEngine:
         self.cached_lengths[dst_seq] = min(length, self.cached_lengths.get(src_seq, 0))
 
     def reset(self) -> None:
-        """Forget every sequence (empty the cache)."""
+        """Forget every sequence (empty the cache and the host tier)."""
         for layout in self.layouts:
             layout.clear()
         self.kv_cache.clear()
         self.cached_lengths.clear()
         self.decode_steps = 0
+        if getattr(self, "_host_kv", None) is not None:
+            self._host_kv.clear()
+
+    # -- the host tier (idle sequences off the device) -----------------------------------------
+    @property
+    def host_kv(self) -> HostKVStore:
+        """This rank's host tier of the KV cache (:mod:`cp_megatron.model.kv_offload`),
+        created on first use."""
+        if getattr(self, "_host_kv", None) is None:
+            self._host_kv = HostKVStore(self.stage.device)
+        return self._host_kv
+
+    def offload(self, seq_id: int) -> int:
+        """Move sequence ``seq_id`` to the host tier (on every rank: each copies its own
+        shard, all layers, K and V, with every CP rank's positions) and free its device
+        slots (compacting, as :meth:`truncate`); a later :meth:`restore` gives the same
+        K/V at the same positions on the same ranks.  Outside any layer: one gather of the
+        sequence's slots per layer, the host copy queued on the side stream.
+
+        Returns:
+            bytes this rank copied to the host.
+
+        Raises:
+            KeyError: ``seq_id`` is not cached on the device.
+            ValueError: ``seq_id`` is already in the host tier.
+        """
+        if seq_id not in self.cached_lengths:
+            raise KeyError(f"offload: sequence {seq_id} is not cached on the device")
+        positions = [lay.positions[lay.seq_ids == seq_id] for lay in self.layouts]
+        own, k, v = self.kv_cache.export_sequence(seq_id)
+        positions[self.topo.cp_rank] = own
+        entry = self.host_kv.put(seq_id, positions, k, v, self.cached_lengths.get(seq_id, 0))
+        self.truncate(seq_id, 0)
+        return entry.nbytes
+
+    def restore(self, seq_id: int, dst_seq: int, length: int) -> None:
+        """Bring the first ``length`` tokens of host-tier sequence ``seq_id`` back onto the
+        device as sequence ``dst_seq`` (every rank restores its own slots).  With
+        ``dst_seq == seq_id`` the entry leaves the host tier (the sequence is taken back);
+        otherwise it stays, unchanged (a branch).
+
+        Raises:
+            KeyError: ``seq_id`` is not in the host tier.
+            ValueError: ``dst_seq`` is already cached on the device.
+        """
+        if dst_seq in self.cached_lengths:
+            raise ValueError(f"restore: sequence {dst_seq} is already cached on the device")
+        store = self.host_kv
+        entry = store.entries[seq_id]
+        positions = store.restore(seq_id, self.kv_cache, self.topo.cp_rank, dst_seq, length)
+        for r, (layout, pos) in enumerate(zip(self.layouts, positions)):
+            if r != self.topo.cp_rank:
+                layout.append(pos, torch.full((len(pos),), dst_seq, dtype=torch.long))
+        self.cached_lengths[dst_seq] = min(length, entry.length)
+        if dst_seq == seq_id:
+            store.drop(seq_id)
+
+    def drop_offloaded(self, seq_id: int) -> None:
+        """Forget host-tier sequence ``seq_id`` on this rank.
+
+        Raises:
+            KeyError: ``seq_id`` is not in the host tier.
+        """
+        self.host_kv.drop(seq_id)
 
 
 # -- generation ------------------------------------------------------------------------------

@@ -16,11 +16,14 @@ activation element:
 
 Every ring step costs max(compute, message), the last one has no message; the all_to_all
 and the TP all-reduces are on the critical path.  Linear and attention time is a roofline:
-max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth), which makes decode
-memory-bound.  A decode step (Alg. 4) pads the batch to a multiple of N; its collectives are
-latency-bound (NCCL's cost model: all-reduce in a node, a tree across nodes, P2P and
-all_to_all between nodes), and every block pays a fixed cost (kernel launches; on CPU the
-runtime's measured host work) plus one per extra ring step.
+max(FLOPs / achieved FLOP/s, bytes read / achieved HBM bandwidth).  Every block pays a fixed
+cost: its kernel launches (the code model's count x ``launch_s``; on CPU the runtime's measured
+host work) plus one per extra ring step.
+
+TTIT is the decode step as the runtime runs it (:mod:`cp_megatron.decode_cost`): the code
+model's launches x a per-launch cost (eager or from a CUDA graph), the step's collectives
+through NCCL's latency model and the link bandwidths, and the HBM bytes of the weights and
+the KV shard over the achieved bandwidth.
 Equations, constants and the comparison with the paper: docs/planner.md.
 
 Source: Yang et al., arXiv 2411.01783, §3.3-3.6 (sharding, ring variants, Alg. 1-5), §4
@@ -34,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 from cp_megatron.attention.heuristic import PASS_KV, choose_strategy
+from cp_megatron.decode_cost import (DecodeStepCode, allreduce_latency, allreduce_time,
+                                     decode_step_cost, group_bandwidth, kv_heads_per_rank, layer_launch_floor)
 from cp_megatron.dtypes import BY_SHORT
 from cp_megatron.hardware import HardwareProfile, load_profile
 from cp_megatron.model.config import ModelConfig, get_preset
@@ -103,11 +108,6 @@ def block_weight_bytes(cfg: ModelConfig, tp: int, dtype: str) -> float:
     return (loaded_weight_bytes(cfg, tp, dtype) - vocab - h * e) / cfg.num_layers
 
 
-def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
-    """KV heads a TP rank holds: NKV/tp, or 1 (replicated) when tp > NKV."""
-    return max(1, cfg.num_kv_heads // tp)
-
-
 def kv_cache_bytes_per_gpu(cfg: ModelConfig, tp: int, cp: int, context_tokens: int, batch: int,
                            bytes_per_element: int) -> float:
     """KV cache on the most loaded GPU: 2*layers*(NKV/tp)*DH*e*ceil(context/cp)*batch (bytes)."""
@@ -154,34 +154,6 @@ def ring_time(steps: int, compute_step_s: float, message_s: float) -> float:
     return (steps - 1) * max(compute_step_s, message_s) + compute_step_s
 
 
-def allreduce_time(payload_bytes: float, ranks: int, bandwidth: float, latency_s: float) -> float:
-    """Ring all-reduce: 2(n-1)/n * payload / bandwidth + latency; 0 for one rank (s)."""
-    if ranks == 1:
-        return 0.0
-    return 2.0 * (ranks - 1) / ranks * payload_bytes / bandwidth + latency_s
-
-
-def allreduce_latency(hw: HardwareProfile, ranks: int) -> float:
-    """Fixed cost of one small all-reduce over ``ranks`` GPUs (seconds; 0 for one rank).
-
-    Inside a node it is ``tp_latency_s``.  Across ``nodes`` = ceil(ranks / gpus_per_node)
-    nodes NCCL runs a tree whose every level is crossed twice (reduce up, broadcast down):
-    ``tp_latency_s + 2 * ceil(log2(nodes)) * net_hop_latency_s``.  A profile with one GPU per
-    node (``cpu-gloo``) measured ``tp_latency_s`` over its only link, so each tree level costs
-    one ``tp_latency_s`` there.
-
-    Source: NCCL's cost model (src/graph/tuning.cc: tree latency = baseLat +
-    2 * ((ppn - 1) * intraHop + log2(nodes) * netHop)).
-    """
-    if ranks <= 1:
-        return 0.0
-    nodes = math.ceil(ranks / hw.gpus_per_node)
-    levels = math.ceil(math.log2(nodes)) if nodes > 1 else 0
-    if hw.gpus_per_node == 1:
-        return hw.tp_latency_s * max(1, levels)
-    return hw.tp_latency_s + 2 * levels * hw.net_hop_latency_s
-
-
 def decode_batch_padded(batch: int, cp: int) -> int:
     """Alg. 4 pads the decode batch to a multiple of the CP size: ceil(B / N) * N queries."""
     return math.ceil(batch / cp) * cp
@@ -202,7 +174,9 @@ class RoundCost:
         all_to_all_s: pass-Q's all_to_all of O and LSE, part of ``cp_comm_exposed_s`` (s).
         tp_comm_s: TP all-reduce time (s), never overlapped.
         fixed_s: per-block fixed cost no byte or FLOP term covers: layers *
-            (``layer_overhead_s`` + (N - 1) * ``ring_step_overhead_s``) (s).
+            (``layer_overhead_s`` + L * ``launch_s`` + (N - 1) * ``ring_step_overhead_s``), L the
+            decode layer's launches (:func:`~cp_megatron.decode_cost.layer_launch_floor`, a floor
+            for a prefill layer) (s).
         lm_head_s: LM head for the last token of each sequence (s).
         total_s: the round's latency (s).
         tokens_per_rank: new tokens on the most loaded CP rank (decode: the padded batch / N).
@@ -280,10 +254,7 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     # TP: two all-reduces of the hidden states.  Across nodes NCCL runs one ring per NIC, so
     # each GPU's NIC carries 1/gpus_per_node of the traffic: bus bandwidth is capped by
     # gpus_per_node * NIC bandwidth (400 GB/s on h100-rdma, 100 GB/s on h100-tcp).
-    if tp <= hw.gpus_per_node:
-        tp_bw = hw.tp_bandwidth_bytes_per_s
-    else:
-        tp_bw = min(hw.tp_bandwidth_bytes_per_s, hw.gpus_per_node * hw.cp_bandwidth_bytes_per_s)
+    tp_bw = group_bandwidth(hw, "tp", tp)
     payload = tokens_rank * cfg.hidden_size * e
     t_tp = 2 * allreduce_time(payload, tp, tp_bw, allreduce_latency(hw, tp))
 
@@ -294,7 +265,8 @@ def round_cost(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, new_toke
     attention_s = layers * cp * step_s
     exposed = layers * (ring_s - cp * step_s + a2a_s)
     linear_s, tp_s = layers * t_linear, layers * t_tp
-    fixed_s = layers * (hw.layer_overhead_s + (cp - 1) * hw.ring_step_overhead_s)
+    launches = layer_launch_floor(dtype == "fp8")   # the layer's launches, a floor for a prefill layer
+    fixed_s = layers * (hw.layer_overhead_s + launches * hw.launch_s + (cp - 1) * hw.ring_step_overhead_s)
     return RoundCost(
         strategy=strategy, attention_s=attention_s, linear_s=linear_s, elementwise_s=elementwise_s,
         cp_comm_exposed_s=exposed, all_to_all_s=layers * a2a_s, tp_comm_s=tp_s, fixed_s=fixed_s,
@@ -314,9 +286,11 @@ class Plan:
     Token counts are per sequence; FLOPs are whole-model totals over all GPUs (``_per_layer``:
     one block); ``*_bytes_per_layer`` are bytes one GPU sends per block; other bytes are per
     GPU; times are seconds on the slowest GPU.  The round's times (``attention_s`` ...
-    ``ttft_s``) are the prefill of ``new_tokens`` on ``cached_tokens``; ``decode`` holds the
-    same breakdown (:class:`RoundCost`) for one decode step after it, whose total is
-    ``ttit_s``.  ``heuristic`` and ``decode["heuristic"]`` are Alg. 1 / Alg. 5's values.
+    ``ttft_s``) are the prefill of ``new_tokens`` on ``cached_tokens``; ``decode`` is the
+    breakdown of one decode step after it (:class:`~cp_megatron.decode_cost.DecodeCost`:
+    launches, collectives, HBM bytes), whose total is ``ttit_s`` -- eager, or replayed from a
+    CUDA graph when ``cuda_graphs``; ``ttit_eager_s`` and ``ttit_cuda_graphs_s`` are both.
+    ``heuristic`` and ``decode["heuristic"]`` are Alg. 1 / Alg. 5's values.
     Memory: ``memory`` is the :class:`MemoryReport`; ``weight_bytes_per_gpu`` is its
     ``weight_bytes`` (one figure, the weights as loaded), ``kv_cache_bytes_per_gpu`` its
     ``kv_cache_bytes`` (the context's K/V, what a decode step reads), and ``fits_in_memory``
@@ -357,6 +331,8 @@ class Plan:
     achieved_flops_per_gpu: float
     decode_strategy: str
     ttit_s: float
+    ttit_eager_s: float
+    ttit_cuda_graphs_s: float
     weight_bytes_per_gpu: float
     kv_cache_bytes_per_gpu: float
     memory_bytes_per_gpu: float
@@ -368,12 +344,13 @@ class Plan:
     memory: dict = field(default_factory=dict)   # MemoryReport.to_dict(): as cp_megatron loads it
     max_new_tokens: int = 0
     kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS
+    cuda_graphs: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["inputs"] = {k: d[k] for k in ("model", "hardware", "tp", "cp", "context_tokens",
                                          "cached_tokens", "batch", "dtype", "max_new_tokens",
-                                         "kv_margin_tokens")}
+                                         "kv_margin_tokens", "cuda_graphs")}
         return d
 
 
@@ -385,7 +362,8 @@ def _check_positive(flag: str, value, minimum: int = 1) -> None:
 def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], tp: int, cp: int,
          context_tokens: int, cached_tokens: int = 0, batch: int = 1,
          dtype: Optional[str] = None, max_new_tokens: int = 0,
-         kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, dryrun_config: Optional[str] = None) -> Plan:
+         kv_margin_tokens: int = DEFAULT_KV_MARGIN_TOKENS, dryrun_config: Optional[str] = None,
+         cuda_graphs: bool = False, code: DecodeStepCode = DecodeStepCode()) -> Plan:
     """Predict TTFT of one prefill round, TTIT of the decode steps after it, and memory.
 
     Args:
@@ -401,6 +379,9 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
             turns (``generation.max_new_tokens``, ``runtime.kv_cache_margin_tokens``): what the KV
             cache reserves beyond the context.
         dryrun_config: run config named by the memory report's dry-run command.
+        cuda_graphs: the decode step replays a CUDA graph (``runtime.cuda_graphs``): ``ttit_s``
+            is ``ttit_cuda_graphs_s``, else ``ttit_eager_s``.
+        code: the decode step's launch model.
 
     Returns:
         Plan.
@@ -445,7 +426,8 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
     prefill_decision = decide(batch * t, batch * p)
     decode_decision = decide(batch, batch * context_tokens)
     prefill = round_cost(cfg, hw, tp, cp, t, p, batch, dtype, prefill_decision.strategy)
-    decode = round_cost(cfg, hw, tp, cp, 1, context_tokens, batch, dtype, decode_decision.strategy)
+    decode = decode_step_cost(cfg, hw, tp, cp, context_tokens, batch, dtype, decode_decision.strategy,
+                              block_weight_bytes(cfg, tp, dtype), cuda_graphs=bool(cuda_graphs), code=code)
 
     if not (prefill.total_s > 0 and decode.total_s > 0):
         raise PlanInputError("--hardware", f"profile {hw.name!r} gives TTFT {prefill.total_s} s and TTIT "
@@ -488,12 +470,14 @@ def plan(model: Union[str, ModelConfig], hardware: Union[str, HardwareProfile], 
         fixed_s=prefill.fixed_s, lm_head_s=prefill.lm_head_s, ttft_s=prefill.total_s,
         achieved_flops_per_gpu=total_flops / gpus / prefill.total_s,
         decode_strategy=decode_decision.strategy, ttit_s=decode.total_s,
+        ttit_eager_s=decode.modes["eager"]["total_s"], ttit_cuda_graphs_s=decode.modes["cuda_graphs"]["total_s"],
         weight_bytes_per_gpu=w_gpu, kv_cache_bytes_per_gpu=kv_gpu, memory_bytes_per_gpu=hw.memory_bytes,
         fits_in_memory=need <= hw.memory_bytes,
         heuristic=prefill_decision.to_dict(),
-        decode={**asdict(decode), "heuristic": decode_decision.to_dict()},
+        decode={**decode.to_dict(), "heuristic": decode_decision.to_dict()},
         hardware_profile=hw.to_dict(), warnings=warnings,
-        memory=memory.to_dict(), max_new_tokens=max_new_tokens, kv_margin_tokens=kv_margin_tokens)
+        memory=memory.to_dict(), max_new_tokens=max_new_tokens, kv_margin_tokens=kv_margin_tokens,
+        cuda_graphs=bool(cuda_graphs))
     bad = _non_finite(result.to_dict())
     if bad:
         raise PlanInputError("--hardware", f"profile {hw.name!r} gives non-finite {', '.join(bad[:3])}: "
@@ -536,6 +520,83 @@ def sweep_cp(cp_sizes: list[int], **kwargs) -> list[dict]:
         point["speedup"] = base["ttft_s"] / point["ttft_s"]
         point["efficiency"] = point["speedup"] / (point["cp"] / base["cp"])
     return points
+
+
+# --------------------------------------------------------------------------- the paper's decode
+
+# arXiv 2411.01783v3 §4.3: Llama3 405B, batch 1, decode from CUDA graphs, GTT hosts (App. A:
+# 96 GB HBM2e at 2.4 TB/s, 800 TF/s), FP8 row-wise weights in the feed-forward layers (§4.1).
+# Table 6: TP8 on one node vs CP2 + TP8 on two, 8K / 32K / 128K; Table 7: 128K, TP8 / CP2 /
+# TP16 / CP4 / TP32 (its CP2 row, 60.23 ms, differs from Table 6's 66.63 ms for the same
+# setup); Table 8: the pass-Q attention of one layer at 128K (us).  TTFT in s, TTIT in ms.
+PAPER_DECODE = (
+    # (source, TP, CP, context, TTFT s, TTIT ms)
+    ("Table 6", 8, 1, 8_000, 1.740, 44.51), ("Table 6", 8, 1, 32_000, 7.658, 44.64),
+    ("Table 6", 8, 1, 128_000, 42.010, 46.26), ("Table 6", 8, 2, 8_000, 0.999, 65.61),
+    ("Table 6", 8, 2, 32_000, 4.015, 65.66), ("Table 6", 8, 2, 128_000, 21.042, 66.63),
+    ("Table 7", 8, 1, 128_000, 42.010, 46.26), ("Table 7", 8, 2, 128_000, 21.042, 60.23),
+    ("Table 7", 16, 1, 128_000, 29.917, 39.52), ("Table 7", 8, 4, 128_000, 10.950, 71.31),
+    ("Table 7", 32, 1, 128_000, 19.841, 47.3),
+)
+# Table 8, 128K, batch 1: (CP, individual attention op, attention over the ring loop, SendRecv,
+# All2All, whole pass-Q), us per layer.
+PAPER_ATTENTION_US = {1: (38.9, 38.9, 0.0, 0.0, 38.9), 2: (22.0, 43.2, 32.3, 81.1, 157.7),
+                      4: (14.7, 60.8, 105.7, 79.9, 238.6)}
+
+
+def llama3_fp8_recipe_weight_bytes(cfg: ModelConfig, tp: int) -> float:
+    """Bytes of one TP rank's weights in the paper's FP8 recipe: feed-forward weights FP8 with
+    float32 row scales, attention projections, norms, embedding and LM head bf16, the first and
+    last blocks wholly bf16 (what the paper serves; cp_megatron's fp8-rowwise quantises every
+    linear layer, :func:`loaded_weight_bytes`).
+
+    Source: arXiv 2411.01783 §4.1 ("row-wise quantized FP8 weights for feed forward layers
+    after GQA"); Llama 3 herd, arXiv 2407.21783 §6.2 (FFN only; first and last layers kept bf16).
+    """
+    bf16 = loaded_weight_bytes(cfg, tp, "bf16")
+    h, f = cfg.hidden_size, cfg.intermediate_size / tp
+    ffn = 3 * h * f
+    fp8_blocks = max(cfg.num_layers - 2, 0)
+    return bf16 - fp8_blocks * (ffn * 1 - 4 * (2 * f + h))    # 1 byte saved per FFN weight, + row scales
+
+
+def paper_decode_comparison(hardware: str = "h100-rdma") -> list[dict]:
+    """The planner's TTIT (eager and CUDA graph) and TTFT beside the paper's Tables 6 and 7.
+
+    Each row: the table's inputs and figures, the plan's decode breakdown (``decode``), the
+    deviation of the CUDA-graph TTIT (the paper runs decode from graphs) and of the TTFT, the
+    weights term in the paper's FP8 recipe instead of fp8-rowwise
+    (``recipe_weights_delta_s``), and at 128K the planner's attention block of one layer
+    (KV read + CP exchange + its launches) beside Table 8's ``whole pass-Q``.
+
+    Raises:
+        PlanInputError: as :func:`plan`.
+    """
+    cfg = get_preset("llama3.1-405b")
+    try:
+        hw = load_profile(hardware)
+    except ValueError as err:
+        raise PlanInputError("--hardware", str(err)) from None
+    rows = []
+    for source, tp, cp, context, ttft_paper, ttit_paper_ms in PAPER_DECODE:
+        p = plan(cfg, hw, tp=tp, cp=cp, context_tokens=context, cuda_graphs=True)
+        d = p.decode
+        hbm = hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency
+        recipe = (llama3_fp8_recipe_weight_bytes(cfg, tp) - loaded_weight_bytes(cfg, tp, "fp8")) / hbm
+        exchange_launches = d["launches_per_layer"] - layer_launch_floor(True)
+        block_us = (d["kv_s"] + d["cp_comm_s"]) / cfg.num_layers * 1e6 + exchange_launches * hw.graph_node_s * 1e6
+        rows.append({
+            "source": source, "tp": tp, "cp": cp, "context_tokens": context,
+            "paper_ttft_s": ttft_paper, "paper_ttit_s": ttit_paper_ms * 1e-3,
+            "ttft_s": p.ttft_s, "ttit_eager_s": p.ttit_eager_s, "ttit_cuda_graphs_s": p.ttit_cuda_graphs_s,
+            "ttit_deviation": p.ttit_cuda_graphs_s / (ttit_paper_ms * 1e-3) - 1,
+            "ttft_deviation": p.ttft_s / ttft_paper - 1,
+            "recipe_weights_delta_s": recipe,
+            "attention_block_us": block_us if context == 128_000 else None,
+            "paper_attention_block_us": PAPER_ATTENTION_US[cp][4] if context == 128_000 and tp == 8 else None,
+            "decode": d,
+        })
+    return rows
 
 
 # --------------------------------------------------------------------------- memory as loaded
@@ -692,7 +753,7 @@ def kv_capacity_slots(prompt_tokens: int, new_tokens: int, cp: int, margin_token
 def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) -> float:
     """Peak of an FP8 linear on t rows of ``width`` (output ``out_width``), per model/fp8.py.
 
-    Quantising (``quantize_activations`` / ``quantize_rowwise``): in one piece when
+    Quantising (``quantize_activations`` / ``quantize_activation_rows``): in one piece when
     t*width*4 <= 1 GiB, the float32 quotient ``x / scale`` and its 1-byte cast
     (t*width*4 + t*width); in chunks, the 1-byte result t*width plus one chunk's quotient and
     cast (1.25 GiB).  Then the
@@ -707,7 +768,7 @@ def _quant(t: float, width: float, out_width: float, e: int, blocks: int = 1) ->
 
 
 def _act_blocks(cfg: ModelConfig, tp: int, in_features: int) -> int:
-    """Activation-scale blocks of a row-parallel FP8 linear (model.fp8.linear_classes' rule)."""
+    """Activation-scale blocks of a row-parallel FP8 linear (model.fp8_layers.linear_classes' rule)."""
     nkv = cfg.num_kv_heads
     return nkv // tp if nkv % tp == 0 and in_features % nkv == 0 else 1
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from cp_megatron.launcher import free_port
+from process_helpers import rank_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE = [sys.executable, "-m", "cp_megatron.cli", "serve"]
@@ -36,9 +37,7 @@ class Server:
         if not self._ready.wait(start_timeout_s) or self.proc.poll() is not None:
             self.kill()
             raise AssertionError("server did not start:\n" + "".join(self.lines[-40:]))
-        self.rank_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                                                         text=True).stdout.split()
-                          if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        self.rank_pids = rank_pids(self.proc.pid)
         self.rank0_pid = int(re.search(r"rank 0 pid (\d+)", "".join(self.lines)).group(1))
 
     def _read(self) -> None:

@@ -228,3 +228,38 @@ def test_cuda_graph_replay_gives_the_eager_greedy_tokens_batch_1_and_3(dtype_nam
     eager, (graph, counts) = got[False][0], got[True]
     assert all(len(t) == 8 for t in eager.values()) and graph == eager
     assert counts == (2, 12), counts
+
+
+def test_cuda_host_tier_round_trip_is_pinned_async_and_exact():
+    """The host tier on CUDA: pinned host buffers, copies on the side stream, the cache
+    compacted and overwritten meanwhile; the restored slots equal the exported ones."""
+    from cp_megatron.model.kv_cache import KVCache
+    from cp_megatron.model.kv_offload import HostKVStore
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cache = KVCache(4, NKV, DH, dtype=torch.bfloat16, device=dev, capacity=4096)
+    seqs = torch.arange(3000) % 3                                   # three interleaved sequences
+    cache.begin_round(torch.arange(3000) // 3, seqs)
+    for layer in range(4):
+        cache.store(layer, torch.randn(3000, NKV, DH, device=dev).bfloat16(),
+                    torch.randn(3000, NKV, DH, device=dev).bfloat16())
+    sel = seqs == 1
+    want = [(cache.layer(i)[0][sel.to(dev)].clone(), cache.layer(i)[1][sel.to(dev)].clone()) for i in range(4)]
+    store = HostKVStore(dev)
+    positions, k, v = cache.export_sequence(1)
+    entry = store.put(1, [positions], k, v, length=1000)
+    assert store.stream.asynchronous and entry.k.is_pinned() and entry.v.is_pinned()
+    del k, v
+    cache.truncate(1, 0)                                            # compacts while the copy may run
+    cache.begin_round(torch.arange(1000, 2000), torch.full((1000,), 2))   # and overwrites the freed slots
+    for layer in range(4):
+        cache.store(layer, torch.zeros(1000, NKV, DH, device=dev).bfloat16(),
+                    torch.zeros(1000, NKV, DH, device=dev).bfloat16())
+    store.restore(1, cache, 0, 1, length=1000)
+    torch.cuda.synchronize()
+    got = cache.layout.seq_ids == 1
+    assert torch.equal(cache.layout.positions[got], positions)
+    for i in range(4):
+        assert torch.equal(cache.layer(i)[0][got.to(dev)], want[i][0])
+        assert torch.equal(cache.layer(i)[1][got.to(dev)], want[i][1])
+    assert store.restore_seconds > 0

@@ -191,6 +191,18 @@ def test_1m_collectives_per_layer_match_the_ring_algorithms(report_1m):
 
 
 @pytest.mark.integration
+def test_1m_launches_per_layer_within_the_issue_22_budgets(report_1m):
+    """#22: at most 30 launches per decode layer on every rank (rank 0 owns decode#1's token and
+    not decode#2's, so both kinds of rank are traced here) and at most 200 per prefill layer."""
+    _, rep = report_1m
+    budgets = {"prefill": 200, "decode#1": 30, "decode#2": 30}
+    for r in rep["rounds"]:
+        if r["round"] in budgets:
+            assert max(r["launches_per_layer"].values()) <= budgets[r["round"]], (r["round"], r["launches_per_layer"])
+    assert set(budgets) <= {r["round"] for r in rep["rounds"]}
+
+
+@pytest.mark.integration
 def test_1m_attention_calls_and_kernel_constraints(report_1m):
     """Rank 0 holds chunks 0 and 31 of 32 (§3.3).  Step 0: chunk 0 causal on itself, chunk 31
     causal on itself and plain on chunk 0; steps 1..15: chunk 31 sees both chunks of the

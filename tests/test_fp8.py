@@ -62,6 +62,33 @@ def test_quantize_rowwise_within_half_ulp_of_e4m3():
     assert (back.abs().amax(1) - x.abs().amax(1)).abs().max() <= 1e-6 * x.abs().max()  # amax is exact
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_quantiser_is_the_weight_quantiser_up_to_float8_ties(dtype):
+    """The activations' three-launch quantiser against the weights' (the oracle): a scale within
+    one float32 ulp of the float64 amax / 448, zeros for an all-zero row, and the same float8
+    values except where x / scale sits at a rounding midpoint (one float8 step at most)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(256, 512, generator=g) * torch.logspace(-4, 4, 256)[:, None]).to(dtype)
+    x[3] = 0.0
+    q, scale = fp8.quantize_activation_rows(x)
+    want_q, _ = fp8.quantize_rowwise(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (256,)
+    exact = x.double().abs().amax(1) / 448
+    nonzero = exact > 0
+    # fl(amax * fl(1/448)): two roundings of 2^-24 each (the weights' fl(amax / 448): one)
+    assert ((scale.double() - exact).abs()[nonzero] <= 2.0 ** -23 * exact[nonzero]).all()
+    assert scale[3] == fp8.ACT_SCALE_FLOOR and torch.equal(q[3].float(), torch.zeros(512))
+    back = fp8.dequantize_rowwise(q, scale)
+    bound = E4M3_REL * x.float().abs() + E4M3_SUBNORMAL_ABS * scale[:, None]
+    assert torch.isfinite(back).all() and ((back - x.float()).abs() <= bound * (1 + 1e-6)).all()
+    codes, want = q.view(torch.uint8).int(), want_q.view(torch.uint8).int()
+    # codes of one sign are ordered by magnitude: a midpoint rounded the other way is one code apart
+    assert (codes - want).abs().max() <= 1
+    # measured 0.055% (bf16: ratios to the amax are often exact midpoints) and 2.4e-7 (float32)
+    assert ((codes != want).float().mean() <= (2e-3 if dtype == torch.bfloat16 else 1e-5))
+
+
 def _error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Element-wise bound on |fp8_linear(x, W) - x @ W.T| from the two roundings (float64)."""
     x, w = x.double(), w.double()
@@ -96,7 +123,7 @@ def test_cpu_scaled_mm_matches_float64_product_of_quantised_operands():
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(33, 64, generator=g), torch.randn(48, 64, generator=g)
     wq, sw = fp8.quantize_rowwise(w)
-    xq, sx = fp8.quantize_rowwise(x)
+    xq, sx = fp8.quantize_activation_rows(x)           # what fp8_linear quantises x with
     oracle = fp8.dequantize_rowwise(xq, sx, torch.float64) @ fp8.dequantize_rowwise(wq, sw, torch.float64).T
     fast, emulated = fp8.fp8_linear(x, wq, sw, "scaled_mm"), fp8.fp8_linear(x, wq, sw, "emulated")
     # float32 accumulation of K=64 exact products: relative 1e-6 of the magnitudes is ample
@@ -108,7 +135,7 @@ def test_cpu_scaled_mm_matches_float64_product_of_quantised_operands():
 @pytest.mark.unit
 def test_chunked_activation_quantisation_equals_one_pass(monkeypatch):
     x = torch.randn(1000, 3, 16, generator=torch.Generator().manual_seed(5))
-    q1, s1 = fp8.quantize_rowwise(x)
+    q1, s1 = fp8.quantize_activation_rows(x)
     monkeypatch.setattr(fp8, "QUANT_CHUNK_BYTES", 4 * 48 * 7)   # 7 rows a chunk, a ragged last one
     q2, s2 = fp8.quantize_activations(x)
     assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)

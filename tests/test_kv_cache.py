@@ -180,3 +180,46 @@ def test_static_step_writes_through_slots_and_the_device_layout_follows_every_ch
     agrees()
     assert cache.tokens_of(7) == 2 and sorted(cache.layout.sequence_ids) == [0, 1, 7]
     assert cache.capacity_for(cache.capacity) == cache.capacity and cache.capacity_for(13) == 16
+
+
+@pytest.mark.unit
+def test_export_then_import_gives_back_every_slot_of_a_sequence_at_its_positions():
+    """The host tier's round trip: a sequence's slots (all layers, K and V) exported, dropped
+    (the cache compacts) and imported under another id hold the same values at the same
+    positions, and the other sequences are untouched.  Oracle: the values before export."""
+    from cp_megatron.model.kv_offload import HostKVStore
+
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(3, 2, 4, dtype=torch.float32, capacity=64)
+    seqs = torch.tensor([0, 1, 0, 2, 1, 0, 2, 0])               # interleaved, as rounds leave them
+    cache.begin_round(torch.tensor([0, 0, 1, 0, 1, 2, 1, 3]), seqs)
+    for layer in range(3):
+        cache.store(layer, torch.randn(8, 2, 4, generator=g), torch.randn(8, 2, 4, generator=g))
+
+    def by_position(seq):                                        # {position: (k, v) over layers}
+        sel = cache.layout.seq_ids == seq
+        pos = cache.layout.positions[sel].tolist()
+        k = [cache.layer(i)[0][sel] for i in range(3)]
+        v = [cache.layer(i)[1][sel] for i in range(3)]
+        return {p: (torch.stack([x[j] for x in k]), torch.stack([x[j] for x in v])) for j, p in enumerate(pos)}
+
+    want, others = by_position(0), (by_position(1), by_position(2))
+    store = HostKVStore("cpu")
+    positions, k, v = cache.export_sequence(0)
+    store.put(0, [positions], k, v, length=4)
+    cache.truncate(0, 0)
+    assert cache.num_tokens == 4 and cache.tokens_of(0) == 0 and store.nbytes() == 4 * cache.bytes_per_slot
+    store.restore(0, cache, 0, 5, length=3)                      # a branch: positions 0..2 as sequence 5
+    store.restore(0, cache, 0, 0, length=4)                      # the whole sequence back
+    got0, got5 = by_position(0), by_position(5)
+    assert sorted(got0) == [0, 1, 2, 3] and sorted(got5) == [0, 1, 2]
+    for p in want:
+        assert torch.equal(got0[p][0], want[p][0]) and torch.equal(got0[p][1], want[p][1])
+        if p < 3:
+            assert torch.equal(got5[p][0], want[p][0]) and torch.equal(got5[p][1], want[p][1])
+    assert all(torch.equal(a, b) for o, n in zip(others, (by_position(1), by_position(2)))
+               for p in o for a, b in zip(o[p], n[p]))
+    assert store.restored_bytes == 7 * cache.bytes_per_slot and store.offloaded_bytes == 4 * cache.bytes_per_slot
+    assert store.restore_seconds > 0
+    with pytest.raises(ValueError, match="import_sequence: expected k and v of shape"):
+        cache.import_sequence(9, torch.tensor([0]), k, v)

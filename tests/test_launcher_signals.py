@@ -14,30 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import alive as _alive, fork_servers as _fork_servers, rank_pids as _rank_pids
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_WITHIN_S = 10.0
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for its new parent to reap it is gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _rank_pids(parent: int) -> list[int]:
-    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    pids = []
-    for pid in children:  # the rank processes, not multiprocessing's resource tracker
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-        except FileNotFoundError:
-            pass
-    return pids
 
 
 class _Job:
@@ -78,7 +58,7 @@ class _Job:
         return self
 
     def __exit__(self, *exc) -> None:
-        for pid in [self.proc.pid] + _rank_pids(self.proc.pid):
+        for pid in [self.proc.pid] + _fork_servers(self.proc.pid) + _rank_pids(self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
-from cp_megatron import cli, planner
+from cp_megatron import cli, decode_cost, planner
 from cp_megatron.attention.heuristic import PASS_KV, PASS_Q, choose_strategy
 from cp_megatron.hardware import HardwareProfile, get_profile
 from cp_megatron.model.config import get_preset
@@ -84,10 +85,13 @@ def test_round_total_is_the_sum_of_its_parts():
     assert p.ttft_s == pytest.approx(parts, rel=REL_EXACT)
     assert p.elementwise_s > 0
     d = p.decode
-    assert p.ttit_s == pytest.approx(sum(d[k] for k in ("attention_s", "linear_s", "elementwise_s",
-                                                        "cp_comm_exposed_s", "tp_comm_s", "fixed_s",
-                                                        "lm_head_s")), rel=REL_EXACT)
-    assert 0 < d["all_to_all_s"] < d["cp_comm_exposed_s"]
+    assert d["comm_s"] == pytest.approx(d["tp_comm_s"] + d["cp_comm_s"] + d["step_comm_s"], rel=REL_EXACT)
+    assert d["hbm_s"] == pytest.approx(d["weights_s"] + d["kv_s"] + d["lm_head_s"], rel=REL_EXACT)
+    assert p.ttit_s == pytest.approx(d["launch_s"] + d["host_s"] + d["comm_s"] + d["hbm_s"], rel=REL_EXACT)
+    assert p.ttit_s == p.ttit_eager_s == d["modes"]["eager"]["total_s"] and not d["cuda_graphs"]
+    assert d["launches"] == 126 * d["launches_per_layer"] + d["launches_outside_layers"]
+    per_layer = sum(c["count"] * c["time_s"] for c in d["collectives"] if c["per"] == "layer" and c["group"] == "cp")
+    assert d["cp_comm_s"] == pytest.approx(126 * per_layer, rel=REL_EXACT) and d["cp_comm_s"] > 0
 
 
 # A profile with round numbers so that every decode term can be counted by hand.
@@ -95,7 +99,8 @@ HAND = HardwareProfile(
     name="hand", peak_flops_per_s=1e15, attn_flops_per_s=1e15, linear_flops_per_s=1e15,
     cp_bandwidth_bytes_per_s=1e9, tp_bandwidth_bytes_per_s=2e9, memory_bandwidth_bytes_per_s=1e9,
     memory_bytes=1e12, gpus_per_node=2, cp_latency_s=10e-6, tp_latency_s=20e-6, a2a_latency_s=30e-6,
-    net_hop_latency_s=40e-6, memory_efficiency=0.5, layer_overhead_s=10e-6, ring_step_overhead_s=3e-6)
+    net_hop_latency_s=40e-6, memory_efficiency=0.5, layer_overhead_s=10e-6, ring_step_overhead_s=3e-6,
+    launch_s=2e-6, graph_node_s=0.5e-6, graph_launch_s=7e-6, ring_base_latency_s=5e-6, nvlink_hop_latency_s=1e-6)
 US = 1e-6
 
 
@@ -124,37 +129,71 @@ def test_allreduce_latency_intra_node_and_tree_across_nodes():
 
 
 @pytest.mark.unit
-def test_decode_terms_hand_counted_tiny_cp2():
-    # tiny (2 layers, H 64, NH 4, NKV 2, DH 16, W 36864), fp32, TP1 x CP2, batch 3, P = 8.
+def test_allgather_latency_is_nccls_ring():
+    # base + one hop per ring step: NVLink inside a node, the network between nodes.
+    assert decode_cost.allgather_latency(HAND, 1, 1) == 0.0
+    assert decode_cost.allgather_latency(HAND, 4, 2) == pytest.approx(5e-6 + 2 * 1e-6 + 1 * 40e-6, rel=REL_EXACT)
+    h100 = get_profile("h100-rdma")    # NCCL LL: ring base 6.6 us, NVLink 0.6 us, network 5.0 us (ppn 1)
+    assert decode_cost.allgather_latency(h100, 8, 1) == pytest.approx(6.6e-6 + 7 * 0.6e-6, rel=REL_EXACT)
+    assert decode_cost.allgather_latency(h100, 2, 2) == pytest.approx(11.6e-6, rel=REL_EXACT)    # a CP2 group
+    assert decode_cost.allgather_latency(h100, 4, 4) == pytest.approx(21.6e-6, rel=REL_EXACT)
+
+
+def _tiny_decode(tp, cp, batch, cached, **kwargs):
     tiny = get_preset("tiny")
-    r = planner.round_cost(tiny, HAND, tp=1, cp=2, new_tokens=1, cached_tokens=8, batch=3,
-                           dtype="fp32", strategy=PASS_Q)
+    return decode_cost.decode_step_cost(tiny, HAND, tp, cp, cached, batch, "fp32", PASS_Q,
+                                        planner.block_weight_bytes(tiny, tp, "fp32"), **kwargs)
+
+
+@pytest.mark.unit
+def test_decode_terms_hand_counted_tiny_cp2():
+    # tiny (2 layers, H 64, NH 4, NKV 2, DH 16, V 512, W 36864), fp32, TP1 x CP2, batch 3, P = 8.
+    r = _tiny_decode(1, 2, 3, 8)
     assert r.tokens_per_rank == 2                                   # 3 padded to 4, over 2 ranks
-    # Weights read: (W + 2 norms) * 4 bytes per block at 0.5 * 1 GB/s, 2 blocks.
-    assert r.linear_s == pytest.approx(2 * (36864 + 128) * 4 / 0.5e9, rel=REL_EXACT)
-    # KV read per step: (3 * 9 / 2 tokens) * 2 (K, V) * 2 heads * 16 * 4 B / 2 (own sequences' share).
-    step = 13.5 * 2 * 2 * 16 * 4 / 2 / 0.5e9
-    assert r.attention_s == pytest.approx(2 * 2 * step, rel=REL_EXACT)
-    # Ring message: 2 query rows of 4 heads * 16 * 4 B plus a 4-byte batch id each.
-    assert r.cp_message_bytes == 2 * (4 * 16 * 4 + 4) == 520
-    a2a = 1 * 2 * 4 * (16 * 4 + 4) / 1e9 + 30e-6                     # O and float32 LSE, + latency
-    ring = max(step, 520 / 1e9 + 10e-6) + step
-    assert r.all_to_all_s == pytest.approx(2 * a2a, rel=REL_EXACT)
-    assert r.cp_comm_exposed_s == pytest.approx(2 * (ring - 2 * step + a2a), rel=REL_EXACT)
-    assert r.fixed_s == pytest.approx(2 * (10e-6 + 1 * 3e-6), rel=REL_EXACT)
-    assert r.tp_comm_s == 0.0
+    # The runtime's rule: ring 13 us + 512 B / 1 GB/s (a query block of 2 rows x 4 heads x 16 x
+    # 4 B) against the all_gather's 30 us + the same transfer: the ring.
+    assert r.exchange == PASS_Q
+    # Launches: llama 6 + 4 matmuls, RoPE 1 (one bmm), KV 2, flash 1, ring pass-Q 2 + 2 + merge 3 =
+    # 21 per layer; 33 outside; 2 us each eager, 0.5 us from a graph + 7 us per replay.
+    assert (r.launches_per_layer, r.launches_outside_layers, r.launches) == (21, 33, 75)
+    assert r.launch_s == pytest.approx(75 * 2e-6, rel=REL_EXACT)
+    assert r.modes["cuda_graphs"]["launch_s"] == pytest.approx(75 * 0.5e-6 + 7e-6, rel=REL_EXACT)
+    assert r.host_s == pytest.approx(2 * 10e-6, rel=REL_EXACT)     # layer_overhead_s only: launches are costed
+    # Collectives per layer: one ring exchange of 512 B (10 us + 512 / 1e9), the all_to_all of
+    # [2, 2, 4, 16 + 1] float32 = 1088 B (30 us + 1/2 of it / 1e9); per step the tokens'
+    # all-reduce over the 2 ranks (3 x 8 B: 20 us + 2 * 1/2 * 24 / 2e9).
+    ring, a2a = 10e-6 + 512 / 1e9, 30e-6 + 0.5 * 1088 / 1e9
+    assert r.cp_comm_s == pytest.approx(2 * (ring + a2a), rel=REL_EXACT)
+    assert r.step_comm_s == pytest.approx(20e-6 + 24 / 2e9, rel=REL_EXACT) and r.tp_comm_s == 0.0
+    # HBM at 0.5 * 1 GB/s: (W + 2 norms) * 4 B per block; K and V of ceil(3 * 8 / 2) = 12 slots x
+    # 2 heads x 16 x 4 B per block; the LM head 512 x 64 x 4 B.
+    assert r.weights_s == pytest.approx(2 * (36864 + 128) * 4 / 0.5e9, rel=REL_EXACT)
+    assert r.kv_s == pytest.approx(2 * 12 * 2 * 2 * 16 * 4 / 0.5e9, rel=REL_EXACT)
+    assert r.lm_head_s == pytest.approx(512 * 64 * 4 / 0.5e9, rel=REL_EXACT)
+    assert r.total_s == pytest.approx(r.launch_s + r.host_s + r.comm_s + r.weights_s + r.kv_s + r.lm_head_s,
+                                      rel=REL_EXACT)
+    graphs = _tiny_decode(1, 2, 3, 8, cuda_graphs=True)
+    assert graphs.cuda_graphs and graphs.total_s == pytest.approx(
+        r.total_s - 75 * 1.5e-6 + 7e-6, rel=REL_EXACT)
+    assert graphs.modes == r.modes
 
 
 @pytest.mark.unit
 def test_tp_decode_collectives_hand_counted_across_nodes():
-    # TP4 on 2 GPUs per node: 2 nodes, one tree level; payload 1 token * H 64 * 4 B.
-    tiny = get_preset("tiny")
-    r = planner.round_cost(tiny, HAND, tp=4, cp=1, new_tokens=1, cached_tokens=8, batch=1,
-                           dtype="fp32", strategy=PASS_Q)
-    per_allreduce = 2 * 3 / 4 * 256 / 2e9 + (20e-6 + 2 * 40e-6)     # bus BW min(2e9, 2 * 1e9)
+    # TP4 on 2 GPUs per node: 2 nodes; payload 1 token * H 64 * 4 B; bus BW min(2e9, 2 * 1e9).
+    r = _tiny_decode(4, 1, 1, 8)
+    per_allreduce = 2 * 3 / 4 * 256 / 2e9 + (20e-6 + 2 * 40e-6)     # NCCL's tree over 2 nodes
     assert r.tp_comm_s == pytest.approx(2 * 2 * per_allreduce, rel=REL_EXACT)
-    assert r.fixed_s == pytest.approx(2 * 10e-6, rel=REL_EXACT)     # CP1: no ring steps
-    assert r.cp_comm_exposed_s == 0.0 and r.all_to_all_s == 0.0
+    # per step: the embedding's all-reduce, the logits' all_gather (V/4 x 4 B in, 4x that out:
+    # 5 + 2 NVLink hops + 1 network hop), the tokens' all-reduce (8 B) over the 4 ranks.
+    gather = 5e-6 + 2 * 1e-6 + 40e-6 + 3 / 4 * 4 * 128 * 4 / 2e9
+    tokens = 2 * 3 / 4 * 8 / 2e9 + (20e-6 + 2 * 40e-6)
+    assert r.step_comm_s == pytest.approx(per_allreduce + gather + tokens, rel=REL_EXACT)
+    assert r.exchange == decode_cost.NO_EXCHANGE and r.cp_comm_s == 0.0
+    assert r.launches_per_layer == 14                               # no exchange, no merge
+    kinds = [(c["kind"], c["group"], c["per"], c["count"]) for c in r.collectives]
+    assert kinds == [("all_reduce", "tp", "layer", 2), ("all_reduce", "tp", "step", 1),
+                     ("all_gather", "tp", "step", 1), ("all_reduce", "world", "step", 1)]
 
 
 @pytest.mark.unit
@@ -217,12 +256,17 @@ def test_ttft_grows_with_context_and_miss_rate():
 
 @pytest.mark.unit
 def test_decode_is_memory_bound():
-    p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000)
+    p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000, cuda_graphs=True)
     hw = get_profile("h100-rdma")
-    floor = (p.weight_bytes_per_gpu + p.kv_cache_bytes_per_gpu) / hw.memory_bandwidth_bytes_per_s
-    achieved = floor / hw.memory_efficiency
-    assert achieved <= p.ttit_s < 1.5 * achieved
-    assert p.decode["linear_s"] > 0.5 * p.ttit_s                   # reading the weights dominates
+    d = p.decode
+    # the blocks' weights and the LM head (not the embedding, of which one row is read), the KV
+    embedding = 128256 / 8 * 16384 * 2
+    assert d["weight_bytes"] == pytest.approx(p.weight_bytes_per_gpu - embedding - 16384 * 2, rel=REL_EXACT)
+    assert d["kv_bytes"] == p.kv_cache_bytes_per_gpu
+    achieved = (d["weight_bytes"] + d["kv_bytes"]) / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency)
+    assert d["hbm_s"] == pytest.approx(achieved, rel=REL_EXACT)
+    assert achieved < p.ttit_s < 1.5 * achieved
+    assert d["weights_s"] > 0.5 * p.ttit_s                         # reading the weights dominates
 
 
 @pytest.mark.unit
@@ -230,14 +274,15 @@ def test_decode_does_not_scale_like_prefill():
     # Paper §4.3: CP adds ring and all_to_all latency to every block of a decode step, so
     # TTIT grows with N while TTFT falls; multi-node TP saves weight reads but pays
     # cross-node all-reduce latency.
-    ttit = {cp: planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=128_000).ttit_s
-            for cp in (1, 2, 4, 8)}
-    assert ttit[1] < ttit[2] < ttit[4] < ttit[8], ttit
+    for graphs in (False, True):
+        ttit = {cp: planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=128_000,
+                                 cuda_graphs=graphs).ttit_s for cp in (1, 2, 4, 8)}
+        assert ttit[1] < ttit[2] < ttit[4] < ttit[8], ttit
     tp8 = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=1, context_tokens=128_000)
     for tp in (16, 32):
         multi = planner.plan("llama3.1-405b", "h100-rdma", tp=tp, cp=1, context_tokens=128_000)
         assert multi.decode["tp_comm_s"] > 1.5 * tp8.decode["tp_comm_s"]
-        assert multi.decode["linear_s"] < tp8.decode["linear_s"]
+        assert multi.decode["weights_s"] < tp8.decode["weights_s"]
 
 
 @pytest.mark.unit
@@ -247,9 +292,9 @@ def test_batched_decode_amortises_the_fixed_terms():
     ttit = [p["ttit_s"] for p in points]
     assert ttit == sorted(ttit)
     assert [p["tokens_per_s"] for p in points] == sorted(p["tokens_per_s"] for p in points)
-    # Weights and fixed costs are paid once per step whatever the batch.
-    assert len({p["decode"]["linear_s"] for p in points}) == 1
-    assert len({p["decode"]["fixed_s"] for p in points}) == 1
+    # Weights and launches are paid once per step whatever the batch.
+    assert len({p["decode"]["weights_s"] for p in points}) == 1
+    assert len({p["decode"]["launch_s"] for p in points}) == 1
     assert points[0]["decode"]["tokens_per_rank"] == 1 and points[1]["decode"]["tokens_per_rank"] == 1
 
 
@@ -315,14 +360,107 @@ def test_predictions_pinned():
     # Regression guard for docs/planner.md's tables (change both together).
     one_m = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=1_000_000)
     k128 = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=16, context_tokens=128_000)
-    assert one_m.ttft_s == pytest.approx(74.26, rel=1e-3)
-    assert k128.ttft_s == pytest.approx(2.85, rel=5e-3)
-    ttit = {(tp, cp, c): planner.plan("llama3.1-405b", "h100-rdma", tp=tp, cp=cp, context_tokens=c).ttit_s
-            for tp, cp, c in ((8, 1, 8192), (8, 1, 128_000), (8, 2, 8192), (8, 2, 128_000),
-                              (8, 4, 128_000), (16, 1, 128_000), (32, 1, 128_000))}
-    # Decode reads the weights as loaded (fp8-rowwise: 51.3 GB per GPU at TP8), the one weight
-    # figure since #21; the Llama 3 recipe's 60.9 GB gave 29.5, 32.2, 32.4, 33.1, 36.3, 24.3, 21.6.
-    assert [round(v * 1e3, 1) for v in ttit.values()] == [26.2, 28.9, 29.1, 29.8, 33.0, 22.8, 21.0]
+    assert one_m.ttft_s == pytest.approx(75.08, rel=1e-3)
+    assert k128.ttft_s == pytest.approx(2.969, rel=1e-3)
+    rows = planner.paper_decode_comparison()
+    got = [(r["tp"], r["cp"], r["context_tokens"], round(r["ttit_cuda_graphs_s"] * 1e3, 2),
+            round(r["ttit_eager_s"] * 1e3, 2)) for r in rows if r["source"] == "Table 7"]
+    assert got == [(8, 1, 128_000, 34.28, 48.83), (8, 2, 128_000, 35.28, 52.04), (16, 1, 128_000, 24.77, 39.32),
+                   (8, 4, 128_000, 35.62, 52.38), (32, 1, 128_000, 21.29, 35.84)]
+
+
+@pytest.mark.unit
+def test_paper_figures_are_tables_6_to_8():
+    # arXiv 2411.01783v3 §4.3: Table 6 (TP8 vs CP2, 8K-128K), Table 7 (128K), Table 8 (us).
+    t7 = {(tp, cp): ttit for src, tp, cp, _c, _f, ttit in planner.PAPER_DECODE if src == "Table 7"}
+    assert t7 == {(8, 1): 46.26, (8, 2): 60.23, (16, 1): 39.52, (8, 4): 71.31, (32, 1): 47.3}
+    t6 = [ttit for src, _tp, _cp, _c, _f, ttit in planner.PAPER_DECODE if src == "Table 6"]
+    assert t6 == [44.51, 44.64, 46.26, 65.61, 65.66, 66.63]
+    # Table 8 (128K, batch 1): whole pass-Q of one layer, us
+    assert {cp: v[4] for cp, v in planner.PAPER_ATTENTION_US.items()} == {1: 38.9, 2: 157.7, 4: 238.6}
+    # the paper's recipe (FFN FP8, first and last block bf16): the 60.9 GB per GPU of TP8
+    assert planner.llama3_fp8_recipe_weight_bytes(get_preset("llama3.1-405b"), 8) == pytest.approx(60.918e9, rel=1e-4)
+
+
+@pytest.mark.unit
+def test_paper_decode_command_prints_every_row(capsys):
+    assert run_cli(["plan", "--paper-decode"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + len(planner.PAPER_DECODE) and "TTIT paper" in lines[0]
+    assert run_cli(["plan", "--paper-decode", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["tp"], r["cp"]) for r in rows] == [(tp, cp) for _s, tp, cp, *_ in planner.PAPER_DECODE]
+    assert all(r["ttit_deviation"] == pytest.approx(r["ttit_cuda_graphs_s"] / r["paper_ttit_s"] - 1) for r in rows)
+    assert run_cli(["plan", "--paper-decode", "--hardware", "tpu"]) == 2
+    assert "--hardware" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the code model vs the dry run
+
+# (config, CP, attention.strategy, the decode exchange the runtime runs): 405B FP8 TP8 at
+# CP 1 / 2 / 4 and ring pass-Q forced, 70B bf16 TP8 x CP4.  A 4,096-token prompt: decode
+# launches and collectives do not depend on the cache length (checked at 128K by hand, see
+# docs/planner.md).  TP16 / TP32 cannot be traced: the runtime refuses TP > NKV.
+DRYRUN_CASES = [("llama3.1-405b-h100.yaml", 1, "auto", decode_cost.NO_EXCHANGE),
+                ("llama3.1-405b-h100.yaml", 2, "auto", "all-gather-q"),
+                ("llama3.1-405b-h100.yaml", 4, "auto", "all-gather-q"),
+                ("llama3.1-405b-h100.yaml", 2, "pass-q", PASS_Q),
+                ("llama3.1-70b-h100.yaml", 4, "auto", "all-gather-q")]
+_TRACE_KIND = {"all_reduce": "allreduce_", "all_to_all": "alltoall_base_"}
+
+
+def _as_traced(c: dict) -> list:
+    """(trace kind, file, group size, bytes) records the dry run makes for one model collective."""
+    if c["kind"] == "send_recv":
+        return [(k, c["where"], c["ranks"], c["in_bytes"]) for _ in range(c["count"]) for k in ("send", "recv_")]
+    if c["kind"] == "all_gather":   # the trace counts the input and the output
+        kind = "_allgather_base_" if c["per"] == "layer" else "allgather_"
+        return [(kind, c["where"], c["ranks"], c["in_bytes"] + c["out_bytes"])] * c["count"]
+    return [(_TRACE_KIND[c["kind"]], c["where"], c["ranks"], c["in_bytes"])] * c["count"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("config, cp, strategy, exchange", DRYRUN_CASES)
+def test_decode_code_matches_the_dry_run(config, cp, strategy, exchange):
+    """DecodeStepCode and decode_collectives are what `cp-megatron dryrun CONFIG --layers 2`
+    traces on the rank that holds the new token: launches per layer and outside by source
+    file, every collective with its group and bytes, and the runtime's choice of exchange.
+    When the layer code changes, the source whose count moved is named here: update
+    DecodeStepCode (cp_megatron/decode_cost.py), then `cp-megatron plan --paper-decode`."""
+    from pathlib import Path
+
+    from cp_megatron.cli.dryrun import build_spec
+    from cp_megatron.config import load_config
+    from cp_megatron.dryrun import trace_rank
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / config)
+    spec = build_spec(load_config(path, [f"parallel.cp={cp}", f"attention.strategy={strategy}"]), 2,
+                      "prefill,decode:2", 4096, "9.0")
+    rep = trace_rank(spec, 0)
+    owner = [r for r in rep["rounds"] if r["round"].startswith("decode")
+             and any(c["kind"] == "allreduce_" and c["bytes"] > 0 for c in r["collectives_by_layer"]["0"])]
+    assert owner, "no decode round in which rank 0 holds the new token"
+    r = owner[0]
+    assert r["metrics"]["strategy"] == (PASS_Q if exchange == decode_cost.NO_EXCHANGE else exchange)
+    cfg, tp = spec.model_config, spec.tp
+    fp8 = spec.weights == "fp8-rowwise"
+    dtype = "fp8" if fp8 else "bf16"
+    hw = get_profile("h100-rdma")
+    if strategy == "auto":   # the planner picks what the engine picked
+        assert decode_cost.query_exchange(cfg, hw, tp, cp, 1, 4096, dtype, PASS_Q) == exchange
+    code = decode_cost.DecodeStepCode()
+    for layer in ("0", "1"):
+        assert r["launches_by_layer_and_source"][layer] == code.layer_launches(fp8, exchange), layer
+    assert r["launches_by_layer_and_source"]["outside"] == code.outside_launches(exchange)
+    model = [asdict(c) for c in decode_cost.decode_collectives(cfg, hw, tp, cp, 1, 4096, dtype, exchange)]
+
+    def traced(scope):
+        keys = ["0"] if scope == "layer" else ["outside"]
+        return sorted((c["kind"], c["where"].split(":")[0], len(c["group"]), c["bytes"])
+                      for k in keys for c in r["collectives_by_layer"].get(k, []))
+
+    for scope in ("layer", "step"):
+        assert traced(scope) == sorted(x for c in model if c["per"] == scope for x in _as_traced(c)), scope
 
 
 # --------------------------------------------------------------------------- CLI
@@ -338,7 +476,7 @@ def test_cli_json_keys(capsys):
         assert key in out, key
     assert out["inputs"] == {"model": "llama3.1-405b", "hardware": "h100-rdma", "tp": 8, "cp": 16,
                              "context_tokens": 1_000_000, "cached_tokens": 0, "batch": 1, "dtype": "fp8",
-                             "max_new_tokens": 0, "kv_margin_tokens": 8192}
+                             "max_new_tokens": 0, "kv_margin_tokens": 8192, "cuda_graphs": False}
     assert out["strategy"] == PASS_KV
 
 
@@ -347,8 +485,24 @@ def test_cli_table(capsys):
     assert run_cli(ARGS_405B + ["--cp", "16", "--context", "128000"]) == 0
     out = capsys.readouterr().out
     assert "TTFT" in out and "pass-kv" in out and "TTIT" in out
-    for row in ("weights read", "TP all-reduce", "CP ring + all_to_all", "fixed", "decode step"):
+    for row in ("weights read", "TP all-reduce", "CP ring + all_to_all", "fixed", "decode step",
+                "kernel launches", "CP all_gather", "CP all_to_all", "KV cache read", "CUDA graph"):
         assert row in out, row
+
+
+@pytest.mark.unit
+def test_cli_cuda_graphs_flag_picks_the_graph_ttit(capsys):
+    base = ARGS_405B + ["--cp", "2", "--context", "128000", "--json"]
+    assert run_cli(base) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert run_cli(base + ["--cuda-graphs"]) == 0
+    graph = json.loads(capsys.readouterr().out)
+    assert eager["ttit_s"] == eager["ttit_eager_s"] and graph["ttit_s"] == graph["ttit_cuda_graphs_s"]
+    assert graph["inputs"]["cuda_graphs"] and not eager["inputs"]["cuda_graphs"]
+    assert graph["ttit_cuda_graphs_s"] == eager["ttit_cuda_graphs_s"] < eager["ttit_eager_s"]
+    hw, launches = get_profile("h100-rdma"), eager["decode"]["launches"]
+    assert eager["ttit_eager_s"] - eager["ttit_cuda_graphs_s"] == pytest.approx(
+        launches * (hw.launch_s - hw.graph_node_s) - hw.graph_launch_s, rel=1e-9)
 
 
 @pytest.mark.unit
@@ -360,7 +514,7 @@ def test_cli_batch_sweep(capsys):
     assert run_cli(argv + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sweep"] == "batch" and [p["batch"] for p in data["points"]] == [1, 4, 16]
-    assert all(p["decode"]["fixed_s"] > 0 for p in data["points"])
+    assert all(p["decode"]["launch_s"] > 0 for p in data["points"])
 
 
 @pytest.mark.unit
@@ -439,6 +593,7 @@ def test_profile_json_file_is_a_hardware_profile(tmp_path, capsys):
     ({"memory_efficiency": 1.5}, "memory_efficiency"),                  # above the data sheet
     ({"layer_overhead_s": -1e-6}, "layer_overhead_s"),
     ({"a2a_latency_s": 0}, "a2a_latency_s"),                             # latencies stay > 0
+    ({"launch_s": -5e-6}, "launch_s"),                                  # may be 0, never negative
 ])
 def test_bad_profile_file_names_the_file_and_field(tmp_path, changes, field, capsys):
     path = _profile_file(tmp_path, **changes)

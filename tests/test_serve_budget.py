@@ -67,16 +67,22 @@ def test_both_budgets_or_a_budget_below_the_minimum_are_config_errors(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_both_budgets_exit_2_with_one_line_before_any_rank(tmp_path):
+@pytest.mark.timeout(300)
+def test_bad_budgets_exit_2_with_one_line_before_any_rank(tmp_path):
+    # Both forms; a device budget below the model's minimum; a host tier that holds no slot.
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
-    proc = subprocess.run([sys.executable, "-m", "cp_megatron.cli", "serve", str(cfg), "--port", "0",
-                           "--set", "serve.kv_cache_memory=0.1", "--set", "serve.kv_cache_tokens=1000"],
-                          capture_output=True, text=True, timeout=100, cwd=REPO)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
-    assert len(lines) == 1 and "not both" in lines[0] and "weights" not in proc.stderr
+    cases = [(["serve.kv_cache_memory=0.1", "serve.kv_cache_tokens=1000"], "not both"),
+             ([f"serve.kv_cache_memory={TINY_SLOT * 100}"], "minimum is 129 slots"),
+             ([f"serve.host_kv_cache_memory={TINY_SLOT - 1}"], "serve.host_kv_cache_memory")]
+    for overrides, expected in cases:
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        proc = subprocess.run([sys.executable, "-m", "cp_megatron.cli", "serve", str(cfg), "--port", "0", *sets],
+                              capture_output=True, text=True, timeout=100, cwd=REPO)
+        assert proc.returncode == 2, (overrides, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("cp-megatron:")]
+        assert len(lines) == 1 and expected in lines[0], (overrides, proc.stderr[-2000:])
+        assert "weights" not in proc.stderr and "rank" not in proc.stderr.replace(lines[0], ""), proc.stderr
 
 
 @pytest.mark.integration
@@ -99,3 +105,27 @@ def test_server_reserves_the_byte_budget_reports_it_and_refuses_what_exceeds_it(
         assert r.usage.completion_tokens == 4
     finally:
         server.kill()
+
+
+@pytest.mark.unit
+def test_host_tier_budget_in_slots_per_rank_and_its_errors_name_the_field(tmp_path):
+    import os
+
+    tiny = get_preset("tiny")
+    b = kv_budget(config(tmp_path, overrides=[f"serve.host_kv_cache_memory={TINY_SLOT * 500 + 7}"]), tiny)
+    assert (b.host_slots_per_rank, b.host_bytes_per_rank) == (500, 500 * TINY_SLOT)
+    assert b.host_source == f"serve.host_kv_cache_memory = {TINY_SLOT * 500 + 7} bytes per rank"
+    assert b.tokens == DEFAULT_KV_CACHE_TOKENS                                     # the device budget as before
+    for off in ([], ["serve.host_kv_cache_memory=0"], ["serve.host_kv_cache_memory=null"]):
+        assert kv_budget(config(tmp_path, overrides=off), tiny).host_slots_per_rank == 0
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    frac = kv_budget(config(tmp_path, overrides=["serve.host_kv_cache_memory=0.01"]), tiny)
+    assert frac.host_slots_per_rank == int(0.01 * host // 2) // TINY_SLOT          # 2 ranks share the host
+    with pytest.raises(ConfigError, match=rf"^serve.host_kv_cache_memory: {TINY_SLOT - 1} bytes per rank hold "
+                                          rf"no KV slot.*at least {TINY_SLOT} bytes"):
+        kv_budget(config(tmp_path, overrides=[f"serve.host_kv_cache_memory={TINY_SLOT - 1}"]), tiny)
+    for bad, why in (("1234.5", "expected bytes"), ("-1", "greater than or equal to 0"), ("lots", "number")):
+        with pytest.raises(ConfigError, match=f"host_kv_cache_memory.*{why}"):
+            config(tmp_path, overrides=[f"serve.host_kv_cache_memory={bad}"])
+    with pytest.raises(ConfigError, match="host_kv_cache_memory.*prefix_caching"):
+        config(tmp_path, overrides=["serve.host_kv_cache_memory=100000", "serve.prefix_caching=false"])

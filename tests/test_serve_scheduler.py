@@ -22,11 +22,22 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.history: dict[int, list[int]] = {}
+        self.host: dict[int, list[int]] = {}            # the host tier
         self.fed_tokens = 0
 
     def run(self, message: dict):
         for seq in message["free"]:
             del self.history[seq]                       # KeyError: freeing an unknown sequence
+        for seq in message["host_drop"]:
+            del self.host[seq]
+        for seq in message["offload"]:
+            assert seq not in self.host
+            self.host[seq] = self.history.pop(seq)
+        for src, dst, n in message["restore"]:
+            assert dst not in self.history and len(self.host[src]) >= n
+            self.history[dst] = self.host[src][:n]
+            if dst == src:
+                del self.host[src]
         for src, dst, n in message["fork"]:
             assert dst not in self.history and len(self.history[src]) >= n
             self.history[dst] = self.history[src][:n]
@@ -336,3 +347,91 @@ def test_a_long_prompt_is_prefilled_in_chunks_that_carry_the_other_streams_decod
     with_decodes = [r for r in chunked if len(r.requests) > 1]
     assert len(with_decodes) >= len(chunked) - 1                 # the chat streams decode between chunks
     assert all(len(t) == 1 for r in with_decodes for t in list(r.message["feed"].values())[:-1])
+
+
+# -- the host tier (offload / restore of idle sequences) ------------------------------------------
+def test_an_evicted_sequence_goes_to_the_host_tier_and_its_next_turn_restores_it_instead_of_prefilling():
+    from cp_megatron.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    sched, engine = make(kv_cache_tokens=100, host_kv_cache_slots=1000, metrics=metrics), FakeEngine()
+    outs = {}
+    for k in (1, 2, 3):
+        _, ev = submit(sched, [k] * 30)
+        rounds = drive(sched, engine)
+        outs[k] = tokens(ev)
+    # the third needed room: the first (least recently used) went to the host tier, not away
+    assert rounds[0].message["offload"] == [0] and rounds[0].message["free"] == []
+    assert engine.host == {0: [1] * 30 + outs[1][:-1]} and 0 not in engine.history
+    turn = [1] * 30 + outs[1] + [4, 4]
+    fed = engine.fed_tokens
+    req, ev = submit(sched, turn)
+    rounds = drive(sched, engine)
+    assert rounds[0].message["restore"] == [(0, 0, 34)]          # taken back whole, under its id
+    assert rounds[0].message["offload"] == [1]                   # the second, now LRU, made room
+    assert req.cached_tokens == 34 and engine.fed_tokens - fed == 3 + 4    # only the new tokens
+    assert tokens(ev) == solo(turn)
+    assert set(sched.host) == set(engine.host) == {1}
+    value = metrics.registry.get_sample_value
+    assert value("cp_megatron_kv_offloads_total") == 2 and value("cp_megatron_kv_restores_total") == 1
+    assert value("cp_megatron_host_kv_evictions_total") == 0
+
+
+def test_a_branch_restores_a_prefix_of_a_host_entry_and_the_entry_stays():
+    sched, engine = make(kv_cache_tokens=100, host_kv_cache_slots=1000), FakeEngine()
+    doc = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    q1, q2 = doc + [5, 6], doc + [7, 8, 9]
+    _, e1 = submit(sched, q1)
+    drive(sched, engine)
+    submit(sched, [9] * 60)                                      # needs the room: q1 goes to the host
+    drive(sched, engine)
+    assert set(engine.host) == {0}
+    r2, e2 = submit(sched, q2)
+    rounds = drive(sched, engine)
+    assert rounds[0].message["restore"] == [(0, r2.seq, 40)] and r2.seq != 0 and r2.cached_tokens == 40
+    assert tokens(e2) == solo(q2) and 0 in sched.host and 0 in engine.host
+    follow = q1 + tokens(e1) + [2]                               # continue the first branch
+    r3, e3 = submit(sched, follow)
+    rounds = drive(sched, engine)
+    assert rounds[0].message["restore"] == [(0, 0, 46)] and r3.cached_tokens == 46
+    assert tokens(e3) == solo(follow) and 0 not in engine.host
+
+
+@pytest.mark.parametrize("shard", [None, 17])
+def test_the_host_tier_drops_its_least_recently_used_entries_past_its_budget(shard):
+    """Budget in slots per rank; an entry costs the most slots one rank holds (``shard_slots``,
+    17 as if two ranks split 34 tokens; default all 34)."""
+    cost = shard or 34
+    sched = make(kv_cache_tokens=40, host_kv_cache_slots=2 * cost + 2,
+                 shard_slots=(lambda seq: shard) if shard else None)
+    engine = FakeEngine()
+    for k in range(1, 5):                                        # the device holds one idle 34-token sequence
+        submit(sched, [k] * 30)
+        rounds = drive(sched, engine)
+    assert rounds[0].message["offload"] == [2] and rounds[0].message["host_drop"] == [0]   # oldest first
+    assert set(sched.host) == set(engine.host) == {1, 2} and sched.host_slots_used == 2 * cost
+    sched.reset_prefix_cache()                                   # forgets the host tier too
+    rnd = sched.plan()
+    assert sorted(rnd.message["host_drop"]) == [1, 2] and rnd.message["free"] == [3]
+    engine.run(rnd.message)
+    assert engine.host == {} and engine.history == {} and sched.host_slots_used == 0
+
+
+def test_a_sequence_larger_than_the_host_tier_or_its_oldest_entry_is_freed_not_copied():
+    sched, engine = make(kv_cache_tokens=40, host_kv_cache_slots=20), FakeEngine()
+    submit(sched, [1] * 30)
+    drive(sched, engine)
+    submit(sched, [2] * 30)
+    rounds = drive(sched, engine)
+    assert rounds[0].message["free"] == [0] and rounds[0].message["offload"] == []   # 34 > 20 slots
+    # Evicted while older than every host entry: dropped at once, i.e. freed on the device.
+    sched, engine = make(kv_cache_tokens=80, host_kv_cache_slots=40), FakeEngine()
+    for k in (1, 2, 3):                                          # the first goes to the host tier
+        submit(sched, [k] * 30)
+        drive(sched, engine)
+    branch = [1] * 20 + [7] * 5                                  # a branch of it: the entry is used now
+    req, ev = submit(sched, branch)
+    rounds = drive(sched, engine)
+    m = rounds[0].message
+    assert m["restore"] == [(0, req.seq, 20)] and m["free"] == [1] and m["offload"] == m["host_drop"] == []
+    assert tokens(ev) == solo(branch) and set(engine.host) == {0}

@@ -40,19 +40,16 @@ from cp_megatron.checkpoint.base import CheckpointReader
 from cp_megatron.dtypes import torch_dtype
 from cp_megatron.checkpoint.sharded import (
     DTYPE_NAME, METADATA_FILE, SAFETENSORS_DTYPE, SafetensorsWriter, TensorPlan, build_metadata, write_shards)
+from cp_megatron.checkpoint.options import DTYPE_NAMES, TO_FORMATS, VERIFY_ATOL, WEIGHTS
 from cp_megatron.model import fp8
 
-TO_FORMATS = ("sharded", "hf")
-DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp32")}  # --dtype choices
-WEIGHTS = ("dtype", "fp8-rowwise")
+DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}  # --dtype choices
 # Copied from the source folder when present (GGUF: tokenizer.json is exported from the vocabulary).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json")
-DEFAULT_MAX_SHARD = "5GB"            # --to hf: size of one safetensors file (as save_pretrained)
 REOPEN_BYTES = 1 << 30               # Meta / GGUF sources: reopen (drop the maps) after this much
 DIGEST_FULL_BYTES = 16 << 20         # source digest: files up to this size are hashed whole,
 DIGEST_HEAD_BYTES = 1 << 20          # bigger (weight) files by name, size and their first MiB
-VERIFY_ATOL = 1e-5                   # float32 logits; both sides use the same rounded weights
 
 
 # verify(src_fmt, src, dst_fmt, converted_folder, {tensor name: stored dtype}) -> max |logit diff|

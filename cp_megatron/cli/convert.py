@@ -18,7 +18,7 @@ import re
 import sys
 
 from cp_megatron.checkpoint import CheckpointError, open_checkpoint
-from cp_megatron.checkpoint.convert import DEFAULT_MAX_SHARD, DTYPES, VERIFY_ATOL, WEIGHTS, VerifyError, convert
+from cp_megatron.checkpoint.options import DEFAULT_MAX_SHARD, DTYPE_NAMES, VERIFY_ATOL, WEIGHTS
 
 VERIFY_TOKENS = 32
 _PROG = "cp-megatron convert"
@@ -51,6 +51,7 @@ def _verify_job(src_fmt, src, dst_fmt, dst, dtypes, num_tokens):
     import torch
 
     from cp_megatron import parallel_state
+    from cp_megatron.checkpoint.convert import VerifyError
     from cp_megatron.factory import build_engine
 
     topo = parallel_state.initialize(1, 1, 1)
@@ -103,7 +104,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--to", dest="dst_format", required=True, metavar="{sharded,hf}", help="output format")
     p.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, default=None, help="TP size of a sharded output (default 1)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="output dtype (default: each tensor's stored dtype; quantized GGUF -> fp32)")
     p.add_argument("--weights", choices=WEIGHTS, default="dtype",
                    help="fp8-rowwise: attention and MLP weights as float8_e4m3fn with a float32 scale "
@@ -121,6 +122,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``cp-megatron convert``; exit code 0, 2 (bad input: one line), 1 (write/verify
     failed), 128+N (signal N: the partial output is removed first)."""
+    # imported here, not at the top: megatron-core (via model.fp8) costs ~3 s of every
+    # subcommand's start-up otherwise (build_parser imports this module)
+    from cp_megatron.checkpoint.convert import DTYPES, VerifyError, convert
     from cp_megatron.launcher import Interrupted, RankFailure
 
     if args.tp is not None and (args.dst_format != "sharded" or args.tp < 1):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cp_megatron.atomic import pyplot, save_figure
 
-from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, plan, sweep_batch, sweep_cp
+from cp_megatron.planner import WEIGHT_DTYPES, PlanInputError, paper_decode_comparison, plan, sweep_batch, sweep_cp
 
 _PROG = "cp-megatron plan"
 
@@ -39,7 +39,6 @@ def _secs(value: float) -> str:
 
 def format_plan(p: dict) -> str:
     """The readable table printed by ``cp-megatron plan``."""
-    d = p["decode"]
     kind = ("full prefill" if p["cached_tokens"] == 0 else
             "decode step" if p["new_tokens"] == 1 else "partial prefill")
     layers = p["attention_flops"] / p["attention_flops_per_layer"] if p["attention_flops_per_layer"] else 0
@@ -63,13 +62,11 @@ def format_plan(p: dict) -> str:
         f"{'TP bytes sent per GPU':34}{_si(p['tp_comm_bytes_per_layer'], 'B'):>14}"
         f"{_si(p['tp_comm_bytes_per_layer'] * layers, 'B'):>16}",
         "",
-        f"{'time on the slowest GPU':34}{'round':>14}{'decode step':>14}",
-        *_time_rows(p, d),
+        f"{'round, time on the slowest GPU':34}{'':>14}",
+        *_time_rows(p),
         f"{'TTFT':34}{_secs(p['ttft_s']):>14}   ({_si(p['achieved_flops_per_gpu'], 'FLOP/s')} per GPU)",
-        f"{'TTIT (decode, ' + p['decode_strategy'] + ')':34}{'':>14}{_secs(p['ttit_s']):>14}   "
-        f"(batch {p['batch']}, {d['tokens_per_rank']} per CP rank)",
         "",
-    ] + format_memory(p["memory"])
+    ] + format_decode(p) + [""] + format_memory(p["memory"])
     rows += [f"warning   {w}" for w in p["warnings"]]
     return _device_words("\n".join(rows), p["hardware"])
 
@@ -88,32 +85,93 @@ def _device_words(text: str, hardware: str) -> str:
     return text
 
 
-# (label, RoundCost key) of the time breakdown; decode names the linear term "weights read"
-# because a decode step is bound by reading every weight of the GPU.
-_TIME_ROWS = (("linear layers / weights read", "linear_s"), ("attention (ring compute)", "attention_s"),
+# (label, RoundCost key) of the round's time breakdown.
+_TIME_ROWS = (("linear layers", "linear_s"), ("attention (ring compute)", "attention_s"),
               ("TP all-reduce", "tp_comm_s"), ("CP ring + all_to_all, exposed", "cp_comm_exposed_s"),
               ("element-wise (HBM-bound)", "elementwise_s"), ("fixed (launches, per block)", "fixed_s"),
               ("LM head", "lm_head_s"))
 
 
-def _time_rows(p: dict, d: dict) -> list[str]:
-    return [f"  {label:32}{_secs(p[key]):>14}{_secs(d[key]):>14}" for label, key in _TIME_ROWS]
+def _time_rows(p: dict) -> list[str]:
+    return [f"  {label:32}{_secs(p[key]):>14}" for label, key in _TIME_ROWS]
+
+
+_KIND_WORDS = {"all_reduce": "all-reduce", "all_gather": "all_gather", "all_to_all": "all_to_all",
+               "send_recv": "ring send/recv"}
+
+
+def format_decode(p: dict) -> list[str]:
+    """Rows of the decode step's TTIT breakdown (:class:`cp_megatron.decode_cost.DecodeCost`):
+    launches, each collective, the HBM terms, the total eager and from a CUDA graph."""
+    d = p["decode"]
+    layers = round(p["attention_flops"] / p["attention_flops_per_layer"]) if p["attention_flops_per_layer"] else 0
+    eager, graph = d["modes"]["eager"], d["modes"]["cuda_graphs"]
+    hw = p["hardware_profile"]
+    hbm = hw["memory_bandwidth_bytes_per_s"] * hw["memory_efficiency"]
+    rows = [f"decode step  TTIT of one step on {p['context_tokens']:,} cached tokens: {d['strategy']}, query exchange "
+            f"{d['exchange']}, batch {p['batch']} ({d['tokens_per_rank']} per CP rank); "
+            f"{'CUDA graph' if d['cuda_graphs'] else 'eager'} (--cuda-graphs)",
+            f"  {'kernel launches':32}{d['launches']:>14,}   ({d['launches_per_layer']} per layer x {layers} "
+            f"+ {d['launches_outside_layers']} outside; eager {_secs(eager['launch_s'])} at "
+            f"{_secs(eager['launch_cost_s'])}, CUDA graph {_secs(graph['launch_s'])} at "
+            f"{_secs(graph['launch_cost_s'])} + {_secs(hw['graph_launch_s'])})"]
+    for c in d["collectives"]:
+        where = f"{c['count']} x {layers} layers" if c["per"] == "layer" else f"{c['count']} per step"
+        total = c["count"] * c["time_s"] * (layers if c["per"] == "layer" else 1)
+        rows.append(f"  {c['group'].upper() + ' ' + _KIND_WORDS[c['kind']]:32}{_secs(total):>14}   "
+                    f"({where}, {_si(c['in_bytes'], 'B')} each over {c['ranks']} ranks on {c['nodes']} "
+                    f"node{'s' if c['nodes'] > 1 else ''}: {_secs(c['time_s'])}, of which "
+                    f"{_secs(c['latency_s'])} latency; {c['where']})")
+    rows += [f"  {'weights read':32}{_secs(d['weights_s']):>14}   "
+             f"({_si(d['weight_bytes'], 'B')} with the LM head, at {_si(hbm, 'B/s')})",
+             f"  {'KV cache read (attention)':32}{_secs(d['kv_s']):>14}   ({_si(d['kv_bytes'], 'B')})",
+             f"  {'LM head':32}{_secs(d['lm_head_s']):>14}"]
+    if d["host_s"]:
+        rows.append(f"  {'host work per block (measured)':32}{_secs(d['host_s']):>14}")
+    rows += [f"{'TTIT':34}{_secs(p['ttit_s']):>14}   (eager {_secs(p['ttit_eager_s'])}, CUDA graph "
+             f"{_secs(p['ttit_cuda_graphs_s'])}; launches overlapped with the device's work: eager "
+             f"{_secs(eager['overlapped_s'])}, graph {_secs(graph['overlapped_s'])})"]
+    return rows
 
 
 def format_batch_sweep(points: list[dict]) -> str:
     """The decode table printed by ``cp-megatron plan --sweep batch=...``."""
     first = points[0]
     rows = [f"sweep     decode of {first['model']} on {first['hardware']}, TP{first['tp']} x CP{first['cp']}, "
-            f"context {first['context_tokens']:,}",
-            f"{'batch':>6}{'padded':>8}{'TTIT':>11}{'tokens/s':>10}{'weights':>10}{'attention':>11}{'TP':>9}"
-            f"{'CP ring':>9}{'fixed':>9}{'memory':>8}"]
+            f"context {first['context_tokens']:,}, {'CUDA graph' if first['cuda_graphs'] else 'eager'}",
+            f"{'batch':>6}{'padded':>8}{'TTIT':>11}{'tokens/s':>10}{'launches':>10}{'weights':>10}{'KV read':>10}"
+            f"{'TP':>9}{'CP':>9}{'memory':>8}"]
     for p in points:
         d = p["decode"]
         rows.append(f"{p['batch']:>6}{d['tokens_per_rank'] * p['cp']:>8}{_secs(p['ttit_s']):>11}"
-                    f"{p['batch'] / p['ttit_s']:>10.0f}{_secs(d['linear_s']):>10}{_secs(d['attention_s']):>11}"
-                    f"{_secs(d['tp_comm_s']):>9}{_secs(d['cp_comm_exposed_s']):>9}{_secs(d['fixed_s']):>9}"
+                    f"{p['batch'] / p['ttit_s']:>10.0f}{_secs(d['launch_s']):>10}{_secs(d['weights_s']):>10}"
+                    f"{_secs(d['kv_s']):>10}{_secs(d['tp_comm_s']):>9}{_secs(d['cp_comm_s']):>9}"
                     f"{'fits' if p['fits_in_memory'] else 'no fit':>8}")
     return "\n".join(rows)
+
+
+def format_paper_decode(rows: list[dict]) -> str:
+    """The markdown table printed by ``cp-megatron plan --paper-decode``: the planner's TTIT
+    (eager, CUDA graph) and TTFT beside arXiv 2411.01783 Tables 6-7, with the decode terms."""
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    lines = ["| source | TP x CP, context | TTIT paper (ms) | planner, CUDA graph | dev. | planner, eager | "
+             "launches (graph) | TP all-reduce | CP exchange | step collectives | weights | KV read | LM head | "
+             "paper's FP8 recipe: weights + | attention block / layer, planner vs Table 8 (us) | "
+             "TTFT paper / planner (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["decode"]
+        block = (f"{r['attention_block_us']:.1f} vs {r['paper_attention_block_us']:.1f}"
+                 if r["paper_attention_block_us"] is not None else
+                 f"{r['attention_block_us']:.1f} vs -" if r["attention_block_us"] is not None else "-")
+        lines.append(
+            f"| {r['source']} | TP{r['tp']} x CP{r['cp']}, {r['context_tokens'] // 1000}K | {ms(r['paper_ttit_s'])} | "
+            f"**{ms(r['ttit_cuda_graphs_s'])}** | {r['ttit_deviation']:+.0%} | {ms(r['ttit_eager_s'])} | "
+            f"{ms(d['modes']['cuda_graphs']['launch_s'])} ({d['launches']:,}) | {ms(d['tp_comm_s'])} | "
+            f"{ms(d['cp_comm_s'])} ({d['exchange']}) | {ms(d['step_comm_s'])} | {ms(d['weights_s'])} | "
+            f"{ms(d['kv_s'])} | {ms(d['lm_head_s'])} | {ms(r['recipe_weights_delta_s'])} | {block} | "
+            f"{r['paper_ttft_s']:.2f} / {r['ttft_s']:.2f} ({r['ttft_deviation']:+.0%}) |")
+    return "\n".join(lines)
 
 
 def format_memory(m: dict) -> list[str]:
@@ -218,6 +276,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="take tp, cp, dtype, hardware, max_new_tokens, the KV margin (and, for a dummy model "
                         "or random prompt, the model and the context) from a run config; flags override; "
                         "the memory report names `cp-megatron dryrun RUN.yaml --layers 2`")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="TTIT of a decode step replayed from a CUDA graph (default: eager, or "
+                        "runtime.cuda_graphs of --config); both are printed")
+    p.add_argument("--paper-decode", action="store_true",
+                   help="print the planner's TTIT beside the paper's Tables 6 and 7 (405B, batch 1) as a "
+                        "markdown table, with the decode terms (--hardware, default h100-rdma)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sweep", default=None, metavar="cp=1,2,4,8,16",
                    help="scaling curve over CP sizes (cp=...), or decode over batch sizes (batch=...)")
@@ -237,7 +301,7 @@ def _from_config(args: argparse.Namespace) -> dict:
     """
     values = {"model": args.model, "hardware": args.hardware, "tp": args.tp, "cp": args.cp,
               "context_tokens": args.context, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-              "kv_margin_tokens": args.kv_margin, "dryrun_config": None}
+              "kv_margin_tokens": args.kv_margin, "dryrun_config": None, "cuda_graphs": args.cuda_graphs}
     if args.config is not None:
         from cp_megatron.config import ConfigError, load_config
 
@@ -250,7 +314,9 @@ def _from_config(args: argparse.Namespace) -> dict:
                     "max_new_tokens": cfg.generation.max_new_tokens,
                     "kv_margin_tokens": cfg.runtime.kv_cache_margin_tokens,
                     "model": cfg.model.preset if cfg.model.format == "dummy" else None,
-                    "context_tokens": cfg.prompt.random_tokens if cfg.prompt is not None else None}
+                    "context_tokens": cfg.prompt.random_tokens if cfg.prompt is not None else None,
+                    # runtime.cuda_graphs where the config schema has it
+                    "cuda_graphs": getattr(cfg.runtime, "cuda_graphs", None)}
         values = {k: (v if v is not None else from_cfg.get(k)) for k, v in values.items()}
         values["dryrun_config"] = args.config
         if cfg.parallel.pp != 1:
@@ -262,6 +328,7 @@ def _from_config(args: argparse.Namespace) -> dict:
         if values[key] is None:
             raise PlanInputError(flag, f"required ({why}){'; --config does not give it' if args.config else ''}")
     values["max_new_tokens"] = values["max_new_tokens"] or 0
+    values["cuda_graphs"] = bool(values["cuda_graphs"])
     if values["kv_margin_tokens"] is None:
         from cp_megatron.planner import DEFAULT_KV_MARGIN_TOKENS
 
@@ -271,6 +338,14 @@ def _from_config(args: argparse.Namespace) -> dict:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Run ``cp-megatron plan``; returns the exit code (2 on bad input)."""
+    if args.paper_decode:
+        try:
+            rows = paper_decode_comparison(args.hardware or "h100-rdma")
+        except PlanInputError as err:
+            print(f"{_PROG}: error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(rows, indent=2) if args.json else format_paper_decode(rows))
+        return 0
     try:
         values = _from_config(args)
     except PlanInputError as err:

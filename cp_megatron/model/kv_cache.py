@@ -315,6 +315,67 @@ class KVCache:
         self._round_slots = None
         self._refill_device_layout()
 
+    def export_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copy out this rank's slots of sequence ``seq_id`` (all layers, K and V), in layout
+        order, e.g. to move an idle sequence to the host tier; the cache is unchanged.
+
+        Returns:
+            (positions int64 ``[m]`` on the host, k, v ``[layers, m, NKV_local, DH]`` in the
+            cache's dtype, new tensors on the cache's device).  Copies queued on the current
+            stream (``index_select``); ``m`` may be 0.
+        """
+        idx = torch.nonzero(self.layout.seq_ids == seq_id).flatten()
+        positions = self.layout.positions[idx]
+        shape = (self.num_layers, int(idx.numel()), self.num_kv_heads, self.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if idx.numel():
+            dev_idx = idx.to(self.device)
+            for layer in range(self.num_layers):
+                torch.index_select(self.k[layer][: self.num_tokens], 0, dev_idx, out=k[layer])
+                torch.index_select(self.v[layer][: self.num_tokens], 0, dev_idx, out=v[layer])
+        return positions, k, v
+
+    def import_sequence(self, seq_id: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        stream=None) -> None:
+        """Append slots for sequence ``seq_id`` holding the given K/V (the inverse of
+        :meth:`export_sequence`; growing the storage first if needed).
+
+        Args:
+            seq_id: id of the new slots (not already in the cache).
+            positions: int64 ``[m]`` host global positions of the slots.
+            k, v: ``[layers, m, NKV_local, DH]`` in the cache's dtype, on any device (pinned
+                host memory for an asynchronous copy).
+            stream: a :class:`~cp_megatron.device.CopyStream` to copy on (it waits for the
+                current stream, and the current stream waits for it after), or None for
+                plain copies.
+
+        Raises:
+            ValueError: shapes that do not match the cache or ``positions``.
+        """
+        m = int(positions.numel())
+        want = (self.num_layers, m, self.num_kv_heads, self.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"KVCache.import_sequence: expected k and v of shape {want}, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        n = self.layout.num_tokens
+        self.reserve(n + m)
+        if m:
+            if stream is not None:
+                stream.after_current()
+            copy = stream.copy if stream is not None else (lambda dst, src: dst.copy_(src))
+            for layer in range(self.num_layers):
+                copy(self.k[layer][n:n + m], k[layer])
+                copy(self.v[layer][n:n + m], v[layer])
+            if stream is not None:
+                stream.join()
+        self.layout.append(positions, torch.full((m,), seq_id, dtype=torch.long))
+        self._round_start = n + m
+        self._round_slots = None
+        if self._slot_seq is not None and m:         # the static decode step's device layout follows
+            self._slot_seq[n:n + m] = seq_id
+            self._slot_pos[n:n + m] = positions.to(self.device)
+
     def clear(self) -> None:
         self.layout.clear()
         self._round_start = 0

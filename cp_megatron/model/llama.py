@@ -29,9 +29,9 @@ from cp_megatron.attention.api import planned_attention
 from cp_megatron.attention.plan import AttentionPlan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.model.config import ModelConfig
-from cp_megatron.model.fp8 import linear_classes
+from cp_megatron.model.fp8_layers import linear_classes
 from cp_megatron.model.kv_cache import KVCache
-from cp_megatron.model.rope import apply_rope_tables, inv_frequencies, rope_tables
+from cp_megatron.model.rope import RopeTables, apply_rope_tables, inv_frequencies, rope_tables
 from cp_megatron.model.tp_rule import tp_problem
 from cp_megatron.sharding import chunk_bounds
 
@@ -94,12 +94,12 @@ class RMSNorm(nn.Module):
 
 class RoundContext:
     """What every layer of one forward round shares: the RoPE tables of the tokens' global
-    positions (cos, signed sin ``[T, 1, DH]`` in the activations' dtype), the cache, the
-    round's attention plan, the CP group and the (opt-in) timing accumulator."""
+    positions (:class:`~cp_megatron.model.rope.RopeTables`, in the activations' dtype), the
+    cache, the round's attention plan, the CP group and the (opt-in) timing accumulator."""
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, plan: AttentionPlan,
+    def __init__(self, rope: RopeTables, kv_cache: KVCache, plan: AttentionPlan,
                  cp_group, stats: Optional[RingStats]) -> None:
-        self.cos, self.sin, self.kv_cache, self.plan = cos, sin, kv_cache, plan
+        self.rope, self.kv_cache, self.plan = rope, kv_cache, plan
         self.cp_group, self.stats = cp_group, stats
 
 
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         nh, nkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)[0].view(t, nh + 2 * nkv, self.head_dim)      # [T, NH + 2 NKV, DH]
-        qk = apply_rope_tables(qkv[:, :nh + nkv], ctx.cos, ctx.sin)          # [T, NH + NKV, DH]
+        qk = apply_rope_tables(qkv[:, :nh + nkv], ctx.rope)                  # [T, NH + NKV, DH]
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
         ctx.kv_cache.store(self.layer, k, v)
         del qkv, k, v                                # cached now: only q's rows stay alive
@@ -254,8 +254,8 @@ class LlamaStage(nn.Module):
         """
         if self._inv_freq_on is None or self._inv_freq_on.device != positions.device:
             self._inv_freq_on = self.inv_freq.to(positions.device)   # once, not per round: a CUDA graph
-        cos, sin = rope_tables(positions, self._inv_freq_on, self.dtype)                 # once a round
-        ctx = RoundContext(cos, sin, kv_cache, plan, cp_group, stats)
+        rope = rope_tables(positions, self._inv_freq_on, self.dtype)                     # once a round
+        ctx = RoundContext(rope, kv_cache, plan, cp_group, stats)
         with torch.inference_mode():
             return self._layers_and_head(inputs, ctx, logits_index)
 

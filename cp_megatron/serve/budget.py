@@ -8,6 +8,11 @@ reserve S slots holds about N x S tokens; sharding leaves a rank at most about o
 per sequence above its share per round, so ``2 x max_num_seqs`` slots per rank are kept
 as headroom: tokens = N x (S - headroom).
 
+The host tier (``serve.host_kv_cache_memory``, bytes per rank or a fraction of the host's
+memory per rank; 0 / absent: off) is counted in the same slots: ``host_slots_per_rank`` =
+bytes // slot bytes, and an offloaded sequence takes, on every rank, as many as the rank
+holding most of it (the scheduler's accounting keeps every rank within the budget).
+
 Source: vLLM ``gpu_memory_utilization`` / ``kv_cache_memory_bytes`` (a budget in bytes
 turned into KV blocks at start-up); arXiv 2411.01783 §3.3 (each CP rank holds 1/N).
 """
@@ -32,16 +37,24 @@ class KVBudget:
         slots_per_rank: slots every rank reserves up front (tokens / cp + headroom).
         bytes_per_slot: K/V bytes of one slot of one rank (all its layers).
         source: how it was given, for messages ("serve.kv_cache_memory = ...").
+        host_slots_per_rank: slots of the host tier on every rank (0: no host tier).
+        host_source: how the host tier was given ("" when off).
     """
 
     tokens: int
     slots_per_rank: int
     bytes_per_slot: int
     source: str
+    host_slots_per_rank: int = 0
+    host_source: str = ""
 
     @property
     def bytes_per_rank(self) -> int:
         return self.slots_per_rank * self.bytes_per_slot
+
+    @property
+    def host_bytes_per_rank(self) -> int:
+        return self.host_slots_per_rank * self.bytes_per_slot
 
 
 def bytes_per_slot(model_config, dtype: str, tp: int, pp: int) -> int:
@@ -75,11 +88,41 @@ def kv_budget(cfg: RunConfig, model_config, local_ranks: Optional[int] = None) -
         :class:`KVBudget`.
 
     Raises:
-        ConfigError: both ``kv_cache_memory`` and ``kv_cache_tokens`` given, or a budget
-            smaller than the model's minimum (headroom + one slot per rank).
+        ConfigError: both ``kv_cache_memory`` and ``kv_cache_tokens`` given, a budget
+            smaller than the model's minimum (headroom + one slot per rank), or a host tier
+            (``host_kv_cache_memory``) that holds no slot.
     """
     sv, par = cfg.serve, cfg.parallel
     per_slot = bytes_per_slot(model_config, cfg.model.dtype, par.tp, par.pp)
+    budget = _device_budget(cfg, model_config, per_slot, local_ranks)
+    host_slots, host_source = _host_tier(cfg, model_config, per_slot, local_ranks)
+    return KVBudget(budget.tokens, budget.slots_per_rank, per_slot, budget.source, host_slots, host_source)
+
+
+def _host_tier(cfg: RunConfig, model_config, per_slot: int, local_ranks: Optional[int]) -> tuple[int, str]:
+    """(host-tier slots per rank, how it was given) of ``serve.host_kv_cache_memory``."""
+    sv, par = cfg.serve, cfg.parallel
+    mem = sv.host_kv_cache_memory
+    if not mem:
+        return 0, ""
+    if mem <= 1:
+        total = device_memory_bytes("cpu", local_ranks or par.world_size)
+        per_rank = int(mem * total)
+        source = (f"serve.host_kv_cache_memory = {mem:g} of {total / 2 ** 30:.2f} GiB "
+                  f"(host memory / ranks on the host)")
+    else:
+        per_rank = int(mem)
+        source = f"serve.host_kv_cache_memory = {per_rank} bytes per rank"
+    slots = per_rank // per_slot
+    if slots < 1:
+        raise ConfigError(f"serve.host_kv_cache_memory: {per_rank} bytes per rank hold no KV slot of "
+                          f"{model_config.name} ({per_slot} bytes each at {cfg.model.dtype}, tp={par.tp}, "
+                          f"pp={par.pp}); give at least {per_slot} bytes per rank, or 0 for no host tier")
+    return slots, source
+
+
+def _device_budget(cfg: RunConfig, model_config, per_slot: int, local_ranks: Optional[int]) -> KVBudget:
+    sv, par = cfg.serve, cfg.parallel
     headroom = 2 * sv.max_num_seqs
     if sv.kv_cache_memory is not None and sv.kv_cache_tokens is not None:
         raise ConfigError("serve: give kv_cache_memory (bytes per rank or a fraction of device memory) or "

@@ -11,6 +11,13 @@
     cp_megatron_requests_waiting        gauge      queued requests (vLLM's num_requests_waiting)
     cp_megatron_requests_total          counter    finished requests by finish_reason ("stop",
                                                    "length", "error": this request's sampling failed)
+    cp_megatron_kv_offloads_total       counter    idle sequences moved to the host tier
+    cp_megatron_kv_restores_total       counter    host-tier sequences restored onto the device
+    cp_megatron_host_kv_evictions_total counter    host-tier entries dropped (its LRU, past its budget)
+    cp_megatron_host_kv_cache_bytes     gauge      K/V bytes held in the host tier, per global rank
+    cp_megatron_kv_offload_bytes_total  counter    K/V bytes copied device -> host, per global rank
+    cp_megatron_kv_restore_bytes_total  counter    K/V bytes copied host -> device, per global rank
+    cp_megatron_kv_restore_seconds_total counter   time spent restoring, per global rank (s)
 
 Source: Prometheus exposition format (prometheus_client); TTFT / TTIT as in arXiv
 2411.01783 §4.
@@ -47,6 +54,20 @@ class ServeMetrics:
         self.waiting = Gauge("cp_megatron_requests_waiting", "Requests queued for admission", registry=r)
         self.requests = Counter("cp_megatron_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
+        self.offloads = Counter("cp_megatron_kv_offloads", "Idle sequences moved to the host tier", registry=r)
+        self.restores = Counter("cp_megatron_kv_restores", "Host-tier sequences restored onto the device",
+                                registry=r)
+        self.host_evictions = Counter("cp_megatron_host_kv_evictions",
+                                      "Host-tier entries dropped, least recently used first", registry=r)
+        self.host_bytes = Gauge("cp_megatron_host_kv_cache_bytes", "K/V bytes held in the host tier by each rank",
+                                ["rank"], registry=r)
+        self.offload_bytes = Counter("cp_megatron_kv_offload_bytes", "K/V bytes copied device -> host by each rank",
+                                     ["rank"], registry=r)
+        self.restore_bytes = Counter("cp_megatron_kv_restore_bytes", "K/V bytes copied host -> device by each rank",
+                                     ["rank"], registry=r)
+        self.restore_seconds = Counter("cp_megatron_kv_restore_seconds", "Time each rank spent restoring (s)",
+                                       ["rank"], registry=r)
+        self._totals: dict[tuple[str, int], float] = {}     # last totals seen per (counter, rank)
 
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
@@ -63,11 +84,34 @@ class ServeMetrics:
     def on_finish(self, finish_reason: str) -> None:
         self.requests.labels(finish_reason).inc()
 
-    def kv_cache_bytes(self, per_rank: list[tuple[int, int]]) -> None:
-        """``per_rank``: (K/V bytes held, bytes reserved) of each rank."""
-        for rank, (nbytes, capacity) in enumerate(per_rank):
-            self.kv_bytes.labels(str(rank)).set(nbytes)
-            self.kv_capacity.labels(str(rank)).set(capacity)
+    def on_host_tier(self, offloads: int, restores: int, drops: int) -> None:
+        """A round moved ``offloads`` sequences to the host tier, restored ``restores`` and
+        dropped ``drops`` host entries."""
+        self.offloads.inc(offloads)
+        self.restores.inc(restores)
+        self.host_evictions.inc(drops)
+
+    def kv_cache_bytes(self, per_rank: list[tuple]) -> None:
+        """``per_rank``: of each rank, (K/V bytes held, bytes reserved) and optionally
+        (host-tier bytes held, bytes offloaded so far, bytes restored so far, restore time
+        so far in ns): the totals become counter increments."""
+        for rank, row in enumerate(per_rank):
+            label = str(rank)
+            self.kv_bytes.labels(label).set(row[0])
+            self.kv_capacity.labels(label).set(row[1])
+            if len(row) < 6:
+                continue
+            self.host_bytes.labels(label).set(row[2])
+            for name, counter, total in (("offload", self.offload_bytes, row[3]),
+                                         ("restore", self.restore_bytes, row[4]),
+                                         ("seconds", self.restore_seconds, row[5] / 1e9)):
+                key = (name, rank)
+                delta = total - self._totals.get(key, 0)
+                if delta > 0:
+                    counter.labels(label).inc(delta)
+                    self._totals[key] = total
+                else:
+                    counter.labels(label)             # the sample exists (0) from the start
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,23 +77,38 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False, seen: Opt
     """THE adapter between the server and :class:`~cp_megatron.engine.InferenceEngine`:
     every engine call of the server is here.
 
-    Applies ``message`` on this rank: frees sequences, forks (copies a prefix of a cached
-    sequence under a new id), then runs one round over ``message["feed"]`` and samples
-    each sequence's next token (``message["sampling"]``, ``message["draws"]``; a
-    repetition penalty reads ``seen``, which this call keeps up to date).
+    Applies ``message`` on this rank: frees sequences, drops host-tier entries, offloads
+    sequences to the host tier and restores others from it (each rank moves its own shard),
+    forks (copies a prefix of a cached sequence under a new id), then runs one round over
+    ``message["feed"]`` and samples each sequence's next token (``message["sampling"]``,
+    ``message["draws"]``; a repetition penalty reads ``seen``, which this call keeps up to
+    date).
 
     Returns:
         (next token id per fed sequence in feed order, identical on every rank, or None
         when nothing was fed,
         :class:`~cp_megatron.engine.RoundMetrics` or None,
-        KV-cache bytes of every rank, ``[(held, reserved capacity)] * world`` (list) when
-        ``gather_kv_bytes`` else None,
+        KV-cache bytes of every rank, ``[(held, reserved capacity, host-tier bytes held,
+        bytes offloaded so far, bytes restored so far, restore time so far in ns)] * world``
+        (list) when ``gather_kv_bytes`` else None,
         per fed sequence None or its :class:`~cp_megatron.sampling.TokenLogprobs`, or None).
     """
     for seq in message["free"]:
         engine.truncate(seq, 0)
         if seen is not None:
             seen.free(seq)
+    for seq in message["host_drop"]:
+        engine.drop_offloaded(seq)
+        if seen is not None:
+            seen.free(seq)
+    for seq in message["offload"]:
+        engine.offload(seq)
+        if seen is not None:
+            seen.masks.pop(seq, None)           # its tokens stay (host ints), its device mask goes
+    for src, dst, length in message["restore"]:
+        engine.restore(src, dst, length)
+        if seen is not None and dst != src:
+            seen.fork(src, dst, length)
     for src, dst, length in message["fork"]:
         engine.fork(src, dst, length)
         if seen is not None:
@@ -107,12 +122,21 @@ def engine_round(engine, message: dict, gather_kv_bytes: bool = False, seen: Opt
                                  if message["feed"] else (None, None, None))
     kv_bytes = None
     if gather_kv_bytes:
-        mine = torch.tensor([engine.kv_cache.nbytes(), engine.kv_cache.capacity_bytes()], dtype=torch.long,
-                            device=engine.stage.device)
+        host = engine.host_kv
+        mine = torch.tensor([engine.kv_cache.nbytes(), engine.kv_cache.capacity_bytes(), host.nbytes(),
+                             host.offloaded_bytes, host.restored_bytes, int(host.restore_seconds * 1e9)],
+                            dtype=torch.long, device=engine.stage.device)
         every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(every, mine)
         kv_bytes = [tuple(int(x) for x in t.tolist()) for t in every]
     return tokens, metrics, kv_bytes, logprobs
+
+
+def shard_slots(engine):
+    """``seq -> the most tokens of that cached sequence any one CP rank holds``, read from
+    rank 0's engine (its host-side layouts of every CP rank): what the sequence costs in
+    the host tier (:class:`~cp_megatron.serve.scheduler.Scheduler`'s ``shard_slots``)."""
+    return lambda seq: max(layout.tokens_of(seq) for layout in engine.layouts)
 
 
 def _broadcast(message: Optional[dict]) -> dict:
@@ -161,7 +185,8 @@ def _lead(cfg, prep, engine, tok, seen: SeenTokens, budget) -> int:
                       prefix_caching=sv.prefix_caching,
                       eos_ids=tok.eos_ids if tok is not None else prep.model_config.eos_token_ids,
                       decode_text=(lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else None,
-                      metrics=metrics, log=_log)
+                      metrics=metrics, log=_log, host_kv_cache_slots=budget.host_slots_per_rank,
+                      shard_slots=shard_slots(engine))
     # A checkpoint's name may be its path: the API id is then the file or folder name.
     model_name = sv.model_name or Path(prep.model_config.name).name.removesuffix(".gguf")
     app = create_app(sched, metrics, model_name=model_name, tokenizer=tok,
@@ -184,7 +209,12 @@ def _lead(cfg, prep, engine, tok, seen: SeenTokens, budget) -> int:
     _log(f"[serve] KV budget: {budget.source} -> {budget.slots_per_rank} slots x {budget.bytes_per_slot} bytes = "
          f"{budget.bytes_per_rank / 2 ** 20:.1f} MiB reserved per rank -> {budget.tokens} tokens for the CP group "
          f"(cp={cfg.parallel.cp}, headroom 2 x max_num_seqs slots per rank)")
-    empty = {"op": "round", "gather_kv_bytes": True, "free": [], "fork": [], "feed": {}, "sampling": {}, "draws": {}}
+    if budget.host_slots_per_rank:
+        _log(f"[serve] host tier: {budget.host_source} -> {budget.host_slots_per_rank} slots x "
+             f"{budget.bytes_per_slot} bytes = {budget.host_bytes_per_rank / 2 ** 20:.1f} MiB per rank "
+             f"({'pinned memory, side-stream copies' if cfg.runtime.device == 'cuda' else 'host memory'})")
+    empty = {"op": "round", "gather_kv_bytes": True, "free": [], "host_drop": [], "offload": [], "restore": [],
+             "fork": [], "feed": {}, "sampling": {}, "draws": {}}
     _broadcast(empty)                       # /metrics shows every rank's reservation from the start
     metrics.kv_cache_bytes(engine_round(engine, empty, True, seen)[2])
 
@@ -212,7 +242,8 @@ def _lead(cfg, prep, engine, tok, seen: SeenTokens, budget) -> int:
                 if not sched.wait(sv.heartbeat_s):
                     _broadcast({"op": "idle"})            # keep the ranks' collectives alive
                 continue
-            gather = rnd.kind == "free" or sched.rounds % 16 == 0
+            gather = (rnd.kind == "free" or sched.rounds % 16 == 0 or bool(rnd.message["offload"])
+                      or bool(rnd.message["restore"]))
             message = {"op": "round", "gather_kv_bytes": gather, **rnd.message}
             _broadcast(message)
             tokens, round_metrics, kv_bytes, logprobs = engine_round(engine, message, gather, seen)

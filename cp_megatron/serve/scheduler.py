@@ -31,6 +31,14 @@ HTTP handlers.
   reserves prompt + max_tokens; idle cached sequences are evicted least recently used
   first; a request that does not fit yet waits (FIFO) and one that can never fit is
   refused at submission.
+* **Host tier** (``host_kv_cache_slots`` > 0): an evicted idle sequence is *offloaded*
+  instead of freed -- every rank copies its own shard to host memory
+  (:mod:`cp_megatron.model.kv_offload`) -- and prefix matching sees host entries as it sees
+  cached ones: a match is *restored* onto the device (the whole entry taken back when the
+  prompt extends it, else a branch of its first tokens, the entry staying) instead of
+  prefilled again.  The tier has its own budget (slots per rank; an entry costs the most
+  slots any one rank holds of it) and its own LRU: past the budget the least recently used
+  entries are dropped.
 
 Sampling: each round carries the sequences' settings and draw counts; the engine samples
 (see :mod:`cp_megatron.serve.ranks`), so a seeded request gives the same tokens whatever
@@ -150,11 +158,22 @@ class _Seq:
 
 
 @dataclass
+class _HostEntry:
+    tokens: list[int]                  # token ids of the offloaded sequence, in order
+    slots: int                         # host slots it takes per rank (the most any rank holds)
+    last_used: int = 0
+
+
+@dataclass
 class Round:
     """One round for every rank.  ``message`` is what rank 0 broadcasts:
-    ``{"free": [seq], "fork": [(src, dst, length)], "feed": {seq: [token ids]}, "sampling":
-    {seq: SamplingParams}, "draws": {seq: tokens sampled so far}}``, applied in that order;
-    ``requests`` are the requests of ``feed``'s sequences, in its order."""
+    ``{"free": [seq], "host_drop": [seq], "offload": [seq], "restore": [(src, dst, length)],
+    "fork": [(src, dst, length)], "feed": {seq: [token ids]}, "sampling": {seq:
+    SamplingParams}, "draws": {seq: tokens sampled so far}}``, applied in that order
+    (``free``: device sequences; ``host_drop``: host-tier entries; ``offload``: device ->
+    host; ``restore``: host -> device, the first ``length`` tokens of ``src`` as ``dst``, the
+    entry leaving the host tier when ``dst == src``); ``requests`` are the requests of
+    ``feed``'s sequences, in its order."""
 
     kind: str                          # "prefill", "decode" or "free" (no forward)
     message: dict
@@ -198,14 +217,20 @@ class Scheduler:
         decode_text: ``ids -> str`` (special tokens skipped) for text and stop strings;
             None for a model without tokenizer (text stays empty).
         metrics: optional :class:`~cp_megatron.serve.metrics.ServeMetrics`-like object
-            (``on_first_token``, ``on_token``, ``on_round``, ``on_finish``); None for none.
+            (``on_first_token``, ``on_token``, ``on_round``, ``on_finish``, ``on_host_tier``);
+            None for none.
         log: ``str -> None`` for one line per round; None for silence.
+        host_kv_cache_slots: host-tier budget in slots per rank (0: no host tier, an evicted
+            sequence is freed).
+        shard_slots: ``seq -> the most slots any one rank holds of that cached sequence``
+            (what its host entry costs); default: all its tokens (an upper bound).
     """
 
     def __init__(self, *, kv_cache_tokens: int, budget_source: str = "serve.kv_cache_tokens", max_num_seqs: int = 64, max_prefill_tokens: int = 8192,
                  max_queue: int = 256, prefix_caching: bool = True, eos_ids: tuple = (),
                  decode_text: Optional[Callable[[list[int]], str]] = None, metrics=None,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, host_kv_cache_slots: int = 0,
+                 shard_slots: Optional[Callable[[int], int]] = None) -> None:
         self.kv_cache_tokens, self.max_num_seqs = kv_cache_tokens, max_num_seqs
         self.budget_source = budget_source
         self.max_prefill_tokens, self.max_queue = max_prefill_tokens, max_queue
@@ -218,6 +243,13 @@ class Scheduler:
         self._next_seq = itertools.count()
         self._clock = itertools.count(1)
         self._to_free: list[int] = []
+        self.host_kv_cache_slots, self.shard_slots = host_kv_cache_slots, shard_slots
+        self.host: dict[int, _HostEntry] = {}      # offloaded sequences (the host tier)
+        self._to_offload: list[int] = []           # this round's, in order
+        self._to_drop_host: list[int] = []
+        self._restores: list[tuple[int, int, int]] = []
+        self._host_pinned: set[int] = set()        # host entries this round reads: never dropped in it
+        self._host_releasing = 0                   # slots of entries taken back this round (freed after its offloads)
         self._last_kind = ""
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, Optional[Request]]] = []
@@ -282,6 +314,11 @@ class Scheduler:
     def cached_tokens_total(self) -> int:
         return sum(len(s.tokens) for s in self.seqs.values())
 
+    @property
+    def host_slots_used(self) -> int:
+        """Host-tier slots per rank its entries take (the budget's unit)."""
+        return sum(e.slots for e in self.host.values()) + self._host_releasing
+
     def done_draining(self) -> bool:
         """Draining and nothing left to run."""
         with self._lock:
@@ -320,7 +357,11 @@ class Scheduler:
                 req.seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                 self.waiting.append(req)
             elif kind == "reset":
-                self._evict_for(self.kv_cache_tokens + 1)
+                for sid in [sid for sid, s in self.seqs.items() if s.owner is None]:
+                    del self.seqs[sid]
+                    self._to_free.append(sid)
+                self._to_drop_host.extend(self.host)
+                self.host.clear()
             elif not req.cancelled and not req.finish_reason:
                 req.cancelled = True
                 self._drop(req)
@@ -340,42 +381,88 @@ class Scheduler:
         return sum(s.owner.reserve if s.owner is not None else len(s.tokens) for s in self.seqs.values())
 
     def _evict_for(self, need: int, keep=frozenset()) -> bool:
-        """Free idle sequences (LRU first, none in ``keep``) until ``need`` tokens fit."""
+        """Evict idle sequences (LRU first, none in ``keep``) until ``need`` tokens fit:
+        to the host tier when it is on, else freed."""
         free = self.kv_cache_tokens - self._used()
         idle = sorted((s.last_used, sid) for sid, s in self.seqs.items() if s.owner is None and sid not in keep)
         for _, sid in idle:
             if free >= need:
                 break
-            free += len(self.seqs.pop(sid).tokens)
-            self._to_free.append(sid)
+            slots = self._offload_cost(sid)
+            s = self.seqs.pop(sid)
+            free += len(s.tokens)
+            if slots is None:
+                self._to_free.append(sid)
+                continue
+            self.host[sid] = _HostEntry(s.tokens, slots, s.last_used)
+            self._to_offload.append(sid)
+            self._trim_host()
         return free >= need
 
-    def _best_match(self, prompt: list[int]) -> tuple[Optional[int], int]:
+    def _offload_cost(self, sid: int) -> Optional[int]:
+        """Host slots per rank sequence ``sid`` would take, or None when it does not go to
+        the host tier (tier off, nothing cached, or larger than the whole tier)."""
+        if self.host_kv_cache_slots <= 0 or not self.seqs[sid].tokens:
+            return None
+        slots = self.shard_slots(sid) if self.shard_slots is not None else len(self.seqs[sid].tokens)
+        return slots if slots <= self.host_kv_cache_slots else None
+
+    def _trim_host(self) -> None:
+        """Drop host entries, least recently used first (none this round reads), until the
+        tier is within its budget.  An entry offloaded in this same round is freed on the
+        device instead of being copied."""
+        if self.host_slots_used <= self.host_kv_cache_slots:
+            return
+        for _, hid in sorted((e.last_used, hid) for hid, e in self.host.items() if hid not in self._host_pinned):
+            del self.host[hid]
+            if hid in self._to_offload:
+                self._to_offload.remove(hid)
+                self._to_free.append(hid)
+            else:
+                self._to_drop_host.append(hid)
+            if self.host_slots_used <= self.host_kv_cache_slots:
+                return
+
+    def _best_match(self, prompt: list[int]) -> tuple[Optional[int], int, bool]:
+        """(sequence id, tokens to reuse, whether it is in the host tier) of the longest
+        cached or offloaded prefix of ``prompt``; a device sequence wins a tie."""
         if not self.prefix_caching:
-            return None, 0
-        best, best_len = None, 0
-        for sid, s in self.seqs.items():
-            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)  # >= 1 new token for logits
-            if n > best_len:
-                best, best_len = sid, n
-        return best, best_len
+            return None, 0, False
+        best, best_len, on_host = None, 0, False
+        for tier, table in ((False, self.seqs), (True, self.host)):
+            for sid, s in table.items():
+                n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)  # >= 1 new token for logits
+                if n > best_len:
+                    best, best_len, on_host = sid, n, tier
+        return best, best_len, on_host
 
     def _admit(self) -> tuple[dict, list[tuple[int, int, int]], list[Request]]:
         feed, forks, admitted, new_tokens = {}, [], [], 0
         sources = set()          # fork sources of this round: the ranks copy them after the frees
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            src, n = self._best_match(req.prompt)
+            src, n, on_host = self._best_match(req.prompt)
             if admitted and new_tokens + len(req.prompt) - n > self.max_prefill_tokens:
                 break
-            s = self.seqs.get(src) if src is not None else None
-            take_over = s is not None and s.owner is None and n == len(s.tokens)
-            if not self._evict_for(req.reserve - (n if take_over else 0), sources | {src}):
-                if src is None or not self._evict_for(req.reserve, sources):
-                    break                                  # wait for running requests to finish
-                src, n, take_over = None, 0, False         # the match was evicted to make room
+            if on_host:
+                self._host_pinned.add(src)                 # offloads making room must not drop it
+                if not self._evict_for(req.reserve, sources):
+                    break                                  # the restore lies within the reserve
+            else:
+                s = self.seqs.get(src) if src is not None else None
+                take_over = s is not None and s.owner is None and n == len(s.tokens)
+                if not self._evict_for(req.reserve - (n if take_over else 0), sources | {src}):
+                    if src is None or not self._evict_for(req.reserve, sources):
+                        break                              # wait for running requests to finish
+                    # The match was evicted to make room (to the host tier, or freed): match
+                    # again; whatever matches now fits the reserve.
+                    src, n, on_host = self._best_match(req.prompt)
+                    if on_host:
+                        self._host_pinned.add(src)
             self.waiting.popleft()
-            if take_over:
+            if on_host:
+                seq = self._restore(src, n)                # host -> device instead of a prefill
+            elif (src is not None and self.seqs[src].owner is None and n == len(self.seqs[src].tokens)):
                 seq = src                                  # extends an idle sequence: take it over
             else:
                 seq = next(self._next_seq)
@@ -394,6 +481,23 @@ class Scheduler:
             if n + len(feed[seq]) < len(req.prompt):
                 break                                      # a chunked prefill runs alone
         return feed, forks, admitted
+
+    def _restore(self, hid: int, n: int) -> int:
+        """Plan the restore of the first ``n`` tokens of host entry ``hid``; returns the
+        device sequence id: ``hid`` itself when the prompt extends the whole entry (taken
+        back: the entry leaves the tier once this round's offloads are done), else a new
+        id (a branch: the entry stays)."""
+        h = self.host[hid]
+        if n == len(h.tokens):
+            del self.host[hid]
+            self._host_releasing += h.slots
+            seq = hid
+        else:
+            h.last_used = next(self._clock)
+            seq = next(self._next_seq)
+        self._restores.append((hid, seq, n))
+        self.seqs[seq] = _Seq(list(h.tokens[:n]))
+        return seq
 
     def _chunk_round(self, req: Request, decodable: list[Request], start: int,
                      ) -> tuple[dict, list[Request], Optional[tuple[int, int]]]:
@@ -424,15 +528,21 @@ class Scheduler:
                 feed, reqs, span = self._chunk_round(req, decodable, req.cached_tokens)
         if not feed and decodable:
             feed, reqs, kind = {r.seq: [r.pending] for r in decodable}, decodable, "decode"
-        if not feed and not self._to_free:
+        self._host_pinned.clear()
+        self._host_releasing = 0
+        if not feed and not (self._to_free or self._to_offload or self._to_drop_host):
             return None
         free, self._to_free = self._to_free, []
+        host_drop, self._to_drop_host = self._to_drop_host, []
+        offload, self._to_offload = self._to_offload, []
+        restore, self._restores = self._restores, []
         self._last_kind = kind
         sampling = {r.seq: self._sampling(r) for r in reqs}
         draws = {r.seq: len(r.generated) for r in reqs}
         partial = reqs[-1] if span is not None and span[1] < len(reqs[-1].prompt) else None
-        return Round(kind or "free", {"free": free, "fork": forks, "feed": feed, "sampling": sampling,
-                                      "draws": draws}, reqs, partial, span)
+        return Round(kind or "free", {"free": free, "host_drop": host_drop, "offload": offload, "restore": restore,
+                                      "fork": forks, "feed": feed, "sampling": sampling, "draws": draws},
+                     reqs, partial, span)
 
     def _sampling(self, r: Request) -> SamplingParams:
         p = r.params
@@ -448,6 +558,15 @@ class Scheduler:
         (:data:`~cp_megatron.sampling.FAILED_TOKEN`), or whose output cannot be decoded,
         fails alone (500) and is freed; the others go on."""
         self.rounds += 1
+        m = rnd.message
+        if m["offload"] or m["restore"] or m["host_drop"]:
+            if self.metrics is not None:
+                self.metrics.on_host_tier(len(m["offload"]), len(m["restore"]), len(m["host_drop"]))
+            if self.log is not None:
+                self.log(f"[serve] round {self.rounds} host tier: offloaded {m['offload']}, restored "
+                         f"{[(src, dst, n) for src, dst, n in m['restore']]} (src, seq, tokens), dropped "
+                         f"{m['host_drop']}; {len(self.host)} entries, {self.host_slots_used} of "
+                         f"{self.host_kv_cache_slots} slots per rank")
         if metrics is not None:
             if self.metrics is not None:
                 self.metrics.on_round(rnd.kind, metrics, len(rnd.requests))
