@@ -67,8 +67,10 @@ class DecodeStepCode:
             the merge of the N partials).
         ring_q: CP > 1, ring pass-Q (Alg. 4): (source, launches) per layer.
         outside: per step, outside the layers (embedding, final norm, LM head, logits gather,
-            RoPE tables, the round's plan, sampling), CP 1 and all-gather-Q.
-        outside_ring_q: the same with ring pass-Q (no decode batch plan).
+            RoPE tables, sampling), CP 1 and all-gather-Q: the static decode step
+            (:mod:`cp_megatron.decode_step`: its two input copies; its plan is made once per key).
+        outside_ring_q: the same with ring pass-Q (planned round by round: the round's index
+            tensors and RoPE's inputs copied each step).
     """
 
     llama: int = 6
@@ -79,9 +81,9 @@ class DecodeStepCode:
     attention: int = 1
     all_gather_q: tuple = (("attention/decode.py", 1), ("attention/merge.py", 3))
     ring_q: tuple = (("attention/pass_q.py", 2), ("attention/blocks.py", 2), ("attention/merge.py", 3))
-    outside: tuple = (("attention/plan.py", 1), ("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12),
+    outside: tuple = (("decode_step.py", 2), ("engine.py", 3), ("model/rope.py", 12), ("model/llama.py", 11),
                       ("sampling.py", 1))
-    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12), ("sampling.py", 1))
+    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 12), ("model/llama.py", 12), ("sampling.py", 1))
 
     def layer_launches(self, fp8: bool, exchange: str) -> dict:
         """{source file: launches} of one decoder layer.
