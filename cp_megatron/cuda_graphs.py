@@ -3,11 +3,12 @@
 ``runtime.cuda_graphs: true`` makes the engine run each decode round of all-gather-Q (or of
 CP 1) through :class:`GraphCache`: the first round of a :class:`~cp_megatron.decode_step.StepKey`
 runs the step eagerly on a side stream (the warm-up the CUDA Graphs notes ask for: it also
-creates cuBLAS workspaces and NCCL communicators) and that run is the round's result; then the
-step is captured into a graph (no kernel runs during capture, no collective either); every later
-round of the key loads its inputs into the step's buffers and replays the graph.  Each round
-therefore runs its collectives exactly once on every rank -- eagerly on a rank that captures,
-replayed on one that does not -- so ranks need not capture on the same round.
+creates cuBLAS workspaces and NCCL communicators and connects all_to_all's P2P channels) and that
+run is the round's result; then the step is captured into a graph on that same stream (no
+kernel runs during capture, no collective either); every later round of the key loads its
+inputs into the step's buffers and replays the graph.  Each round therefore runs its
+collectives exactly once on every rank -- eagerly on a rank that captures, replayed on one that
+does not -- so ranks need not capture on the same round.
 
 Each graph has its own memory pool (a replay's output lives in it until the next replay of the
 same graph, and the engine reads it before that).  At most ``max_graphs`` are kept, least
@@ -44,6 +45,7 @@ class GraphCache:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict = OrderedDict()      # key -> (graph, output)
         self.captures = self.replays = 0
+        self._stream = None       # one side stream for every warm-up and capture (made on first use)
 
     def run(self, key: Hashable, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """This round's output of ``fn`` (no arguments; reads only tensors whose storage stays put).
@@ -58,9 +60,11 @@ class GraphCache:
             graph.replay()
             self.replays += 1
             return output
-        result = devices.run_on_side_stream(fn)
+        if self._stream is None:
+            self._stream = devices.capture_stream()
+        result = devices.run_on_side_stream(fn, self._stream)
         graph = devices.cuda_graph()
-        with devices.graph_capture(graph):
+        with devices.graph_capture(graph, self._stream):
             output = fn()
         self._graphs[key] = (graph, output)
         self.captures += 1

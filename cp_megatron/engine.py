@@ -297,11 +297,12 @@ class InferenceEngine:
 
     def _decode_step(self, static: StaticDecode) -> DecodeStep:
         """The :class:`DecodeStep` of the round's key (made once per key; the steps and graphs of
-        an older KV storage are dropped, they point into it)."""
+        an older KV storage are dropped, they point into it).  A graph reads its step's buffers:
+        when a key's step is made anew (its old one left the LRU), the key's graph goes too."""
         key = static.key
         clear_older(self._steps, key.generation)
         if self.graphs is not None:
-            self.graphs.drop(lambda k: k.generation == key.generation)
+            self.graphs.drop(lambda k: k.generation == key.generation and (k != key or key in self._steps))
         return step_lru(self._steps, key, lambda: DecodeStep(
             key, stage=self.stage, kv_cache=self.kv_cache, cp_rank=self.topo.cp_rank, cp_size=self.topo.cp_size,
             strategy=ALL_GATHER_Q if self.topo.cp_size > 1 else PASS_Q, cp_group=self.cp_group), limit=16)
