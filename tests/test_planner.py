@@ -463,6 +463,23 @@ def test_decode_code_matches_the_dry_run(config, cp, strategy, exchange):
         assert traced(scope) == sorted(x for c in model if c["per"] == scope for x in _as_traced(c)), scope
 
 
+@pytest.mark.unit
+def test_405b_batch_1_decode_collectives_per_layer_do_not_grow_with_cp():
+    """#22 acceptance: the decode exchange the plan picks for 405B FP8 TP8 at 1M tokens, batch 1,
+    makes the same collectives per layer at CP 2, 4, 8 and 16 (all-gather-Q: two TP all-reduces,
+    one all_gather and one all_to_all of N partials).  The collective list is the one tied to the dry run by
+    test_decode_code_matches_the_dry_run (its CP16 trace: docs/dryrun.md)."""
+    per_layer = {}
+    for cp in (2, 4, 8, 16):
+        p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=1_000_000, batch=1, dtype="fp8")
+        assert p.decode["exchange"] == "all-gather-q", cp
+        per_layer[cp] = sorted((c["kind"], c["count"]) for c in p.decode["collectives"] if c["per"] == "layer")
+        a2a = [c for c in p.decode["collectives"] if c["per"] == "layer" and c["kind"] == "all_to_all"][0]
+        assert a2a["in_bytes"] == cp * (16 * 128 + 16) * 4        # N partials of (O, LSE), float32, 16 heads
+    assert all(v == per_layer[2] for v in per_layer.values()), per_layer
+    assert per_layer[2] == [("all_gather", 1), ("all_reduce", 2), ("all_to_all", 1)]
+
+
 # --------------------------------------------------------------------------- CLI
 
 @pytest.mark.unit
