@@ -179,6 +179,12 @@ def test_static_step_writes_through_slots_and_the_device_layout_follows_every_ch
     cache.fork(1, 7, 3)
     agrees()
     assert cache.tokens_of(7) == 2 and sorted(cache.layout.sequence_ids) == [0, 1, 7]
+    positions, k, v = cache.export_sequence(1)           # the host tier: offload, then restore as 9
+    cache.truncate(1, 0)
+    agrees()
+    cache.import_sequence(9, positions, k, v)
+    agrees()
+    assert cache.tokens_of(9) == 2 and sorted(cache.layout.sequence_ids) == [0, 7, 9]
     assert cache.capacity_for(cache.capacity) == cache.capacity and cache.capacity_for(13) == 16
 
 
