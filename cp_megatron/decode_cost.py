@@ -343,7 +343,8 @@ def query_exchange(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, batc
     """The exchange the runtime runs for this decode step: "none" at CP 1, "pass-kv" when the
     heuristic picked pass-KV, else :func:`choose_query_exchange` with the engine's inputs
     (``InferenceEngine._query_exchange``: this TP rank's heads, the padded query block,
-    attention FLOPs per rank, ``cp_latency_s + ring_step_overhead_s``, ``a2a_latency_s``)."""
+    attention FLOPs per rank, ``cp_latency_s + ring_step_overhead_s``, ``a2a_latency_s``, one
+    read of the rank's KV shard at the achieved HBM bandwidth)."""
     if cp == 1:
         return NO_EXCHANGE
     if strategy == PASS_KV:
@@ -352,9 +353,12 @@ def query_exchange(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, batc
     heads, dh = cfg.num_heads // tp, cfg.head_dim
     q_block = math.ceil(batch / cp) * heads * dh * e
     flops = batch * 4 * heads * dh * 1 * (context_tokens + 1) / cp
+    kv_bytes = batch * (context_tokens + 1) / cp * 2 * max(1, cfg.num_kv_heads // tp) * dh * e
     chosen, _ring, _gather = choose_query_exchange(cp, q_block, flops, hw.attn_flops_per_s,
                                                    hw.cp_bandwidth_bytes_per_s,
-                                                   hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s)
+                                                   hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+                                                   kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s
+                                                                         * hw.memory_efficiency))
     return chosen
 
 

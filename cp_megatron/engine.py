@@ -249,9 +249,12 @@ class InferenceEngine:
         q_len = max(len(p.positions) for p in places)
         flops = sum(4 * heads * cfg.head_dim * t * (p + t) for t, p in zip(lengths, cached)) / n
         hw = self.hardware
+        cache = self.kv_cache           # one read of a rank's shard: 1/N of every sequence's K and V
+        kv_bytes = sum(p + t for t, p in zip(lengths, cached)) / n * 2 * cache.num_kv_heads * cache.head_dim * e
         strategy, ring, gather = choose_query_exchange(
             n, q_len * heads * cfg.head_dim * e, flops, hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s,
-            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s)
+            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+            kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency))
         return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather)
 
     # -- one round -----------------------------------------------------------------------

@@ -464,20 +464,40 @@ def test_decode_code_matches_the_dry_run(config, cp, strategy, exchange):
 
 
 @pytest.mark.unit
-def test_405b_batch_1_decode_collectives_per_layer_do_not_grow_with_cp():
-    """#22 acceptance: the decode exchange the plan picks for 405B FP8 TP8 at 1M tokens, batch 1,
-    makes the same collectives per layer at CP 2, 4, 8 and 16 (all-gather-Q: two TP all-reduces,
-    one all_gather and one all_to_all of N partials).  The collective list is the one tied to the dry run by
+@pytest.mark.parametrize("batch", [1, 32])
+def test_405b_decode_collectives_per_layer_do_not_grow_with_cp(batch):
+    """#22 acceptance: the decode exchange the plan picks for 405B FP8 TP8 at 1M tokens, batch 1
+    and batch 32, makes the same collectives per layer at CP 2, 4, 8 and 16 (all-gather-Q: two TP
+    all-reduces, one all_gather, one all_to_all of N partials).  At batch 32 and CP 2 / 4 the
+    ring's transfers hide behind its steps; it loses on reading the KV shard N times
+    (choose_query_exchange's r).  The collective list is the one tied to the dry run by
     test_decode_code_matches_the_dry_run (its CP16 trace: docs/dryrun.md)."""
     per_layer = {}
     for cp in (2, 4, 8, 16):
-        p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=1_000_000, batch=1, dtype="fp8")
+        p = planner.plan("llama3.1-405b", "h100-rdma", tp=8, cp=cp, context_tokens=1_000_000, batch=batch,
+                         dtype="fp8")
         assert p.decode["exchange"] == "all-gather-q", cp
         per_layer[cp] = sorted((c["kind"], c["count"]) for c in p.decode["collectives"] if c["per"] == "layer")
         a2a = [c for c in p.decode["collectives"] if c["per"] == "layer" and c["kind"] == "all_to_all"][0]
-        assert a2a["in_bytes"] == cp * (16 * 128 + 16) * 4        # N partials of (O, LSE), float32, 16 heads
+        rows = -(-batch // cp)
+        assert a2a["in_bytes"] == cp * rows * (16 * 128 + 16) * 4       # N partials of (O, LSE), float32
     assert all(v == per_layer[2] for v in per_layer.values()), per_layer
     assert per_layer[2] == [("all_gather", 1), ("all_reduce", 2), ("all_to_all", 1)]
+
+
+@pytest.mark.unit
+def test_query_exchange_costs_the_ring_s_repeated_kv_reads():
+    """choose_query_exchange: with r = 0 the exposed ring against the all_gather (hidden ring ->
+    pass-Q); a ring step slower to read the KV shard than to compute makes the ring pay N - 1
+    extra reads, and all-gather-Q wins.  Values by hand: N = 4, t = 10 us, a + q/BW = 5 us."""
+    from cp_megatron.attention.heuristic import choose_query_exchange
+
+    args = (4, 1e3, 4 * 10e-6 * 1e12, 1e12, 1e9, 4e-6, 3e-6)    # q/BW = 1 us, A/(N C) = 10 us
+    strategy, ring, gather = choose_query_exchange(*args)
+    assert strategy == PASS_Q and ring == 0.0 and gather == pytest.approx(3e-6 + 3 * 1e-6)
+    strategy, ring, gather = choose_query_exchange(*args, kv_read_s=30e-6)   # t' = 30 us
+    assert strategy == "all-gather-q"
+    assert ring == pytest.approx(4 * 20e-6) and gather == pytest.approx(6e-6)
 
 
 # --------------------------------------------------------------------------- CLI
