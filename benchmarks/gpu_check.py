@@ -14,6 +14,11 @@ Sections (each timed with CUDA events, median of ``--repeats`` after a warm-up):
   (:func:`planned_attention`, CP 1) and the achieved HBM bandwidth (K and V bytes / time).
 * ``engine``: a dummy ``tiny-long`` model in bf16 on one GPU over NCCL: TTFT of an 8K-token
   prefill and the median TTIT of 8 decode tokens.
+* ``decode_static``: the static decode step's attention (#22): aten's varlen flash kernel for
+  16 gathered rows (all-gather-Q at CP 16) against a 64K-slot view with per-row lengths.
+* ``decode_graphs``: the same ``tiny-long`` bf16 engine decoding 32 tokens after a 4K-token
+  prompt, eager against ``cuda_graphs`` (the static step captured once, then replayed): median
+  ms per token of each and whether the greedy tokens agree.
 
 It must finish in well under 8 minutes on one H100/H200; no section needs the network.
 
@@ -57,7 +62,7 @@ def _cuda_time(fn, repeats: int) -> float:
 def run_tests() -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=420)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return {"exit_code": proc.returncode, "summary": lines[-1] if lines else "",
             "tail": lines[-30:], "seconds": time.perf_counter() - t0}
@@ -91,6 +96,61 @@ def decode_step(cache_tokens: int, repeats: int) -> dict:
     kv_bytes = 2 * k.numel() * k.element_size()
     return {"cache_tokens": cache_tokens, "seconds": seconds, "kv_bytes": kv_bytes,
             "achieved_gb_per_s": kv_bytes / seconds / 1e9, "blocks": plan.num_blocks()}
+
+
+def decode_static(cache_tokens: int, rows: int, repeats: int) -> dict:
+    from cp_megatron.attention.kernels import varlen_decode_attention
+
+    q = torch.randn(rows, NH, DH, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(cache_tokens, NKV, DH, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cu_q = torch.arange(rows + 1, dtype=torch.int32, device="cuda")
+    cu_k = torch.zeros(rows + 1, dtype=torch.int32, device="cuda")
+    lengths = torch.full((rows,), 1, dtype=torch.int32, device="cuda")
+    lengths[0] = cache_tokens - 100                            # one real row (batch 1), padding rows see 1 slot
+    seconds = _cuda_time(lambda: varlen_decode_attention(q, k, v, cu_q, cu_k, lengths, scale=DH ** -0.5), repeats)
+    kv_bytes = 2 * (cache_tokens - 100) * NKV * DH * 2
+    return {"cache_tokens": cache_tokens, "rows": rows, "seconds": seconds, "kv_bytes": kv_bytes,
+            "achieved_gb_per_s": kv_bytes / seconds / 1e9}
+
+
+def _graphs_job(prompt_tokens: int, decode_tokens: int) -> dict:
+    from cp_megatron import parallel_state
+    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.llama import LlamaStage, StageLayout
+    from cp_megatron.model.weights import DummyReader, load_weights
+    from cp_megatron.sharding import kv_slots_per_rank
+
+    topo = parallel_state.initialize(1, 1, 1)
+    config = get_preset("tiny-long")
+    device = torch.device("cuda", torch.cuda.current_device())
+    stage = LlamaStage(config, StageLayout(), dtype=torch.bfloat16, device=device)
+    load_weights(stage, DummyReader(config, seed=0))
+    prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = {"model": config.name, "dtype": "bfloat16", "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens}
+    tokens = {}
+    for round_no in range(2):                  # interleaved: eager, graphs, eager, graphs
+        for graphs in (False, True):
+            engine = InferenceEngine(stage, topo, kv_capacity=kv_slots_per_rank(prompt_tokens, decode_tokens, 1),
+                                     cuda_graphs=graphs)
+            gens, rounds = generate(engine, {0: prompt}, SamplingParams(max_new_tokens=decode_tokens))
+            name = "graphs" if graphs else "eager"
+            times = [r.time_s for r in rounds[2:]]     # after the first decode round (the capture)
+            out.setdefault(f"{name}_ms_per_token", []).append(1000 * statistics.median(times))
+            tokens.setdefault(name, gens[0].token_ids)
+            if graphs:
+                out["graphs_captures_replays"] = [engine.graphs.captures, engine.graphs.replays]
+    out["eager_ms_per_token_median"] = statistics.median(out["eager_ms_per_token"])
+    out["graphs_ms_per_token_median"] = statistics.median(out["graphs_ms_per_token"])
+    out["same_tokens"] = tokens["eager"] == tokens["graphs"]
+    return out
+
+
+def decode_graphs(prompt_tokens: int, decode_tokens: int) -> dict:
+    from cp_megatron.launcher import spawn
+
+    return spawn(_graphs_job, 1, (prompt_tokens, decode_tokens), backend="nccl", timeout_s=240)[0]
 
 
 def _engine_job(prompt_tokens: int, decode_tokens: int) -> dict:
@@ -146,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         report["flash_attn"] = None
     sections = [("attention", lambda: attention_rates(args.lengths, args.repeats)),
                 ("decode", lambda: decode_step(65536, args.repeats * 4)),
-                ("engine", lambda: engine_run(8192, 8))]
+                ("engine", lambda: engine_run(8192, 8)),
+                ("decode_static", lambda: decode_static(65536, 16, args.repeats * 4)),
+                ("decode_graphs", lambda: decode_graphs(4096, 32))]
     if not args.skip_tests:
         sections.insert(0, ("tests", run_tests))
     failed = False

@@ -8,7 +8,7 @@ CLI turns it into exit code 2 before any rank starts.
                  implementation: native|megatron-core}
     parallel:   {tp, cp, pp}
     runtime:    {device, backend, threads_per_rank, bind_cores, seed, timeout_s, profile,
-                 kv_cache_margin_tokens, kv_cache_growth_tokens}
+                 kv_cache_margin_tokens, kv_cache_growth_tokens, cuda_graphs}
     attention:  {strategy, hardware, attn_flops_per_s, bandwidth_bytes_per_s}
     prompt:     {text | file (+ question, + turns) | messages | turns | random_tokens, system}
     generation: {max_new_tokens, temperature, top_p, stop}
@@ -127,6 +127,18 @@ class RuntimeSection(_Strict):
         DEFAULT_KV_GROWTH_TOKENS, ge=1, description="past its reservation the KV cache grows in steps of this many context "
                                  "tokens (ceil(step / cp) slots per CP rank), never by doubling; each "
                                  "growth copies the cache once")
+    cuda_graphs: bool = Field(
+        False, description="capture the decode step (all-gather-Q or CP 1) as a CUDA graph once per batch "
+                           "bucket and KV-length bucket, and replay it (docs/performance.md, \"CUDA graphs\"); "
+                           "device cuda and model.implementation native only; a profiled decode round runs "
+                           "eagerly")
+
+    @model_validator(mode="after")
+    def _graphs_need_cuda(self):
+        if self.cuda_graphs and self.device != "cuda":
+            raise ValueError(f"cuda_graphs: true needs device: cuda (CUDA graphs capture GPU kernels; on "
+                             f"{self.device} the decode step runs eagerly), got device: {self.device}")
+        return self
 
 
 class AttentionSection(_Strict):
@@ -254,6 +266,13 @@ class RunConfig(_Strict):
     generation: GenerationSection = Field(default_factory=GenerationSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     base_dir: str = Field(".", description="folder relative paths resolve against (set by the loader)")
+
+    @model_validator(mode="after")
+    def _graphs_need_native(self):
+        if self.runtime.cuda_graphs and self.model.implementation != "native":
+            raise ValueError("runtime.cuda_graphs: needs model.implementation: native (the megatron-core "
+                             "stage is not captured)")
+        return self
 
     def resolve_path(self, value: str) -> str:
         """Absolute path for a config path (absolute, relative to the config, or package:)."""

@@ -67,8 +67,10 @@ class DecodeStepCode:
             the merge of the N partials).
         ring_q: CP > 1, ring pass-Q (Alg. 4): (source, launches) per layer.
         outside: per step, outside the layers (embedding, final norm, LM head, logits gather,
-            RoPE tables, the round's plan, sampling), CP 1 and all-gather-Q.
-        outside_ring_q: the same with ring pass-Q (no decode batch plan).
+            RoPE tables, sampling), CP 1 and all-gather-Q: the static decode step
+            (:mod:`cp_megatron.decode_step`: its two input copies; its plan is made once per key).
+        outside_ring_q: the same with ring pass-Q (planned round by round: the round's index
+            tensors and RoPE's inputs copied each step).
     """
 
     llama: int = 6
@@ -79,9 +81,9 @@ class DecodeStepCode:
     attention: int = 1
     all_gather_q: tuple = (("attention/decode.py", 1), ("attention/merge.py", 3))
     ring_q: tuple = (("attention/pass_q.py", 2), ("attention/blocks.py", 2), ("attention/merge.py", 3))
-    outside: tuple = (("attention/plan.py", 1), ("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12),
+    outside: tuple = (("decode_step.py", 2), ("engine.py", 3), ("model/rope.py", 12), ("model/llama.py", 11),
                       ("sampling.py", 1))
-    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 13), ("model/llama.py", 12), ("sampling.py", 1))
+    outside_ring_q: tuple = (("engine.py", 7), ("model/rope.py", 12), ("model/llama.py", 12), ("sampling.py", 1))
 
     def layer_launches(self, fp8: bool, exchange: str) -> dict:
         """{source file: launches} of one decoder layer.
@@ -341,7 +343,8 @@ def query_exchange(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, batc
     """The exchange the runtime runs for this decode step: "none" at CP 1, "pass-kv" when the
     heuristic picked pass-KV, else :func:`choose_query_exchange` with the engine's inputs
     (``InferenceEngine._query_exchange``: this TP rank's heads, the padded query block,
-    attention FLOPs per rank, ``cp_latency_s + ring_step_overhead_s``, ``a2a_latency_s``)."""
+    attention FLOPs per rank, ``cp_latency_s + ring_step_overhead_s``, ``a2a_latency_s``, one
+    read of the rank's KV shard at the achieved HBM bandwidth)."""
     if cp == 1:
         return NO_EXCHANGE
     if strategy == PASS_KV:
@@ -350,9 +353,12 @@ def query_exchange(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, batc
     heads, dh = cfg.num_heads // tp, cfg.head_dim
     q_block = math.ceil(batch / cp) * heads * dh * e
     flops = batch * 4 * heads * dh * 1 * (context_tokens + 1) / cp
+    kv_bytes = batch * (context_tokens + 1) / cp * 2 * max(1, cfg.num_kv_heads // tp) * dh * e
     chosen, _ring, _gather = choose_query_exchange(cp, q_block, flops, hw.attn_flops_per_s,
                                                    hw.cp_bandwidth_bytes_per_s,
-                                                   hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s)
+                                                   hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+                                                   kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s
+                                                                         * hw.memory_efficiency))
     return chosen
 
 

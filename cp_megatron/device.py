@@ -1,5 +1,6 @@
 """The one place that talks to the accelerator runtime: current device, capability,
-synchronize, events, device count.  Every such call in cp_megatron goes through here.
+synchronize, events, device count, CUDA graphs and side streams.  Every such call in
+cp_megatron goes through here.
 
 Three states, one switch:
 
@@ -173,6 +174,60 @@ def event(enable_timing: bool = True):
     if _fake is not None:
         return _FakeEvent()
     return _Event(enable_timing)
+
+
+# -- CUDA graphs (cp_megatron.cuda_graphs is their one user) -------------------------------------
+def cuda_graph():
+    """A new, empty ``torch.cuda.CUDAGraph``.
+
+    Raises:
+        RuntimeError: while faking (the dry run traces the eager step; a graph needs a real GPU).
+    """
+    if _fake is not None:
+        raise RuntimeError("CUDA graphs need a real GPU: the dry run traces the eager decode step")
+    return torch.cuda.CUDAGraph()
+
+
+def capture_stream():
+    """A new side stream for a graph's warm-up and capture (:func:`run_on_side_stream`, then
+    :func:`graph_capture` with the same stream).
+
+    Raises:
+        RuntimeError: while faking (a graph needs a real GPU).
+    """
+    if _fake is not None:
+        raise RuntimeError("CUDA graphs need a real GPU: the dry run traces the eager decode step")
+    return torch.cuda.Stream()
+
+
+@contextlib.contextmanager
+def graph_capture(graph, stream) -> Iterator[None]:
+    """Capture the CUDA work issued inside the block into ``graph`` (``torch.cuda.graph``) on
+    ``stream``, the stream its warm-up ran on: cuBLAS / cuBLASLt handles and workspaces are
+    cached per (device, stream), so a capture on a stream the warm-up did not use would create
+    them mid-capture (PyTorch's ``make_graphed_callables`` warms up and captures on one stream
+    for that reason).
+
+    ``capture_error_mode="thread_local"``: only this thread's CUDA calls are checked during
+    capture, so the NCCL process group's watchdog thread (which queries events) cannot fail the
+    capture; megatron-core captures its CUDA graphs the same way.
+
+    Source: PyTorch ``torch.cuda.graph`` (CUDA Graphs notes, "whole-network capture"); NCCL user
+    guide, "Using NCCL with CUDA Graphs" (capture modes; P2P captured after an eager P2P call).
+    """
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        yield
+
+
+def run_on_side_stream(fn: Callable[[], object], stream):
+    """``fn()`` on ``stream`` (:func:`capture_stream`), which waits for the current stream; the
+    current stream then waits for it (the warm-up before a capture, as the CUDA Graphs notes
+    ask); returns ``fn``'s result."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
 
 
 def host_empty(shape, dtype: torch.dtype, for_device: torch.device | str) -> torch.Tensor:

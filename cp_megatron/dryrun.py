@@ -34,6 +34,7 @@ GPU"); ``c10/core/impl/DeviceGuardImplInterface.h``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -445,17 +446,24 @@ class Tracer(TorchDispatchMode):
 
     def _attention(self, rt, name, args, kwargs, src, line) -> None:
         q, k, v = args[0], args[1], args[2]
-        causal = bool(args[4]) if name == "_scaled_dot_product_flash_attention" and len(args) > 4 else \
-            bool(kwargs.get("is_causal", args[6] if name == "_scaled_dot_product_efficient_attention"
-                                              and len(args) > 6 else False))
+        if name == "_flash_attention_forward":      # (q, k, v, cu_q, cu_k, max_q, max_k, p, is_causal, ...)
+            causal = bool(args[8]) if len(args) > 8 else bool(kwargs.get("is_causal", False))
+        else:
+            causal = bool(args[4]) if name == "_scaled_dot_product_flash_attention" and len(args) > 4 else \
+                bool(kwargs.get("is_causal", args[6] if name == "_scaled_dot_product_efficient_attention"
+                                                  and len(args) > 6 else False))
         sig = (name, tuple(q.shape), tuple(k.shape), str(q.dtype), causal)
         if sig in rt.attention:
             rt.attention[sig]["calls"] += 1
             return
+        varlen = {}
+        if name == "_flash_attention_forward":
+            varlen = {"cu_seqlens_q": args[3], "cu_seqlens_k": args[4], "max_q": args[5], "max_k": args[6],
+                      "seqused_k": kwargs.get("seqused_k")}
         rt.attention[sig] = {"kernel": f"aten.{name}", "where": f"{src}:{line}", "is_causal": causal,
                              "q": _desc(q), "k": _desc(k), "v": _desc(v), "calls": 1,
                              "layer": self.layer,
-                             "constraints": attention_constraints(name, q, k, v, causal, self.capability)}
+                             "constraints": attention_constraints(name, q, k, v, causal, self.capability, **varlen)}
 
     def _scaled_mm(self, rt, args, kwargs, out, src, line) -> None:
         a, b = args[0], args[1]
@@ -489,23 +497,55 @@ FLASH_SOURCE = ("PyTorch aten/src/ATen/native/transformers/cuda/flash_attn/flash
 EFFICIENT_SOURCE = ("PyTorch aten/src/ATen/native/transformers/cuda/attention.cu and sdp_utils.cpp "
                     "(check_head_dim_size_mem_efficient: head dim a multiple of 4 for float32 (8 for half); "
                     "no GQA: equal head counts; stride(-1) == 1)")
+VARLEN_SOURCE = ("PyTorch aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp (mha_varlen_fwd: fp16/bf16, "
+                 "sm80+, q/k/v [total, heads, head_dim] same dtype with stride(-1) == 1, head_size <= 256 and a "
+                 "multiple of 8, num_heads % num_heads_k == 0, cu_seqlens_q/k int32 contiguous [b + 1], "
+                 "seqused_k int32 contiguous [b] on the device); torch.nn.attention.varlen (seqused_k for "
+                 "KV-cache decoding)")
 SCALED_MM_SOURCE = ("PyTorch aten/src/ATen/native/cuda/ScaledBlas.cpp (_scaled_mm row-wise: float8 operands, "
                     "K and N multiples of 16, mat2 column-major, scale_a [M,1] and scale_b [1,N] float32, "
                     "bf16 output)")
 
 
-def attention_constraints(name: str, q, k, v, causal: bool, capability: tuple[int, int]) -> dict:
+def attention_constraints(name: str, q, k, v, causal: bool, capability: tuple[int, int], *,
+                          cu_seqlens_q=None, cu_seqlens_k=None, max_q=None, max_k=None, seqused_k=None) -> dict:
     """Whether one attention call's inputs satisfy its kernel's documented constraints.
 
     Args:
         name: the aten op (``_scaled_dot_product_flash_attention`` ...).
-        q, k, v: its ``[B, H, S, D]`` inputs; causal: the is_causal flag.
+        q, k, v: its ``[B, H, S, D]`` inputs (the varlen ``_flash_attention_forward``: ``[T, H, D]``);
+            causal: the is_causal flag.
         capability: the device's compute capability.
+        cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_k: the varlen call's (None otherwise).
 
     Returns:
         {"checks": {name: bool}, "ok": all of them, "source": where the constraints are stated}.
     """
     half = (torch.float16, torch.bfloat16)
+    if name == "_flash_attention_forward" and cu_seqlens_q is not None:
+        b = cu_seqlens_q.numel() - 1
+
+        def int32_vector(t, n):
+            return t is not None and t.dtype == torch.int32 and t.dim() == 1 and t.numel() == n \
+                and t.is_contiguous() and t.device == q.device
+
+        checks = {
+            "3-D [T, H, D] (varlen)": q.dim() == k.dim() == v.dim() == 3,
+            "q, k, v same dtype": q.dtype == k.dtype == v.dtype,
+            "dtype fp16 or bf16": q.dtype in half,
+            "compute capability >= 8.0": tuple(capability) >= (8, 0),
+            "head dim equal for q, k, v, <= 256, % 8 == 0": q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0,
+            "GQA: NH % NKV == 0": q.shape[1] % k.shape[1] == 0,
+            "last dim contiguous (stride(-1) == 1)": q.stride(-1) == k.stride(-1) == v.stride(-1) == 1,
+            "cu_seqlens_q int32 contiguous [b + 1] on the device": int32_vector(cu_seqlens_q, b + 1),
+            "cu_seqlens_k int32 contiguous [b + 1] on the device": int32_vector(cu_seqlens_k, b + 1),
+            "seqused_k int32 contiguous [b] on the device (or none)": seqused_k is None or int32_vector(seqused_k, b),
+            "max_k <= keys given (seqused_k reads a prefix)": max_k is not None and max_k <= k.shape[0],
+            "one query per row (max_q == 1 == T / b)": max_q == 1 and q.shape[0] == b,
+            "not causal": not causal,
+        }
+        return {"checks": checks, "ok": all(checks.values()), "source": VARLEN_SOURCE}
     common = {
         "4-D [B, H, S, D]": q.dim() == k.dim() == v.dim() == 4,
         "q, k, v same dtype": q.dtype == k.dtype == v.dtype,
@@ -700,6 +740,8 @@ def trace_rank(spec: DryRunSpec, rank: int, progress: Optional[Callable[[str], N
                     rt.kv_capacity_bytes = sum(_nbytes_of_storage(t) for t in engine.kv_cache.k + engine.kv_cache.v)
                     rt.kv_used_bytes = engine.kv_cache.nbytes()
                     rt.kv_allocations = engine.kv_cache.allocations
+                    key = getattr(engine, "last_step_key", None)
+                    rt.static_step = dataclasses.asdict(key) if key is not None and kind == "decode" else None
                     if kind == "decode":
                         decode_no += 1
         report = rank_report(spec, topo, tracer, engine, time.perf_counter() - t0)
@@ -758,6 +800,7 @@ def rank_report(spec: DryRunSpec, topo, tracer: Tracer, engine, elapsed_s: float
                          "capacity_bytes_full_depth": int(getattr(rt, "kv_capacity_bytes", 0) * factor),
                          "used_bytes_full_depth": int(getattr(rt, "kv_used_bytes", 0) * factor),
                          "allocations": getattr(rt, "kv_allocations", 0)},
+            "static_step": getattr(rt, "static_step", None),
             "_signature": rt.signature,
         })
     decode = [r for r in rounds if r["round"].startswith("decode")]
@@ -771,18 +814,29 @@ def rank_report(spec: DryRunSpec, topo, tracer: Tracer, engine, elapsed_s: float
 
 def graph_replayable(decode_rounds: list[dict]) -> dict:
     """Do two consecutive decode steps run the identical op sequence with identical shapes
-    (what CUDA graph capture and replay need)?  ``{"replayable": bool, "reason": str}``."""
+    (what CUDA graph capture and replay need)?  ``{"replayable": bool, "reason": str}``.
+
+    Every traced op of the round counts, inside and outside the layers (the sampling and the
+    packing of the inputs too, not only what a graph captures); a round's ``static_step`` (the
+    engine's :class:`~cp_megatron.decode_step.StepKey`, when the round was a static decode step)
+    is named in the reason."""
     if len(decode_rounds) < 2:
         return {"replayable": None, "reason": "fewer than two decode steps traced"}
-    a, b = decode_rounds[0]["_signature"], decode_rounds[1]["_signature"]
+    r0, r1 = decode_rounds[0], decode_rounds[1]
+    a, b = r0["_signature"], r1["_signature"]
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return {"replayable": False,
-                    "reason": f"{decode_rounds[0]['round']} and {decode_rounds[1]['round']} differ at op #{i} "
+                    "reason": f"{r0['round']} and {r1['round']} differ at op #{i} "
                               f"(layer {x[0]}): {x[1]}{list(x[2])} vs {y[1]}{list(y[2])}"}
     if len(a) != len(b):
         return {"replayable": False, "reason": f"op counts differ: {len(a)} vs {len(b)}"}
-    return {"replayable": True, "reason": f"{len(a)} ops, identical names and shapes"}
+    reason = f"{r0['round']} and {r1['round']} run the same {len(a)} ops with the same shapes"
+    key = r1.get("static_step")
+    if key:
+        reason += (f"; static decode step: {key['rows_per_rank']} query row(s) per rank, {key['num_rows']} "
+                   f"gathered, KV view {key['kv_len']:,} slots, mode {key['mode']}, kernel {key['kernel']}")
+    return {"replayable": True, "reason": reason}
 
 
 # -- the all-ranks pattern check -------------------------------------------------------------------

@@ -14,6 +14,11 @@ then do device work and the ring's P2P only (plus pass-Q's all_to_all).  Activat
 between pipeline stages point to point; at the end of the round the sampled token ids
 (not the logits) are shared with every rank by one small all-reduce.
 
+On CUDA, a decode round of all-gather-Q (or of CP 1) is a *static* step (:mod:`cp_megatron.decode_step`):
+the same kernels with the same shapes every step -- a bucket of query rows on every rank, KV
+writes through a slot tensor, a bucketed KV view, inputs copied into persistent buffers -- so
+that with ``cuda_graphs`` it is captured once per bucket and replayed (:mod:`cp_megatron.cuda_graphs`).
+
 Source: arXiv 2411.01783 §3.3–3.6 (sharding, ring variants, heuristic, decode).
 """
 
@@ -31,9 +36,11 @@ from cp_megatron import device as devices
 from cp_megatron import parallel_state
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
-from cp_megatron.attention.heuristic import PASS_Q, HeuristicDecision, choose_query_exchange
+from cp_megatron.attention.heuristic import ALL_GATHER_Q, PASS_Q, HeuristicDecision, choose_query_exchange
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
+from cp_megatron.decode_step import (DecodeStep, StaticDecode, clear_older, plan_static_decode, sampling_rows,
+                                     step_lru)
 from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS, KVLayout
 from cp_megatron.model.kv_offload import HostKVStore
@@ -80,6 +87,9 @@ class RoundMetrics:
         return asdict(self)
 
 
+_PADDING = SamplingParams()     # a padding row of the static decode step: greedy, never read
+
+
 @dataclass
 class _Placement:
     positions: torch.Tensor    # int64 [n] global positions of a rank's new tokens (host)
@@ -96,8 +106,11 @@ class RoundPlan:
         lengths / cached: T_b and P_b per sequence (tokens).
         kind: "prefill", "partial-prefill" or "decode".
         decision: the heuristic's choice (Alg. 1 / Alg. 5) and its inputs.
-        placements: per CP rank, where that rank's new tokens go.
-        attention: this rank's :class:`AttentionPlan` (index tensors on the device).
+        placements: per CP rank, where that rank's new tokens go (real tokens only).
+        attention: this rank's :class:`AttentionPlan` (index tensors on the device); for a
+            static decode round the step's plan, set when the round runs.
+        static: a static decode round's host plan (:class:`~cp_megatron.decode_step.StaticDecode`),
+            else None.
     """
 
     seq_ids: list[int]
@@ -106,7 +119,8 @@ class RoundPlan:
     kind: str
     decision: HeuristicDecision
     placements: list[_Placement]
-    attention: AttentionPlan
+    attention: Optional[AttentionPlan]
+    static: Optional[StaticDecode] = None
 
 
 class InferenceEngine:
@@ -126,15 +140,42 @@ class InferenceEngine:
             (one copy per growth, never doubling; :class:`~cp_megatron.model.kv_cache.KVCache`).
         profile: time ring attention (compute, exposed communication, all_to_all) with
             host clocks on CPU and CUDA events on a GPU.  Off by default: the hot path then
-            has no timing at all.
+            has no timing at all.  A profiled decode round runs eagerly (no graph replay).
+        static_decode: run decode rounds of all-gather-Q and of CP 1 as the static step
+            (:mod:`cp_megatron.decode_step`); False plans them like any round (one kernel call
+            on the valid slots).  Default (None): on a CUDA stage (the dry run's fake one too),
+            not on CPU, where the padding rows' extra compute shares the host's memory bandwidth
+            with the other ranks (docs/performance.md §8: +12% TTIT at CP 2); the tests run both.
+        cuda_graphs: capture the static decode step once per step key and replay it
+            (:mod:`cp_megatron.cuda_graphs`); CUDA only.
+
+    Raises:
+        ValueError: ``kv_growth_slots`` < 1, or ``cuda_graphs`` without a CUDA stage or without
+            the static step.
     """
 
     def __init__(self, stage: LlamaStage, topo: Topology, *, strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
-                 kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False) -> None:
+                 kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False,
+                 static_decode: Optional[bool] = None, cuda_graphs: bool = False) -> None:
         if kv_growth_slots < 1:
             raise ValueError(f"kv_growth_slots: expected >= 1 slots, got {kv_growth_slots}")
+        if cuda_graphs and (stage.device.type != "cuda" or devices.is_fake()):
+            raise ValueError(f"cuda_graphs: needs a CUDA device, the stage is on {stage.device}"
+                             + (" (fake)" if devices.is_fake() else ""))
+        if static_decode is None:
+            static_decode = stage.device.type == "cuda"
+        if cuda_graphs and not static_decode:
+            raise ValueError("cuda_graphs: needs static_decode (the graph is the static decode step)")
         self.stage, self.topo, self.strategy, self.profile = stage, topo, strategy, profile
+        self.static_decode = static_decode
+        self.last_step_key = None                   # StepKey of the last static decode round
+        self._steps: dict = {}                      # StepKey -> DecodeStep (buffers and plan)
+        self.graphs = None
+        if cuda_graphs:
+            from cp_megatron.cuda_graphs import GraphCache
+
+            self.graphs = GraphCache()
         self.hardware = hardware or default_hardware(stage.device)
         self.kv_cache = stage.new_kv_cache(kv_capacity)
         self.kv_cache.growth_slots = kv_growth_slots
@@ -184,6 +225,13 @@ class InferenceEngine:
         places = self._placements(lengths, cached, seq_ids, decode)
         if decision.strategy == PASS_Q and not decision.forced and self.topo.cp_size > 1:
             decision = self._query_exchange(decision, lengths, cached, places)
+        cp = self.topo.cp_size
+        if decode and self.static_decode and (cp == 1 or decision.strategy == ALL_GATHER_Q):
+            owners = [decode_owner(self.decode_steps, s, cp) for s in seq_ids]
+            static = plan_static_decode(tokens=[new_tokens[s][0] for s in seq_ids], seq_ids=seq_ids,
+                                        cached=cached, owners=owners, cp_rank=self.topo.cp_rank, cp_size=cp,
+                                        kv_cache=self.kv_cache, head_dim=self.stage.config.head_dim)
+            return RoundPlan(seq_ids, lengths, cached, kind, decision, places, None, static)
         q_layouts = [(p.positions, p.seq_ids) for p in places]
         kv_layouts = [(torch.cat([lay.positions, p.positions]), torch.cat([lay.seq_ids, p.seq_ids]))
                       for lay, p in zip(self.layouts, places)]
@@ -201,14 +249,20 @@ class InferenceEngine:
         q_len = max(len(p.positions) for p in places)
         flops = sum(4 * heads * cfg.head_dim * t * (p + t) for t, p in zip(lengths, cached)) / n
         hw = self.hardware
+        cache = self.kv_cache           # one read of a rank's shard: 1/N of every sequence's K and V
+        kv_bytes = sum(p + t for t, p in zip(lengths, cached)) / n * 2 * cache.num_kv_heads * cache.head_dim * e
         strategy, ring, gather = choose_query_exchange(
             n, q_len * heads * cfg.head_dim * e, flops, hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s,
-            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s)
+            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+            kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency))
         return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather)
 
     # -- one round -----------------------------------------------------------------------
     def _run(self, new_tokens: Mapping[int, list[int]], all_logits: bool):
-        """Plan and run the stage; returns (plan, local logits or None, local rows, stats)."""
+        """Plan and run the stage; returns (plan, local logits or None, local rows, stats).
+
+        For a static decode round the logits are the step's ``[R, vocab]`` (every row of this
+        rank's step) and the local rows are the step's device ``out_rows`` (B for padding)."""
         plan = self.plan_round(new_tokens)
         place = plan.placements[self.topo.cp_rank]
         device = self.stage.device
@@ -218,6 +272,8 @@ class InferenceEngine:
         for r, p in enumerate(plan.placements):        # the other ranks' caches, on the host
             if r != self.topo.cp_rank:
                 self.layouts[r].append(p.positions, p.seq_ids)
+        if plan.static is not None:
+            return self._run_static(plan, stats)
         self.kv_cache.begin_round(place.positions, place.seq_ids, min_capacity=plan.attention.sent_kv_len)
 
         # Rows of the output everyone needs: the last token of each sequence, or all (host).
@@ -241,6 +297,42 @@ class InferenceEngine:
         for s, t, p in zip(plan.seq_ids, plan.lengths, plan.cached):
             self.cached_lengths[s] = p + t
         return plan, out, local_rows, len(wanted), stats
+
+    def _decode_step(self, static: StaticDecode) -> DecodeStep:
+        """The :class:`DecodeStep` of the round's key (made once per key; the steps and graphs of
+        an older KV storage are dropped, they point into it).  A graph reads its step's buffers:
+        when a key's step is made anew (its old one left the LRU), the key's graph goes too."""
+        key = static.key
+        clear_older(self._steps, key.generation)
+        if self.graphs is not None:
+            self.graphs.drop(lambda k: k.generation == key.generation and (k != key or key in self._steps))
+        return step_lru(self._steps, key, lambda: DecodeStep(
+            key, stage=self.stage, kv_cache=self.kv_cache, cp_rank=self.topo.cp_rank, cp_size=self.topo.cp_size,
+            strategy=ALL_GATHER_Q if self.topo.cp_size > 1 else PASS_Q, cp_group=self.cp_group), limit=16)
+
+    def _run_static(self, plan: RoundPlan, stats: Optional[RingStats]):
+        """Run a static decode round (:mod:`cp_megatron.decode_step`): host bookkeeping, two
+        copies into the step's buffers, then the step eagerly or its graph's replay."""
+        static, place = plan.static, plan.placements[self.topo.cp_rank]
+        step = self._decode_step(static)
+        self.last_step_key = static.key
+        self.kv_cache.begin_round(place.positions, place.seq_ids, min_capacity=static.min_capacity,
+                                  slots=step.slots)
+        assert self.kv_cache.allocations == static.key.generation, (self.kv_cache.allocations, static.key)
+        step.load(static)
+        plan.attention = step.plan
+        if not self.stage.layout.is_first:
+            dist.recv(step.hidden_in, self._prev_stage)           # R rows, padding included
+        if self.graphs is not None and stats is None:
+            out = self.graphs.run(static.key, step.forward)
+        else:
+            out = step.forward(stats)
+        if not self.stage.layout.is_last:
+            dist.send(out.contiguous(), self._next_stage)
+            out = None
+        for s, t, p in zip(plan.seq_ids, plan.lengths, plan.cached):
+            self.cached_lengths[s] = p + t
+        return plan, out, step.out_rows, len(plan.seq_ids), stats
 
     def _metrics(self, plan: RoundPlan, start: float, stats: Optional[RingStats]) -> RoundMetrics:
         if stats is not None:
@@ -286,8 +378,20 @@ class InferenceEngine:
         plan, out, local_rows, n_rows, stats = self._run(new_tokens, all_logits=False)
         k = max((sampling[s].logprobs for s in plan.seq_ids if sampling[s].logprobs is not None), default=None)
         width = 1 if k is None else 2 + 2 * k
-        packed = torch.zeros(n_rows, width, dtype=torch.long, device=self.stage.device)
-        if self._owns_output(out) and len(local_rows):
+        if plan.static is not None:     # every row of the step; padding rows land in the dump row B
+            packed = torch.zeros(n_rows + 1, width, dtype=torch.long, device=self.stage.device)
+            if self._owns_output(out):
+                draws = draws or {}
+                seqs = sampling_rows(plan.static, self.topo.cp_rank, plan.seq_ids, None)
+                ids = sample_rows(out, [sampling[s] if s is not None else _PADDING for s in seqs],
+                                  [draws.get(s, 0) if s is not None else 0 for s in seqs])
+                packed[local_rows, 0] = ids
+                if k is not None:
+                    packed[local_rows, 1:] = logprob_columns(out, ids, k)
+            packed = packed[:n_rows]
+        else:
+            packed = torch.zeros(n_rows, width, dtype=torch.long, device=self.stage.device)
+        if plan.static is None and self._owns_output(out) and len(local_rows):
             seqs = [plan.seq_ids[i] for i in local_rows.tolist()]           # host tensor
             draws = draws or {}
             ids = sample_rows(out, [sampling[s] for s in seqs], [draws.get(s, 0) for s in seqs])
@@ -324,8 +428,14 @@ class InferenceEngine:
         start = time.perf_counter()
         plan, out, local_rows, n_rows, stats = self._run(new_tokens, all_logits=all_logits)
         device = self.stage.device
-        logits = torch.zeros(n_rows, self.stage.config.vocab_size, dtype=torch.float32, device=device)
-        if self._owns_output(out) and len(local_rows):
+        if plan.static is not None:     # every row of the step; padding rows land in the dump row B
+            logits = torch.zeros(n_rows + 1, self.stage.config.vocab_size, dtype=torch.float32, device=device)
+            if self._owns_output(out):
+                logits[local_rows] = out
+            logits = logits[:n_rows]
+        else:
+            logits = torch.zeros(n_rows, self.stage.config.vocab_size, dtype=torch.float32, device=device)
+        if plan.static is None and self._owns_output(out) and len(local_rows):
             logits[local_rows.to(device)] = out
         if self.topo.world_size > 1:
             dist.all_reduce(logits)

@@ -32,7 +32,7 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", strategy: str = "auto",
                  hardware: Optional[HardwareProfile] = None, kv_capacity: int = 0,
                  kv_growth_slots: int = DEFAULT_GROWTH_SLOTS, profile: bool = False, progress: bool = False, weights: str = "dtype",
-                 implementation: str = "native") -> InferenceEngine:
+                 implementation: str = "native", cuda_graphs: bool = False) -> InferenceEngine:
     """This rank's stage (its TP slice and PP layer range) with weights from ``reader``,
     wrapped in an engine.
 
@@ -54,6 +54,7 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
         implementation: "native" (:class:`LlamaStage`) or "megatron-core" (a megatron-core
             ``GPTModel`` with ring core attention, :class:`cp_megatron.mcore.stage.McoreLlamaStage`;
             ``weights="dtype"`` only).
+        cuda_graphs: capture and replay the static decode step (``runtime.cuda_graphs``; CUDA only).
 
     Raises:
         ValueError: the TP size does not split the model (:mod:`cp_megatron.model.tp_rule`),
@@ -76,7 +77,7 @@ def build_engine(reader, topo: Topology, *, dtype: torch.dtype = torch.float32,
     else:
         raise ValueError(f"implementation: expected 'native' or 'megatron-core', got {implementation!r}")
     return InferenceEngine(stage, topo, strategy=strategy, hardware=hardware, kv_capacity=kv_capacity,
-                           kv_growth_slots=kv_growth_slots, profile=profile)
+                           kv_growth_slots=kv_growth_slots, profile=profile, cuda_graphs=cuda_graphs)
 
 
 def _fake_stage(config, layout: StageLayout, dtype: torch.dtype, device, weights: str) -> LlamaStage:
@@ -157,7 +158,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
                                            rt.kv_cache_margin_tokens, rt.kv_cache_growth_tokens,
                                            kv_capacity),
                           profile=rt.profile, progress=progress and topo.rank == 0, weights=cfg.model.weights,
-                          implementation=cfg.model.implementation)
+                          implementation=cfg.model.implementation, cuda_graphs=rt.cuda_graphs)
     del reader  # drop the checkpoint's memory maps: the stage holds its own copy
     say(f"weights loaded in {time.perf_counter() - t0:.1f} s")
     return topo, engine, tok

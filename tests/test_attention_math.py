@@ -245,3 +245,85 @@ def test_decode_batch_of_one_sequence_is_a_view_and_of_none_is_empty():
     assert one.mode == "slice" and one.kv == slice(4, 9) and one.rows == 2
     assert build_decode_batch([(0, []), (1, [])], q_len=2, num_queries=3).mode == "empty"
     assert build_decode_batch([(0, [Block(0, 2, slice(0, 4))])], q_len=2, num_queries=2) is None   # prefill
+
+
+# -- the static decode step (issue #22): its plan and its math kernel -------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_decode_attention_matches_reference_on_an_interleaved_cache(dtype):
+    """The static step's math kernel over the whole KV view, the mask made as the step makes it
+    (same sequence, position <= the row's, free slots hidden); a padding row sees nothing."""
+    from cp_megatron.attention.kernels import masked_decode_attention
+
+    torch.manual_seed(4)
+    nh, nkv, dh, view = 6, 2, 16, 48
+    k, v = torch.randn(view, nkv, dh, dtype=dtype), torch.randn(view, nkv, dh, dtype=dtype)
+    slot_seq = torch.full((view,), -1, dtype=torch.long)
+    slot_pos = torch.zeros(view, dtype=torch.long)
+    slot_seq[:40] = torch.tensor([0, 1] * 20)                  # two sequences interleaved, 8 free slots
+    slot_pos[:40] = torch.arange(40) // 2
+    q_seq, q_pos = torch.tensor([1, 0, -2, 0]), torch.tensor([19, 19, 0, 7])   # row 2 padding, 3 older
+    q = torch.randn(4, nh, dh, dtype=dtype)
+    hidden = (slot_seq[None, :] != q_seq[:, None]) | (slot_pos[None, :] > q_pos[:, None])
+    out, lse = masked_decode_attention(q, k, v, hidden, scale=dh ** -0.5)
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)   # float32 accumulation
+    for row in (0, 1, 3):
+        ref_out, ref_lse = reference_attention(q[row:row + 1], k, v, q_pos[row:row + 1], slot_pos,
+                                               q_seq[row:row + 1], slot_seq)
+        torch.testing.assert_close(out[row:row + 1].double(), ref_out, **tol)
+        torch.testing.assert_close(lse[row:row + 1].double(), ref_lse, **tol)
+    assert not out[2].abs().any() and bool((lse[2] == float("-inf")).all())
+
+
+def test_static_decode_plan_pads_rows_writes_a_scratch_slot_and_keeps_its_key_step_to_step():
+    """CP 2, a batch of 3 sequences (ids 0, 1, 2) after their prefill: rank 0 owns 2 of the 3 new
+    tokens at this step, so every rank runs 2 rows; the padding row writes the first free slot;
+    the next step (owners shifted by one) has the same key."""
+    from cp_megatron.decode_step import kv_bucket, plan_static_decode, rows_bucket
+    from cp_megatron.model.kv_cache import KVCache
+
+    assert [rows_bucket(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
+    assert kv_bucket(10) == 256 and kv_bucket(257) == 512 and kv_bucket(62_630) == 65_536
+    cache = KVCache(1, 1, 4, dtype=torch.float32, capacity=300, growth_slots=64)
+    cache.begin_round(torch.tensor([0, 1, 0, 0]), torch.tensor([0, 0, 1, 2]))   # rank 0's prefill slots
+    keys = []
+    for step in range(2):
+        owners = [decode_owner(step, s, 2) for s in (0, 1, 2)]
+        st = plan_static_decode(tokens=[11, 12, 13], seq_ids=[0, 1, 2], cached=[2 + step] * 3, owners=owners,
+                                cp_rank=0, cp_size=2, kv_cache=cache, head_dim=4)
+        r, g = st.key.rows_per_rank, st.key.num_rows
+        assert (r, g, st.key.mode, st.key.kernel, st.key.kv_len) == (2, 4, "masked", "math", 256)
+        mine = st.owned[0]
+        n = cache.num_tokens
+        ids, pos, slots, seq, out_rows = (st.meta64[j * r:(j + 1) * r].tolist() for j in range(5))
+        want_slots = [n + i for i in range(len(mine))] + [n + len(mine)] * (r - len(mine))
+        assert slots == want_slots and st.min_capacity == n + len(mine) + 1
+        assert seq == [s for s in mine] + [-1] * (r - len(mine)) and out_rows == mine + [3] * (r - len(mine))
+        assert ids == [[11, 12, 13][b] for b in mine] + [0] * (r - len(mine))
+        q_seq = st.meta64[5 * r:5 * r + g].tolist()
+        assert sorted(s for s in q_seq if s >= 0) == [0, 1, 2] and q_seq.count(-2) == 1
+        keys.append(st.key)
+        cache.begin_round(torch.tensor([2 + step] * len(mine)), torch.tensor(mine))
+    assert keys[0] == keys[1]
+
+
+def test_static_decode_plan_of_one_sequence_uses_lengths_and_flags_rows_without_keys():
+    """One sequence in the cache: mode "lengths", each row's length its sequence's slots here
+    (the new token included), padding rows 1; on CUDA bf16 the varlen flash kernel, whose empty
+    real rows need the LSE fix-up."""
+    from cp_megatron.decode_step import plan_static_decode
+    from cp_megatron.model.kv_cache import KVCache
+
+    cache = KVCache(1, 1, 8, dtype=torch.float32, capacity=64)
+    cache.begin_round(torch.arange(5), torch.zeros(5, dtype=torch.long))
+    st = plan_static_decode(tokens=[9], seq_ids=[0], cached=[10], owners=[1], cp_rank=0, cp_size=4,
+                            kv_cache=cache, head_dim=8)
+    g = st.key.num_rows
+    assert (st.key.rows_per_rank, g, st.key.mode, st.key.kernel, st.key.fixup) == (1, 4, "lengths", "math", False)
+    assert st.meta32[:g + 1].tolist() == [0, 1, 2, 3, 4] and st.meta32[g + 1:2 * g + 2].tolist() == [0] * 5
+    assert st.meta32[2 * g + 2:].tolist() == [1, 5, 1, 1]      # rank 1's row: the 5 slots here
+    empty = KVCache(1, 1, 8, dtype=torch.bfloat16, capacity=64)
+    empty.device = torch.device("cuda")                          # host planning only: no tensor is made there
+    st = plan_static_decode(tokens=[9], seq_ids=[0], cached=[10], owners=[1], cp_rank=0, cp_size=4,
+                            kv_cache=empty, head_dim=8)
+    assert (st.key.kernel, st.key.fixup) == ("aten._flash_attention_forward", True)
+    assert st.meta32[2 * g + 2:].tolist() == [1, 0, 1, 1]

@@ -97,6 +97,42 @@ def test_cuda_decode_batch_gather_and_slice_match_reference(dtype):
     _check(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_static_decode_kernels_match_reference(dtype):
+    """The static decode step's kernels (#22) on the capacity-long view: rows with their prefix
+    lengths (the varlen flash kernel for fp16 / bf16, with the LSE fix-up of a real row without
+    keys), and the masked math kernel; a padding row's output is not checked (never read)."""
+    from cp_megatron.attention.decode import attend_decode_batch
+    from cp_megatron.attention.kernels import decode_kernel_name
+    from cp_megatron.attention.plan import DecodeBatch
+
+    cuda = torch.device("cuda")
+    q, k, v = _inputs(5, 3000, dtype, seed=4)
+    lengths = torch.tensor([2999, 1, 0, 1500, 1], dtype=torch.int32)        # row 2: no key here; row 4 padding
+    rows = 5
+    kernel = decode_kernel_name("cuda", dtype, DH, "lengths")
+    assert kernel == ("math" if dtype == torch.float32 else "aten._flash_attention_forward")
+    batch = DecodeBatch("lengths", rows, lengths=lengths.to(cuda), kv_len=3000, kernel=kernel,
+                        cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32, device=cuda),
+                        cu_seqlens_k=torch.zeros(rows + 1, dtype=torch.int32, device=cuda))
+    batch.hidden = torch.arange(3000, device=cuda)[None, :] >= batch.lengths[:, None]
+    batch.empty_rows = batch.lengths == 0
+    out, lse = attend_decode_batch(q.cuda(), k.cuda(), v.cuda(), batch, DH ** -0.5)
+    for row in (0, 1, 3):
+        n = int(lengths[row])
+        ref_out, ref_lse = reference_attention(q[row:row + 1], k[:n], v[:n], torch.tensor([5000]),
+                                               torch.arange(n))
+        _check(out[row:row + 1], lse[row:row + 1], ref_out, ref_lse, dtype)
+    assert bool((lse[2] == float("-inf")).all()) and not out[2].abs().any()
+    masked = DecodeBatch("masked", rows, kv_len=3000, kernel="math", hidden=batch.hidden)
+    out, lse = attend_decode_batch(q.cuda(), k.cuda(), v.cuda(), masked, DH ** -0.5)
+    for row in (0, 1, 3):
+        n = int(lengths[row])
+        ref_out, ref_lse = reference_attention(q[row:row + 1], k[:n], v[:n], torch.tensor([5000]),
+                                               torch.arange(n))
+        _check(out[row:row + 1], lse[row:row + 1], ref_out, ref_lse, dtype)
+
+
 def test_cuda_math_attention_matches_reference():
     q, k, v = _inputs(7, 7, torch.float64)
     out, lse = math_attention(q.cuda(), k.cuda(), v.cuda(), scale=DH ** -0.5, is_causal=True)
@@ -149,6 +185,49 @@ def test_megatron_core_gpt_on_cuda_matches_llama_stage_on_cpu():
     on_gpu = spawn(_nccl_engine_job, 1, ("cuda", "megatron-core"), backend="nccl", timeout_s=240)[0]
     on_cpu = spawn(_nccl_engine_job, 1, ("cpu",), backend="gloo", timeout_s=240)[0]
     assert len(on_gpu) == 8 and on_gpu == on_cpu
+
+
+def _graph_job(dtype_name: str) -> dict:
+    """Greedy tokens of a tiny model on one GPU, eager decode against CUDA-graph decode: batch 1
+    (one sequence in the cache: varlen flash in bf16, math in float32), then batch 3 (three
+    sequences interleaved: the masked math kernel)."""
+    import dataclasses
+
+    from cp_megatron import parallel_state
+    from cp_megatron.engine import SamplingParams, generate
+    from cp_megatron.factory import build_engine
+    from cp_megatron.model.config import get_preset
+    from cp_megatron.model.weights import DummyReader
+
+    topo = parallel_state.initialize(1, 1, 1)
+    config = dataclasses.replace(get_preset("tiny"), num_layers=2)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in (40, 33, 7, 21)]
+    out = {}
+    for graphs in (False, True):
+        engine = build_engine(DummyReader(config, seed=5), topo, dtype=getattr(torch, dtype_name), device=dev,
+                              kv_capacity=300, cuda_graphs=graphs)
+        one, _ = generate(engine, {0: prompts[0]}, SamplingParams(max_new_tokens=8))
+        engine.reset()
+        three, _ = generate(engine, {1: prompts[1], 2: prompts[2], 3: prompts[3]}, SamplingParams(max_new_tokens=8))
+        counts = (engine.graphs.captures, engine.graphs.replays) if graphs else None
+        out[graphs] = ({s: x.token_ids for s, x in {**one, **three}.items()}, counts)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_cuda_graph_replay_gives_the_eager_greedy_tokens_batch_1_and_3(dtype_name):
+    """#22: runtime.cuda_graphs captures the static decode step once per key and replays it; the
+    tokens equal eager decode's (same kernels, same inputs).  8 new tokens: a prefill, then 7
+    decode rounds per batch, the first of each key captured, 6 replayed."""
+    from cp_megatron.launcher import spawn
+
+    got = spawn(_graph_job, 1, (dtype_name,), backend="nccl", timeout_s=240)[0]
+    eager, (graph, counts) = got[False][0], got[True]
+    assert all(len(t) == 8 for t in eager.values()) and graph == eager
+    assert counts == (2, 12), counts
 
 
 def test_cuda_host_tier_round_trip_is_pinned_async_and_exact():

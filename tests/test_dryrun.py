@@ -64,6 +64,26 @@ def test_torch_cuda_is_called_only_by_the_device_module():
 
 
 @pytest.mark.unit
+def test_cuda_graphs_are_refused_without_cuda_in_one_line():
+    """runtime.cuda_graphs: a one-line config error on cpu and with the megatron-core stage; the
+    fake device (the dry run) refuses to make a graph."""
+    from cp_megatron import device as devices
+    from cp_megatron.config import ConfigError
+
+    base = "model: {format: dummy, preset: tiny}\n"
+    for text, where in ((base + "runtime: {cuda_graphs: true}\n", "device: cuda"),
+                        (base.replace("tiny}", "tiny, implementation: megatron-core}")
+                         + "runtime: {device: cuda, cuda_graphs: true}\n", "implementation: native")):
+        with pytest.raises(ConfigError, match=f"cuda_graphs.*{where}") as err:
+            load_config(None, [], text=text)
+        assert "\n" not in str(err.value)
+    assert load_config(None, [], text=base + "runtime: {device: cuda, cuda_graphs: true}\n").runtime.cuda_graphs
+    assert load_config(None, [], text=base).runtime.cuda_graphs is False
+    with devices.use_fake_cuda(), pytest.raises(RuntimeError, match="real GPU"):
+        devices.cuda_graph()
+
+
+@pytest.mark.unit
 def test_fake_backend_needs_rank_and_world_size():
     from cp_megatron import parallel_state
 
@@ -195,8 +215,16 @@ def test_1m_attention_calls_and_kernel_constraints(report_1m):
     assert sum(a["calls"] for a in prefill["attention_kernels"] if a["is_causal"]) == 2 * rep["layers_traced"]
     for r in rep["rounds"]:
         for a in r["attention_kernels"]:
-            assert a["kernel"] == "aten._scaled_dot_product_flash_attention"
-            assert a["q"]["shape"][1] == 16 and a["k"]["shape"][1] == 1 and a["q"]["dtype"] == "bfloat16"
+            if r["round"].startswith("decode"):
+                # the static decode step (#22): one varlen call for the 16 gathered rows against the
+                # capacity-long view [T, H, D], per-row lengths on the device
+                assert a["kernel"] == "aten._flash_attention_forward" and a["calls"] == rep["layers_traced"]
+                assert a["q"]["shape"] == [16, 16, 128] and a["k"]["shape"][1:] == [1, 128]
+                assert a["k"]["shape"][0] == r["kv_cache"]["capacity_bytes_traced"] // (2 * 2 * 128 * 2)
+            else:
+                assert a["kernel"] == "aten._scaled_dot_product_flash_attention"
+                assert a["q"]["shape"][1] == 16 and a["k"]["shape"][1] == 1
+            assert a["q"]["dtype"] == "bfloat16"
             assert a["constraints"]["ok"], a
         for mm in r["scaled_mm"]:
             assert mm["constraints"]["ok"], mm
@@ -209,8 +237,31 @@ def test_1m_one_host_sync_per_round_and_none_in_layers(report_1m):
         assert r["host_syncs_inside_layers"] == [], r["round"]
         assert len(r["host_syncs"]) == 1, (r["round"], r["host_syncs"])   # the sampled tokens' copy
         assert r["host_syncs"][0]["where"].startswith("engine.py:")
-    assert rep["decode_graph_replayable"]["replayable"] in (True, False)
-    assert rep["decode_graph_replayable"]["reason"]
+    replay = rep["decode_graph_replayable"]
+    assert replay["replayable"] is True, replay        # #22: the static decode step
+    assert "same" in replay["reason"] and "static decode step" in replay["reason"]
+    d1, d2 = (r for r in rep["rounds"] if r["round"].startswith("decode"))
+    assert d1["launches_per_layer"] == d2["launches_per_layer"]
+    assert d1["static_step"] == d2["static_step"] and d1["static_step"]["rows_per_rank"] == 1
+
+
+# -- #22: a decode step a CUDA graph can replay ---------------------------------------------------------------
+@pytest.mark.unit
+def test_two_consecutive_decode_steps_trace_identically_at_fake_cp4():
+    """Rank 0 of CP 4 owns the new token at decode#1 and not at decode#2 (round robin), yet both
+    steps run the same ops with the same shapes (the static step: one row per rank, KV writes
+    through slots, a bucketed KV view); forced ring pass-Q (Alg. 4, not static) does not, and the
+    check says where they part."""
+    rep = trace_rank(_tiny_spec(4, 50, "prefill,decode:2"), 0)
+    replay = rep["decode_graph_replayable"]
+    assert replay["replayable"] is True, replay
+    d1, d2 = rep["rounds"][1:]
+    assert d1["metrics"]["strategy"] == d2["metrics"]["strategy"] == "all-gather-q"
+    assert d1["static_step"] == d2["static_step"] and d1["static_step"]["num_rows"] == 4
+    assert d1["launches_per_layer"] == d2["launches_per_layer"]
+    ring = trace_rank(replace(_tiny_spec(4, 50, "prefill,decode:2"), strategy="pass-q"), 0)
+    assert ring["decode_graph_replayable"]["replayable"] is False
+    assert "differ at op" in ring["decode_graph_replayable"]["reason"]
 
 
 # -- host syncs inside a layer are caught ----------------------------------------------------------------

@@ -99,6 +99,7 @@ BAD_CONFIGS = {
     "unknown hardware profile": (["--set", "attention.hardware=tpu-v9"], "attention.hardware"),
     "prompt too long": (["--set", "prompt.file=null", "--set", "prompt.question=null",
                          "--set", "prompt.random_tokens=9000"], "prompt"),
+    "cuda graphs on cpu": (["--set", "runtime.cuda_graphs=true"], "cuda_graphs"),
 }
 
 
@@ -212,9 +213,10 @@ def test_heuristic_hardware_from_profile_file_with_overrides(tmp_path):
         heuristic_hardware(load_config(str(path)))
 
 
-def decode_variants_job(cp: int, strategy: str):
+def decode_variants_job(cp: int, strategy: str, static_decode: bool = True):
     """A batch of 3 sequences of a dummy model: prefill, 10 decode steps (batch 3 then 2), the
-    greedy tokens and each round's variant."""
+    greedy tokens and each round's variant (``static_decode``: the engine's static decode step
+    for all-gather-Q and CP 1, else planned round by round)."""
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.weights import DummyReader
 
@@ -222,7 +224,7 @@ def decode_variants_job(cp: int, strategy: str):
     reader = DummyReader(get_preset("tiny"), seed=5)
     stage = LlamaStage(reader.config, StageLayout())
     load_weights(stage, reader)
-    engine = InferenceEngine(stage, topo, strategy=strategy, kv_capacity=256)
+    engine = InferenceEngine(stage, topo, strategy=strategy, kv_capacity=256, static_decode=static_decode)
     prompts = {0: list(range(3, 90)), 1: list(range(40, 61)), 2: [7, 8, 9]}
     gens, rounds = generate(engine, prompts, SamplingParams(max_new_tokens=6))
     more, more_rounds = generate(engine, {0: [gens[0].pending], 2: [gens[2].pending]}, SamplingParams(max_new_tokens=5))
@@ -233,10 +235,12 @@ def decode_variants_job(cp: int, strategy: str):
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_decode_variants_give_the_same_greedy_tokens_as_cp1_at_cp_2_3():
-    """all-gather-Q (auto and forced) and ring pass-Q (Alg. 4) against CP 1."""
+    """all-gather-Q (auto and forced; the static decode step, and planned round by round) and
+    ring pass-Q (Alg. 4) against CP 1 (the static step); CP 1 planned round by round too."""
     want = spawn(decode_variants_job, 1, (1, "auto"), timeout_s=200)[0]
-    for cp, strategy, variant in ((2, "auto", "all-gather-q"), (3, "all-gather-q", "all-gather-q"),
-                                  (3, "pass-q", "pass-q")):
-        got = spawn(decode_variants_job, cp, (cp, strategy), timeout_s=200)[0]
+    for cp, strategy, variant, static in ((1, "auto", "pass-q", False), (2, "auto", "all-gather-q", True),
+                                          (3, "all-gather-q", "all-gather-q", True), (3, "pass-q", "pass-q", True),
+                                          (2, "all-gather-q", "all-gather-q", False)):
+        got = spawn(decode_variants_job, cp, (cp, strategy, static), timeout_s=200)[0]
         assert got[0] == want[0] and got[1] == want[1], (cp, strategy, got[:2], want[:2])
         assert set(got[2]) == {variant}, (cp, strategy, got[2])

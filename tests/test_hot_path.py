@@ -73,7 +73,7 @@ def _job(cp: int, layers: int, strategy: str = "auto") -> list[dict]:
     config = dataclasses.replace(get_preset("tiny"), num_layers=layers)
     stage = LlamaStage(config, StageLayout())
     load_weights(stage, DummyReader(config, seed=3))
-    engine = InferenceEngine(stage, topo, kv_capacity=64, strategy=strategy)
+    engine = InferenceEngine(stage, topo, kv_capacity=64, strategy=strategy, static_decode=True)   # the GPU's decode
     counter = Counter()
 
     def enter(*_):

@@ -141,6 +141,54 @@ def test_engine_reports_capacity_and_used_bytes_and_grows_by_steps_cp2():
 
 
 @pytest.mark.unit
+def test_static_step_writes_through_slots_and_the_device_layout_follows_every_change():
+    """The static decode step stores rows through a slot tensor (padding rows into the first free
+    slot); the device copy of the layout agrees with the host layout after rounds, the step's own
+    writes, growth, truncate and fork (oracle: the host layout, slot by slot)."""
+    cache = KVCache(1, 1, 2, dtype=torch.float32, capacity=8, growth_slots=4)
+    cache.begin_round(torch.arange(3), torch.tensor([0, 0, 1]))
+    cache.store(0, torch.ones(3, 1, 2), torch.ones(3, 1, 2))
+
+    def agrees():
+        slot_seq, slot_pos = cache.device_layout()
+        n = cache.num_tokens
+        assert slot_seq.shape[0] == cache.capacity
+        assert torch.equal(slot_seq[:n], cache.layout.seq_ids) and torch.equal(slot_pos[:n], cache.layout.positions)
+
+    agrees()
+    assert cache.layout.sequence_ids == [0, 1] and cache.tokens_of(0) == 2
+    # a static step of 3 rows: one real token of sequence 1 at slot 3, two padding rows at slot 4
+    slots = torch.tensor([3, 4, 4])
+    cache.begin_round(torch.tensor([1]), torch.tensor([1]), min_capacity=5, slots=slots)
+    cache.write_device_layout(slots, torch.tensor([1, -1, -1]), torch.tensor([1, 0, 0]))
+    rows = torch.arange(3.0).view(3, 1, 1).expand(3, 1, 2)
+    cache.store(0, rows, -rows)
+    k, v = cache.layer(0)
+    assert cache.num_tokens == 4 and k[3].tolist() == [[0.0, 0.0]] and v[3].tolist() == [[-0.0, -0.0]]
+    assert cache.k[0][4].tolist() in ([[1.0, 1.0]], [[2.0, 2.0]])       # the scratch slot: a padding row's
+    agrees()
+    assert int(cache.device_layout()[0][4]) == -1
+    with pytest.raises(ValueError, match="2 rows, the step has 3 slots"):
+        cache.store(0, rows[:2], rows[:2])
+    cache.begin_round(torch.arange(4, 10), torch.zeros(6, dtype=torch.long))   # grows: 10 -> 12 slots
+    assert cache.capacity == 12 and cache.allocations == 2
+    agrees()
+    cache.truncate(0, 1)                         # sequence 0 keeps position 0 only
+    agrees()
+    assert cache.device_layout()[0][cache.num_tokens:].eq(-1).all()
+    cache.fork(1, 7, 3)
+    agrees()
+    assert cache.tokens_of(7) == 2 and sorted(cache.layout.sequence_ids) == [0, 1, 7]
+    positions, k, v = cache.export_sequence(1)           # the host tier: offload, then restore as 9
+    cache.truncate(1, 0)
+    agrees()
+    cache.import_sequence(9, positions, k, v)
+    agrees()
+    assert cache.tokens_of(9) == 2 and sorted(cache.layout.sequence_ids) == [0, 7, 9]
+    assert cache.capacity_for(cache.capacity) == cache.capacity and cache.capacity_for(13) == 16
+
+
+@pytest.mark.unit
 def test_export_then_import_gives_back_every_slot_of_a_sequence_at_its_positions():
     """The host tier's round trip: a sequence's slots (all layers, K and V) exported, dropped
     (the cache compacts) and imported under another id hold the same values at the same

@@ -26,16 +26,19 @@ REAL_TEXT = (Path(__file__).resolve().parents[1] / "cp_megatron" / "attention" /
 
 
 def logits_job(fmt: str, path: str, tp: int, cp: int, pp: int, tokens: list[int]):
-    """All logits of one full prefill (rank 0), plus a partial prefill of 5 more tokens."""
+    """All logits of one full prefill (rank 0), a partial prefill of 5 more tokens, then two
+    decode rounds of the last two tokens (the static decode step, as on a GPU)."""
     topo = parallel_state.initialize(tp, cp, pp)
     reader = open_checkpoint(fmt, path)
     stage = LlamaStage(reader.config, StageLayout(tp, topo.tp_rank, pp, topo.pp_rank))
     load_weights(stage, reader)
-    engine = InferenceEngine(stage, topo)
-    full, _ = engine.forward({0: tokens[:-5]}, all_logits=True)
-    partial, metrics = engine.forward({0: tokens[-5:]}, all_logits=True)
-    assert metrics.kind == "partial-prefill" and metrics.cached_tokens == len(tokens) - 5
-    return torch.cat([full, partial]) if topo.rank == 0 else None
+    engine = InferenceEngine(stage, topo, static_decode=True)
+    full, _ = engine.forward({0: tokens[:-7]}, all_logits=True)
+    partial, metrics = engine.forward({0: tokens[-7:-2]}, all_logits=True)
+    assert metrics.kind == "partial-prefill" and metrics.cached_tokens == len(tokens) - 7
+    steps = [engine.forward({0: [t]}) for t in tokens[-2:]]
+    assert all(m.kind == "decode" for _, m in steps) and engine.last_step_key is not None
+    return torch.cat([full, partial] + [x for x, _ in steps]) if topo.rank == 0 else None
 
 
 def tiny_hf_model(tie: bool = False):

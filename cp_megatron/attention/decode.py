@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from cp_megatron.attention.blocks import attend_blocks
-from cp_megatron.attention.kernels import attention_with_lse, batched_decode_attention
+from cp_megatron.attention.kernels import (attention_with_lse, batched_decode_attention, masked_decode_attention,
+                                           varlen_decode_attention)
 from cp_megatron.attention.merge import merge_partials
 from cp_megatron.attention.plan import AttentionPlan, DecodeBatch
 from cp_megatron.attention.ring import RingStats
@@ -37,7 +38,17 @@ def attend_decode_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch
     """Every row of ``q`` ``[R, NH, DH]`` against its slots of ``k``, ``v`` ``[S, NKV, DH]``, as the
     :class:`DecodeBatch` says; returns (out ``[R, NH, DH]`` float32 or q's dtype, lse ``[R, NH]``
     float32), (0, -inf) for rows without keys here.  Batch 1 ("slice") is one call of the kernel
-    adapter on a view of the cache (flash attention on CUDA, the math kernel on CPU)."""
+    adapter on a view of the cache (flash attention on CUDA, the math kernel on CPU).
+
+    The static decode step's modes ("lengths", "masked") attend every row to the view
+    ``[0, batch.kv_len)`` of ``k``, ``v``: aten's varlen flash kernel with per-row lengths, or
+    the math kernel with the step's mask (:class:`DecodeBatch`); one kernel call either way."""
+    if batch.static:
+        k, v = k[:batch.kv_len], v[:batch.kv_len]
+        if batch.kernel == "aten._flash_attention_forward":
+            return varlen_decode_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.lengths,
+                                           scale=scale, empty_rows=batch.empty_rows)
+        return masked_decode_attention(q, k, v, batch.hidden, scale=scale)
     if batch.mode == "slice":
         return attention_with_lse(q, k[batch.kv], v[batch.kv], scale=scale)
     if batch.mode == "empty":

@@ -15,14 +15,20 @@ N-1 P2P steps, each hidden behind one step's attention) or by one all_gather (th
 attention call over every rank's queries; the all_to_all and merge are the same).  With q
 the bytes of one rank's (padded) query block, t = A / (N*C) one ring step's attention (A
 this rank's attention FLOPs of the round), a the ring step's latency (P2P + host work per
-step) and g an all_gather's:
+step), g an all_gather's and r one read of this rank's KV shard of the round's sequences (its
+bytes over the achieved HBM bandwidth: a ring step's attention is bandwidth-bound when its
+query block has few rows, so a step takes t' = max(t, r)).  The ring runs N attention calls,
+each reading the shard again; all-gather-Q runs one over every rank's rows, which reads it
+once and takes max(N*t, r).  Each variant's cost beyond the round's N*t of attention FLOPs:
 
-    ring pass-Q exposed   = (N-1) * max(0, a + q/BW - t)
-    all-gather-Q          = g + (N-1) * q/BW
-    all-gather-Q  if  all-gather-Q <= ring pass-Q exposed,  else ring pass-Q
+    ring pass-Q    = N*t' - N*t + (N-1) * max(0, a + q/BW - t')
+    all-gather-Q   = max(N*t, r) - N*t + g + (N-1) * q/BW
+    all-gather-Q  if  all-gather-Q <= ring pass-Q,  else ring pass-Q
 
-Decode (a few KB of queries, microseconds of attention per step) therefore all-gathers: its
-collectives per layer stay two (all_gather + all_to_all) whatever N.
+With r = 0 (compute-bound rounds: prefill) that is the exposed ring exchange against the
+all_gather.  Decode (a few KB of queries, the shard read N times around the ring) therefore
+all-gathers, at batch 1 and at batch 32 alike: its collectives per layer stay two (all_gather +
+all_to_all) whatever N.
 
 Source: Yang et al., arXiv 2411.01783, §3.6, Algorithms 1 and 5 (the query exchange: §3.5.2,
 Alg. 3 / Alg. 4, and the all-gather decode of vLLM's decode context parallelism, SGLang and
@@ -53,9 +59,10 @@ class HeuristicDecision:
         miss_rate: T / (T + P), in [0, 1].
         kv_hidden_threshold_tokens: N*C*NKV*e / (2*NH*BW) (tokens); pass-KV when T >= it.
         miss_rate_threshold: 2*NKV/NH - 4*T*BW / (N*C*e); pass-KV when miss_rate >= it.
-        ring_q_exposed_s: ring pass-Q's exposed query exchange (s), when the engine
-            compared the query exchanges (:func:`choose_query_exchange`), else 0.
-        all_gather_q_s: the all_gather's time (s), idem.
+        ring_q_exposed_s: ring pass-Q's cost beyond the attention FLOPs (exposed query
+            exchange and repeated KV reads, s), when the engine compared the query exchanges
+            (:func:`choose_query_exchange`), else 0.
+        all_gather_q_s: all-gather-Q's (the all_gather and a KV read above the FLOPs, s), idem.
     """
 
     strategy: str
@@ -124,7 +131,8 @@ def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads
 
 def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flops: float,
                           attn_flops_per_s: float, bandwidth_bytes_per_s: float,
-                          ring_step_latency_s: float, collective_latency_s: float) -> tuple[str, float, float]:
+                          ring_step_latency_s: float, collective_latency_s: float,
+                          kv_read_s: float = 0.0) -> tuple[str, float, float]:
     """Ring pass-Q or all-gather-Q for a round that pass-Q runs (the module doc's rule).
 
     Args:
@@ -134,13 +142,18 @@ def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flop
         attn_flops_per_s: C; bandwidth_bytes_per_s: BW (bytes/s).
         ring_step_latency_s: a, one ring step's fixed cost (P2P latency + host work), seconds.
         collective_latency_s: g, one small all_gather's latency, seconds.
+        kv_read_s: r, one read of this rank's KV shard of the round's sequences at the achieved
+            HBM bandwidth, seconds (0: not costed).
 
     Returns:
-        (strategy "pass-q" or "all-gather-q", ring exposed seconds, all_gather seconds).
+        (strategy "pass-q" or "all-gather-q", ring pass-Q's seconds beyond the attention FLOPs
+        (exposed exchanges and the repeated KV reads), all-gather-Q's (the all_gather, and the
+        one KV read where it exceeds the FLOPs)).
     """
     n = cp_size
     transfer = query_block_bytes / bandwidth_bytes_per_s
     step = attention_flops / (n * attn_flops_per_s)
-    ring = (n - 1) * max(0.0, ring_step_latency_s + transfer - step)
-    gather = collective_latency_s + (n - 1) * transfer
+    ring_step = max(step, kv_read_s)
+    ring = n * (ring_step - step) + (n - 1) * max(0.0, ring_step_latency_s + transfer - ring_step)
+    gather = max(0.0, kv_read_s - n * step) + collective_latency_s + (n - 1) * transfer
     return (ALL_GATHER_Q if gather <= ring else PASS_Q), ring, gather

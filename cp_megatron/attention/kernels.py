@@ -18,6 +18,12 @@ Which kernel runs:
 | CUDA | float32, DH % 4 == 0 | ``aten._scaled_dot_product_efficient_attention``, no bias, KV heads expanded locally |
 | any | anything else (float64, odd DH) | :func:`math_attention` (matmul + logsumexp, GQA by reshape) |
 
+The static decode step (issue #22; :mod:`cp_megatron.decode_step`) has two kernels of its own,
+with shapes fixed by its buckets: :func:`varlen_decode_attention` (CUDA fp16 / bf16, the cache
+holding one sequence: aten's varlen flash kernel with per-row ``seqused_k``, no mask) and
+:func:`masked_decode_attention` (every other case: matmuls with a boolean mask of the step's few
+query rows, computed once per step on the device); :func:`decode_kernel_name` picks.
+
 Kernel constraints honoured: causal is only requested for square blocks (flash-attn
 aligns causal masks bottom-right, aten's kernels top-left: identical when Tq == Tkv, and
 asserted); inputs are made contiguous in the last dimension; the efficient kernel's LSE
@@ -193,4 +199,89 @@ def batched_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0))                  # no key: all 0
     out = torch.bmm(probs, vg)                                              # [NKV*R, g, DH]
     out = out.view(nkv, r, group, dh).transpose(0, 1).reshape(r, nh, dh)
+    return out, lse.view(nkv, r, group).transpose(0, 1).reshape(r, nh)
+
+
+# -- the static decode step's kernels (issue #22: a decode step a CUDA graph can replay) ------------
+def decode_kernel_name(device_type: str, dtype: torch.dtype, head_dim: int, mode: str) -> str:
+    """The kernel of the static decode step (:class:`~cp_megatron.attention.plan.DecodeBatch`
+    modes "lengths" and "masked") for a device type, dtype, head dim and mode:
+
+    * "aten._flash_attention_forward": CUDA, fp16 / bf16, DH % 8 == 0, DH <= 256, mode
+      "lengths" (each row's keys are a prefix of the KV view): the varlen flash kernel with
+      per-row ``seqused_k``, split-KV chosen by the kernel (:func:`varlen_decode_attention`);
+    * "math": anything else (CPU, float32, several sequences in the cache): matmuls with a
+      boolean mask computed once per step (:func:`masked_decode_attention`).
+    """
+    if device_type == "cuda" and mode == "lengths" and dtype in _HALF and head_dim % 8 == 0 and head_dim <= 256:
+        return "aten._flash_attention_forward"
+    return "math"
+
+
+def varlen_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, seqused_k: torch.Tensor, *, scale: float,
+                            empty_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row against the first ``seqused_k[row]`` slots of ``k``, ``v``: one call of
+    aten's varlen flash kernel, static shapes whatever the lengths (CUDA graphs).
+
+    Args:
+        q: ``[R, NH, DH]`` fp16 / bf16, last dim contiguous (the all-gathered queries).
+        k, v: ``[L, NKV, DH]`` a view of the cache (L the step's static KV length).
+        cu_seqlens_q: int32 ``[R + 1]`` = 0, 1, ..., R (one query per row).
+        cu_seqlens_k: int32 ``[R + 1]`` zeros: every row's keys start at slot 0.
+        seqused_k: int32 ``[R]`` keys per row, each in [0, L] (device).
+        scale: softmax scale.
+        empty_rows: bool ``[R]``, rows with ``seqused_k == 0`` whose LSE must be -inf (the kernel
+            writes +inf there); None when no such row matters (the step knows on the host).
+
+    Returns:
+        (out ``[R, NH, DH]`` q's dtype, lse ``[R, NH]`` float32 -- a transposed view).
+
+    Source: PyTorch ``flash_api.cpp`` ``mha_varlen_fwd`` (``seqused_k``: only that many keys of
+    each batch element are used; offsets from ``cu_seqlens_k``; split-KV for one-query GQA
+    decode; an empty row gets out 0 and LSE +inf) and ``torch.nn.attention.varlen``
+    (``seqused_k`` "for KV-cache decoding where the cache slot is larger than the sequence").
+    """
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, 1, k.shape[0], 0.0, False, False, scale=scale,
+        seqused_k=seqused_k)[:2]
+    lse = lse.t()                                                          # [NH, R] -> [R, NH]
+    if empty_rows is not None:
+        lse = lse.masked_fill(empty_rows[:, None], float("-inf"))
+    return out, lse
+
+
+def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, *,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row against the slots of ``k``, ``v`` it may see, static shapes (CUDA
+    graphs): ``hidden`` says, per row, which slots it must not see.
+
+    Args:
+        q: ``[R, NH, DH]``; k, v: ``[L, NKV, DH]`` (a view of the cache).
+        hidden: bool ``[R, L]``, True where a row must not see a slot (another sequence, a later
+            position, a free slot); computed on the device once per step.
+        scale: softmax scale.
+
+    Returns:
+        (out ``[R, NH, DH]``, lse ``[R, NH]``), float32 (float64 for float64 inputs); a row that
+        sees nothing gets (0, -inf).
+
+    Nine ops whatever R: the layout copy of q, the scores ``bmm``, the scale, one
+    ``masked_fill_``, logsumexp, exp, the values ``bmm`` and the output's layout copy.  GQA by
+    grouping the query heads of each KV head (K/V never expanded).  Memory: R x NH x L float32
+    scores.
+    """
+    r, nh, dh = q.shape
+    l, nkv = k.shape[0], k.shape[1]
+    group = nh // nkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.reshape(r, nkv, group, dh).transpose(0, 1).reshape(nkv, r * group, dh)   # [NKV, R*g, DH]
+    kt, vt = k.permute(1, 2, 0), v.transpose(0, 1)                                 # [NKV, DH, L], [NKV, L, DH]
+    if acc != q.dtype:
+        qg, kt, vt = qg.to(acc), kt.to(acc), vt.to(acc)
+    scores = torch.bmm(qg, kt).mul_(scale)                                         # [NKV, R*g, L]
+    scores.view(nkv, r, group, l).masked_fill_(hidden[None, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)                            # -inf: no key
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0))                         # no key: all 0
+    out = torch.bmm(probs, vt).view(nkv, r, group, dh).transpose(0, 1).reshape(r, nh, dh)
     return out, lse.view(nkv, r, group).transpose(0, 1).reshape(r, nh)

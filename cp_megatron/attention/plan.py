@@ -167,9 +167,28 @@ class DecodeBatch:
       kernel;
     * "empty": no row has a key on this rank: the partials are (0, -inf).
 
+    Two more modes are the static decode step's (:mod:`cp_megatron.decode_step`, issue #22):
+    shapes fixed by the step's buckets, contents on the device, so that consecutive steps run the
+    same kernels with the same shapes (what CUDA graph replay needs).  The KV is the view
+    ``[0, kv_len)`` of the cache whatever the cached lengths:
+
+    * "lengths": row r sees slots ``[0, lengths[r])`` (the cache holds one sequence, so its keys
+      are a prefix): aten's varlen flash kernel with ``seqused_k`` on CUDA (fp16 / bf16), else
+      the math kernel with ``hidden`` = slot >= length;
+    * "masked": row r sees the slots of its sequence at positions <= its own, from the cache's
+      device layout (several sequences interleaved in the cache): the math kernel with ``hidden``.
+
     Attributes:
         mode, rows, kv, kv_index, bias: as above (index tensors on the plan's device).
-        lengths: int32 ``[rows]`` keys per row (what a varlen kernel takes as ``cache_seqlens``).
+        lengths: int32 ``[rows]`` keys per row (what a varlen kernel takes as ``cache_seqlens``;
+            ``seqused_k`` of the static step).
+        kv_len: the static step's KV view length (slots).
+        kernel: the static step's kernel (:func:`~cp_megatron.attention.kernels.decode_kernel_name`).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[rows + 1]`` (0..rows, and zeros) for the varlen kernel.
+        hidden: bool ``[rows, kv_len]`` slots a row must not see (math kernel), made on the
+            device by the step each time it runs.
+        empty_rows: bool ``[rows]`` rows without keys whose LSE the varlen kernel must set to
+            -inf, or None when no such row matters.
     """
 
     mode: str
@@ -178,7 +197,18 @@ class DecodeBatch:
     kv_index: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
+    kv_len: int = 0
+    kernel: str = ""
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    empty_rows: Optional[torch.Tensor] = None
     _head_bias: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def static(self) -> bool:
+        """The static decode step's modes ("lengths", "masked")."""
+        return self.mode in ("lengths", "masked")
 
     def to(self, device: torch.device) -> "DecodeBatch":
         for name in ("kv_index", "bias", "lengths"):

@@ -196,7 +196,8 @@ def format_report(rep: dict) -> str:
         if len(r["attention_kernels"]) > 6:
             lines.append(f"  ... {len(r['attention_kernels']) - 6} more attention shapes (see --json)")
     g = rep.get("decode_graph_replayable", {})
-    lines += ["", f"decode graph-replayable: {g.get('replayable')} ({g.get('reason')})"]
+    verdict = {True: "yes", False: "no", None: "not checked"}[g.get("replayable")]
+    lines += ["", f"decode graph-replayable: {verdict} ({g.get('reason')})"]
     return "\n".join(lines)
 
 

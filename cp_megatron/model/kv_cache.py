@@ -17,6 +17,14 @@ Two halves (docs/design.md §10):
   reservation the storage grows in fixed steps of ``growth_slots`` (rounded up), never by
   doubling: a 2,000-token follow-up turn on a 1M-token cache must not double it (issue #21).
 
+A round writes its K/V either into the slice of slots it added (prefill), or -- the static
+decode step (:mod:`cp_megatron.decode_step`, issue #22) -- through a device slot-index tensor
+(``index_copy_``), so that the same kernels with the same shapes run every step whatever the
+offset; that step's padding rows write into the first free slot (a scratch slot that belongs to
+no sequence).  For decode batches whose cache holds several sequences, the cache also keeps a
+device copy of its layout (:meth:`KVCache.device_layout`), from which the step computes its
+visibility mask on the device.
+
 Source: arXiv 2411.01783 §3.5 (persistent KV cache, multi-turn partial prefill).
 """
 
@@ -39,6 +47,7 @@ class KVLayout:
         self._pos = torch.zeros(0, dtype=torch.long)
         self._seq = torch.zeros(0, dtype=torch.long)
         self.num_tokens = 0
+        self._counts: dict[int, int] = {}      # sequence id -> slots (kept as slots come and go)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -59,10 +68,25 @@ class KVLayout:
         self._pos[self.num_tokens: need] = positions
         self._seq[self.num_tokens: need] = seq_ids
         self.num_tokens = need
+        self._count(seq_ids)
+
+    def _count(self, seq_ids: torch.Tensor) -> None:
+        if seq_ids.numel() <= 64:      # decode rounds: a few ids
+            for s in seq_ids.tolist():
+                self._counts[s] = self._counts.get(s, 0) + 1
+            return
+        ids, counts = torch.unique(seq_ids, return_counts=True)
+        for s, n in zip(ids.tolist(), counts.tolist()):
+            self._counts[s] = self._counts.get(s, 0) + n
 
     def tokens_of(self, seq_id: int) -> int:
         """Slots of sequence ``seq_id``."""
-        return int((self.seq_ids == seq_id).sum())
+        return self._counts.get(seq_id, 0)
+
+    @property
+    def sequence_ids(self) -> list[int]:
+        """The sequence ids that hold at least one slot (host; no tensor is read)."""
+        return list(self._counts)
 
     def truncate(self, seq_id: int, length: int) -> torch.Tensor | None:
         """Drop slots of ``seq_id`` at positions >= ``length``, compacting.
@@ -78,6 +102,8 @@ class KVLayout:
         m = int(idx.numel())
         self._pos[:m], self._seq[:m] = self.positions[idx], self.seq_ids[idx]
         self.num_tokens = m
+        self._counts = {}
+        self._count(self.seq_ids)
         return idx
 
     def fork(self, src: int, dst: int, length: int) -> torch.Tensor:
@@ -92,6 +118,7 @@ class KVLayout:
 
     def clear(self) -> None:
         self.num_tokens = 0
+        self._counts = {}
 
 
 class KVCache:
@@ -127,6 +154,9 @@ class KVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.layout = KVLayout()
         self._round_start = 0
+        self._round_slots: torch.Tensor | None = None   # static decode: int64 [rows] slots to write
+        self._slot_seq: torch.Tensor | None = None      # device copy of the layout (device_layout)
+        self._slot_pos: torch.Tensor | None = None
         self.allocations = 0          # storage (re)allocations so far (1 when reserved well)
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -151,28 +181,89 @@ class KVCache:
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, capacity
         self.allocations += 1
+        if self._slot_seq is not None:        # the device layout follows the storage
+            self._slot_seq = self._slot_pos = None
+            self.device_layout()
+
+    def capacity_for(self, slots: int) -> int:
+        """The capacity :meth:`reserve` gives for ``slots`` (no change made)."""
+        if slots <= self.capacity:
+            return self.capacity
+        return -(-slots // self.growth_slots) * self.growth_slots
 
     def reserve(self, capacity: int) -> None:
         """Make room for at least ``capacity`` slots: grow (one copy) to ``capacity`` rounded
         up to a multiple of ``growth_slots`` if the storage is shorter."""
         if capacity > self.capacity:
-            step = self.growth_slots
-            self._alloc(-(-capacity // step) * step)
+            self._alloc(self.capacity_for(capacity))
 
-    def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor, *, min_capacity: int = 0) -> None:
+    def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor, *, min_capacity: int = 0,
+                    slots: torch.Tensor | None = None) -> None:
         """Add this round's slots (int64 host ``[T]`` positions and sequence ids) and make the
-        storage at least ``min_capacity`` slots long (the ring's padded block)."""
+        storage at least ``min_capacity`` slots long (the ring's padded block).
+
+        Args:
+            positions, seq_ids: the round's real tokens; they take slots ``[n, n + T)``.
+            min_capacity: storage to keep at least (slots).
+            slots: the static decode step's int64 device ``[rows]`` slot of each row it stores
+                (rows >= T): the first T are ``n .. n + T - 1``, the padding rows' a free slot
+                (the caller's promise, not read back).  :meth:`store` then writes through it
+                with ``index_copy_``, and the device layout (if kept) is the step's to update.
+        """
         self._round_start = self.layout.num_tokens
         self.reserve(max(self._round_start + int(positions.numel()), min_capacity))
         self.layout.append(positions, seq_ids)
+        self._round_slots = slots
+        if slots is None and self._slot_seq is not None and positions.numel():
+            a, b = self._round_start, self.layout.num_tokens
+            self._slot_seq[a:b] = seq_ids.to(self.device)
+            self._slot_pos[a:b] = positions.to(self.device)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this round's K/V ``[T, NKV_local, DH]`` of ``layer`` into its slots."""
+        """Write this round's K/V ``[T, NKV_local, DH]`` of ``layer`` into its slots (the static
+        decode step: ``[rows, NKV_local, DH]`` through its slot tensor, one ``index_copy_`` each)."""
+        if self._round_slots is not None:
+            if k.shape[0] != self._round_slots.shape[0]:
+                raise ValueError(f"KVCache.store: layer {layer} got {k.shape[0]} rows, the step has "
+                                 f"{self._round_slots.shape[0]} slots")
+            self.k[layer].index_copy_(0, self._round_slots, k)
+            self.v[layer].index_copy_(0, self._round_slots, v)
+            return
         a, b = self._round_start, self.layout.num_tokens
         if k.shape[0] != b - a:
             raise ValueError(f"KVCache.store: layer {layer} got {k.shape[0]} tokens, round reserved {b - a}")
         self.k[layer][a:b] = k
         self.v[layer][a:b] = v
+
+    def device_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence ids and positions of every slot on the device, int64 ``[capacity]`` each
+        (-1 / 0 for a free slot), made on the first call (one host-to-device copy) and kept up
+        to date from then on: by :meth:`begin_round`, :meth:`truncate`, :meth:`fork`, growth, and
+        by the static decode step (:meth:`write_device_layout`) inside its device work.
+
+        The static decode step computes from them, on the device, which slots each query row
+        sees (same sequence, position <= its own) when the cache holds several sequences."""
+        if self._slot_seq is None:
+            self._slot_seq = torch.full((self.capacity,), -1, dtype=torch.long, device=self.device)
+            self._slot_pos = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+            self._refill_device_layout()
+        return self._slot_seq, self._slot_pos
+
+    def _refill_device_layout(self) -> None:
+        if self._slot_seq is None:
+            return
+        n = self.layout.num_tokens
+        self._slot_seq[n:] = -1
+        if n:
+            self._slot_seq[:n] = self.layout.seq_ids.to(self.device)
+            self._slot_pos[:n] = self.layout.positions.to(self.device)
+
+    def write_device_layout(self, slots: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Set the device layout of ``slots`` (int64 device ``[rows]``) to ``seq_ids`` / ``positions``
+        (int64 device ``[rows]``; -1 for the padding rows' scratch slot): two ``index_copy_``."""
+        slot_seq, slot_pos = self.device_layout()
+        slot_seq.index_copy_(0, slots, seq_ids)
+        slot_pos.index_copy_(0, slots, positions)
 
     def layer(self, layer: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``[length, NKV_local, DH]`` of K and V storage (default: the valid slots)."""
@@ -207,6 +298,8 @@ class KVCache:
             self.k[layer][:m] = self.k[layer].index_select(0, dev_idx)
             self.v[layer][:m] = self.v[layer].index_select(0, dev_idx)
         self._round_start = m
+        self._round_slots = None
+        self._refill_device_layout()
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """Copy this rank's tokens of sequence ``src`` at positions < ``length`` under the new
@@ -219,6 +312,8 @@ class KVCache:
             self.k[layer][n:n + m] = self.k[layer].index_select(0, idx)
             self.v[layer][n:n + m] = self.v[layer].index_select(0, idx)
         self._round_start = n + m
+        self._round_slots = None
+        self._refill_device_layout()
 
     def export_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copy out this rank's slots of sequence ``seq_id`` (all layers, K and V), in layout
@@ -276,7 +371,13 @@ class KVCache:
                 stream.join()
         self.layout.append(positions, torch.full((m,), seq_id, dtype=torch.long))
         self._round_start = n + m
+        self._round_slots = None
+        if self._slot_seq is not None and m:         # the static decode step's device layout follows
+            self._slot_seq[n:n + m] = seq_id
+            self._slot_pos[n:n + m] = positions.to(self.device)
 
     def clear(self) -> None:
         self.layout.clear()
         self._round_start = 0
+        self._round_slots = None
+        self._refill_device_layout()

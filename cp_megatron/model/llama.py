@@ -217,7 +217,8 @@ class LlamaStage(nn.Module):
                 config.hidden_size, config.vocab_size, config=mp, init_method=nn.init.zeros_,
                 bias=False, gather_output=False,
                 skip_weight_param_allocation=config.tie_word_embeddings and layout.is_first)
-        self.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)   # host
+        self._inv_freq_on: Optional[torch.Tensor] = None   # its copy on the device, made once
         self.requires_grad_(False)
 
     @property
@@ -251,7 +252,9 @@ class LlamaStage(nn.Module):
             autograd dispatch: composite ops such as ``rms_norm`` stay one kernel); the results
             are inference tensors (read them freely; write into them only inside inference mode).
         """
-        rope = rope_tables(positions, self.inv_freq, self.dtype)                         # once a round
+        if self._inv_freq_on is None or self._inv_freq_on.device != positions.device:
+            self._inv_freq_on = self.inv_freq.to(positions.device)   # once, not per round: a CUDA graph
+        rope = rope_tables(positions, self._inv_freq_on, self.dtype)                     # once a round
         ctx = RoundContext(rope, kv_cache, plan, cp_group, stats)
         with torch.inference_mode():
             return self._layers_and_head(inputs, ctx, logits_index)
