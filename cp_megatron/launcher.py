@@ -299,13 +299,18 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
     job = pickle.dumps((fn, tuple(args)))
     state = (dict(os.environ), os.getcwd())
     port = free_port()
-    result_dir = tempfile.mkdtemp(prefix="cp_megatron_ranks_")
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world_size, port, result_dir, threads_per_rank, backend,
-                               timeout_s, os.getpid(), tuple(orphan_folders), state, job))
-             for r in range(world_size)]
-    previous = {}
+    result_dir, procs, previous = None, [], {}
     try:
+        # The folder exists only once ``result_dir`` names it: a stop signal is held until then.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            result_dir = tempfile.mkdtemp(prefix="cp_megatron_ranks_")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(r, world_size, port, result_dir, threads_per_rank, backend,
+                                   timeout_s, os.getpid(), tuple(orphan_folders), state, job))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         if forward_signals and threading.current_thread() is threading.main_thread():
@@ -339,13 +344,15 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
         return [pickle.loads((Path(result_dir) / f"rank{r}.pkl").read_bytes())[1]
                 for r in range(world_size)]
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        # A stop signal now waits until the ranks are gone and the folder removed.
+        # A stop signal now waits until the ranks are gone and the folder removed (blocked
+        # first: a signal arriving while the handlers are restored must not skip the cleanup).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             _stop_ranks(procs)
-            shutil.rmtree(result_dir, ignore_errors=True)
+            if result_dir is not None:
+                shutil.rmtree(result_dir, ignore_errors=True)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
