@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def percentile(xs: list[float], q: float):
+    """Nearest-rank percentile ``q`` (0-100) of ``xs``; None when empty."""
     if not xs:
         return None
     xs = sorted(xs)

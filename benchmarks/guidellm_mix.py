@@ -58,17 +58,10 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.chunked_prefill import percentile   # nearest-rank, None when empty
 from benchmarks.guidellm_serve import export_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def percentile(xs: list[float], q: float):
-    """Nearest-rank percentile ``q`` (0-100) of ``xs``; None when empty."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
 def guidellm_cmd(args, base_url: str, model: str, tok_dir: str, out: str, *, profile: str,
