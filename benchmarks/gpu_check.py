@@ -114,19 +114,26 @@ def decode_static(cache_tokens: int, rows: int, repeats: int) -> dict:
             "achieved_gb_per_s": kv_bytes / seconds / 1e9}
 
 
-def _graphs_job(prompt_tokens: int, decode_tokens: int) -> dict:
+def _tiny_long_stage():
+    """In a rank: the ``tiny-long`` dummy model in bf16 on this GPU, CP 1: (topology, config, stage)."""
     from cp_megatron import parallel_state
-    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.llama import LlamaStage, StageLayout
     from cp_megatron.model.weights import DummyReader, load_weights
-    from cp_megatron.sharding import kv_slots_per_rank
 
     topo = parallel_state.initialize(1, 1, 1)
     config = get_preset("tiny-long")
     device = torch.device("cuda", torch.cuda.current_device())
     stage = LlamaStage(config, StageLayout(), dtype=torch.bfloat16, device=device)
     load_weights(stage, DummyReader(config, seed=0))
+    return topo, config, stage
+
+
+def _graphs_job(prompt_tokens: int, decode_tokens: int) -> dict:
+    from cp_megatron.engine import InferenceEngine, SamplingParams, generate
+    from cp_megatron.sharding import kv_slots_per_rank
+
+    topo, config, stage = _tiny_long_stage()
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     out = {"model": config.name, "dtype": "bfloat16", "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens}
     tokens = {}
@@ -154,18 +161,10 @@ def decode_graphs(prompt_tokens: int, decode_tokens: int) -> dict:
 
 
 def _engine_job(prompt_tokens: int, decode_tokens: int) -> dict:
-    from cp_megatron import parallel_state
     from cp_megatron.engine import InferenceEngine, SamplingParams, generate
-    from cp_megatron.model.config import get_preset
-    from cp_megatron.model.llama import LlamaStage, StageLayout
-    from cp_megatron.model.weights import DummyReader, load_weights
     from cp_megatron.sharding import kv_slots_per_rank
 
-    topo = parallel_state.initialize(1, 1, 1)
-    config = get_preset("tiny-long")
-    device = torch.device("cuda", torch.cuda.current_device())
-    stage = LlamaStage(config, StageLayout(), dtype=torch.bfloat16, device=device)
-    load_weights(stage, DummyReader(config, seed=0))
+    topo, config, stage = _tiny_long_stage()
     engine = InferenceEngine(stage, topo, kv_capacity=kv_slots_per_rank(prompt_tokens, decode_tokens, 1))
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
     generate(engine, {0: prompt[:256].tolist()}, SamplingParams(max_new_tokens=2))      # warm-up
