@@ -354,11 +354,11 @@ def query_exchange(cfg: ModelConfig, hw: HardwareProfile, tp: int, cp: int, batc
     q_block = math.ceil(batch / cp) * heads * dh * e
     flops = batch * 4 * heads * dh * 1 * (context_tokens + 1) / cp
     kv_bytes = batch * (context_tokens + 1) / cp * 2 * max(1, cfg.num_kv_heads // tp) * dh * e
-    chosen, _ring, _gather = choose_query_exchange(cp, q_block, flops, hw.attn_flops_per_s,
-                                                   hw.cp_bandwidth_bytes_per_s,
-                                                   hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
-                                                   kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s
-                                                                         * hw.memory_efficiency))
+    chosen, *_costs = choose_query_exchange(cp, q_block, flops, hw.attn_flops_per_s,
+                                            hw.cp_bandwidth_bytes_per_s,
+                                            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+                                            kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s
+                                                                  * hw.memory_efficiency))
     return chosen
 
 

@@ -36,7 +36,8 @@ from cp_megatron import device as devices
 from cp_megatron import parallel_state
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
-from cp_megatron.attention.heuristic import ALL_GATHER_Q, PASS_Q, HeuristicDecision, choose_query_exchange
+from cp_megatron.attention.heuristic import (ALL_GATHER_Q, PASS_Q, REPLICATED_Q, HeuristicDecision,
+                                             choose_query_exchange)
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.decode_step import (DecodeStep, StaticDecode, clear_older, plan_static_decode, sampling_rows,
@@ -129,9 +130,10 @@ class InferenceEngine:
     Args:
         stage: this rank's :class:`LlamaStage`.
         topo: this rank's :class:`Topology` (from :mod:`cp_megatron.parallel_state`).
-        strategy: "auto" (heuristic per round: Alg. 1 / Alg. 5, then for pass-Q rounds ring or
-            all-gather by :func:`~cp_megatron.attention.heuristic.choose_query_exchange`),
-            "pass-kv", "pass-q" (ring, Alg. 3 / Alg. 4) or "all-gather-q".
+        strategy: "auto" (heuristic per round: Alg. 1 / Alg. 5, then for pass-Q rounds ring,
+            all-gather or replicated queries by
+            :func:`~cp_megatron.attention.heuristic.choose_query_exchange`), "pass-kv", "pass-q"
+            (ring, Alg. 3 / Alg. 4), "all-gather-q" or "replicated-q".
         hardware: C and BW for the heuristic (default by device).
         kv_capacity: cache slots (tokens) to reserve on this rank up front; see
             :func:`cp_megatron.sharding.kv_slots_per_rank` (prompt, generation budget and the
@@ -241,8 +243,9 @@ class InferenceEngine:
 
     def _query_exchange(self, decision: HeuristicDecision, lengths: list[int], cached: list[int],
                         places: list[_Placement]) -> HeuristicDecision:
-        """Ring pass-Q or all-gather-Q for a pass-Q round (the heuristic module's rule), with
-        this TP rank's heads and the round's padded query block."""
+        """Ring pass-Q, all-gather-Q or replicated-Q for a pass-Q round (the heuristic module's
+        rule), with this TP rank's heads and the round's padded query block.  Replicated-Q is
+        offered only to rounds planned per round: the static decode step runs all-gather-Q."""
         cfg, tp, n = self.stage.config, self.topo.tp_size, self.topo.cp_size
         heads = cfg.num_heads // tp
         e = torch.finfo(self.stage.dtype).bits // 8
@@ -251,11 +254,26 @@ class InferenceEngine:
         hw = self.hardware
         cache = self.kv_cache           # one read of a rank's shard: 1/N of every sequence's K and V
         kv_bytes = sum(p + t for t, p in zip(lengths, cached)) / n * 2 * cache.num_kv_heads * cache.head_dim * e
-        strategy, ring, gather = choose_query_exchange(
+        offered = not self.static_decode
+        strategy, ring, gather, replicated = choose_query_exchange(
             n, q_len * heads * cfg.head_dim * e, flops, hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s,
             hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
-            kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency))
-        return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather)
+            kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency),
+            partial_block_bytes=q_len * heads * (cfg.head_dim + 1) * 4 if offered else None,
+            replicated_dense_s=self._dense_layer_s(n * q_len) - self._dense_layer_s(q_len))
+        return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather,
+                                   replicated_q_s=replicated if offered else 0.0)
+
+    def _dense_layer_s(self, rows: int) -> float:
+        """One decoder layer's linear layers on ``rows`` rows on this TP rank (seconds): the
+        roofline max(weight bytes / achieved memory bandwidth, FLOPs / ``linear_flops_per_s``)."""
+        cfg, hw = self.stage.config, self.hardware
+        h, dh = cfg.hidden_size, cfg.head_dim
+        params = (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * h
+                  + 3 * h * cfg.intermediate_size) / self.topo.tp_size
+        e = 1 if self.stage.weights == "fp8-rowwise" else torch.finfo(self.stage.dtype).bits // 8
+        return max(params * e / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency),
+                   2 * params * rows / hw.linear_flops_per_s)
 
     # -- one round -----------------------------------------------------------------------
     def _run(self, new_tokens: Mapping[int, list[int]], all_logits: bool):
@@ -287,11 +305,15 @@ class InferenceEngine:
         local_rows = rows[local_idx]
 
         flat = torch.tensor([t for s in plan.seq_ids for t in new_tokens[s]], dtype=torch.long)
-        inputs = self._stage_input(flat, place)
-        out = self.stage(inputs, place.positions.to(device), self.kv_cache, plan.attention,
+        rows_of, positions = place.flat_index, place.positions
+        if plan.attention.strategy == REPLICATED_Q:   # the layers run every rank's rows (the gathered block)
+            rows_of, positions = self._gathered_rows(plan.placements, plan.attention.q_len)
+            local_idx = local_idx + plan.attention.store_rows.start
+        inputs = self._stage_input(flat, rows_of)
+        out = self.stage(inputs, positions.to(device), self.kv_cache, plan.attention,
                          cp_group=self.cp_group, stats=stats, logits_index=local_idx.to(device))
         if not self.stage.layout.is_last:
-            if len(place.flat_index):
+            if len(rows_of):
                 dist.send(out.contiguous(), self._next_stage)
             out = None
         for s, t, p in zip(plan.seq_ids, plan.lengths, plan.cached):
@@ -442,15 +464,29 @@ class InferenceEngine:
         devices.synchronize(device)   # CUDA: time_s covers the round's last collective
         return logits, self._metrics(plan, start, stats)
 
-    def _stage_input(self, flat: torch.Tensor, place: _Placement) -> torch.Tensor:
+    def _stage_input(self, flat: torch.Tensor, rows_of: torch.Tensor) -> torch.Tensor:
+        """The stage's input rows: token ids ``flat[rows_of]`` on the first stage, else the
+        previous stage's hidden ``[len(rows_of), D]`` (received)."""
         device = self.stage.device
         if self.stage.layout.is_first:
-            return flat[place.flat_index].to(device)
-        hidden = torch.empty(len(place.flat_index), self.stage.config.hidden_size,
-                             dtype=self.stage.dtype, device=device)
-        if len(place.flat_index):
+            return flat[rows_of].to(device)
+        hidden = torch.empty(len(rows_of), self.stage.config.hidden_size, dtype=self.stage.dtype, device=device)
+        if len(rows_of):
             dist.recv(hidden, self._prev_stage)
         return hidden
+
+    @staticmethod
+    def _gathered_rows(places: list[_Placement], q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replicated-Q's rows: every rank's new tokens padded to ``q_len``, rank-major (the
+        gathered block of :mod:`~cp_megatron.attention.decode`).  Returns (index into the round's
+        flat tokens, positions), int64 host ``[N * q_len]``; a padding row takes token 0 at
+        position 0 (no block reads it, no slot stores it)."""
+        index = torch.zeros(len(places) * q_len, dtype=torch.long)
+        positions = torch.zeros(len(places) * q_len, dtype=torch.long)
+        for r, p in enumerate(places):
+            n = len(p.flat_index)
+            index[r * q_len:r * q_len + n], positions[r * q_len:r * q_len + n] = p.flat_index, p.positions
+        return index, positions
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Keep only the first ``length`` tokens of sequence ``seq_id`` (on every rank), e.g.

@@ -41,6 +41,8 @@ def explain_choice(h: dict) -> str:
     Alg. 1 / 5: pass-KV when T >= the KV-hidden threshold (the KV transfer hides behind
     attention) or when the miss rate T/(T+P) >= 2*NKV/NH - 4*T*BW/(N*C*e); that second
     threshold is negative when T is large for the link, and then every miss rate passes.
+    For a pass-Q round, the cost of each query exchange the engine compared
+    (:func:`~cp_megatron.attention.heuristic.choose_query_exchange`), per layer.
     """
     if h["forced"]:
         return "forced by attention.strategy"
@@ -50,7 +52,13 @@ def explain_choice(h: dict) -> str:
     if threshold <= 0:
         return (f"miss-rate threshold {threshold:.3f} <= 0 (T large for the link): pass-KV at any miss rate")
     rel = ">=" if h["miss_rate"] >= threshold else "<"
-    return f"miss rate {h['miss_rate']:.3f} {rel} threshold {threshold:.3f} (Alg. 5)"
+    why = f"miss rate {h['miss_rate']:.3f} {rel} threshold {threshold:.3f} (Alg. 5)"
+    if h.get("all_gather_q_s", 0) > 0:     # the engine compared the query exchanges of a pass-Q round
+        costs = [("ring", h["ring_q_exposed_s"]), ("all-gather", h["all_gather_q_s"]),
+                 ("replicated", h["replicated_q_s"])]
+        why += "; queries per layer " + ", ".join(f"{name} {s * 1e6:,.0f} us" for name, s in costs
+                                                   if s > 0 or name != "replicated")
+    return why
 
 
 # -- on every rank ------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def all_cases(cp_size: int) -> list[Case]:
         for strategy in ("pass-kv", "pass-q"):
             cases.append(full_prefill(f"gqa{nh}x{nkv}-{strategy}", [300], n, strategy=strategy,
                                       num_heads=nh, num_kv_heads=nkv))
-    for strategy in ("pass-kv", "pass-q", "auto", "all-gather-q"):
+    for strategy in ("pass-kv", "pass-q", "auto", "all-gather-q", "replicated-q"):
         cases.append(full_prefill(f"multiseq-{strategy}", [37, 200, 5, 1], n, strategy=strategy))
         cases.append(full_prefill(f"noncausal-{strategy}", [97, 30], n, strategy=strategy, causal=False))
         cases.append(partial_prefill(f"partial-{strategy}", [300, 0, 40], [120, 50, 3], n, strategy=strategy))
@@ -139,7 +139,8 @@ def all_cases(cp_size: int) -> list[Case]:
                                      strided=True, num_kv_heads=1))
         cases.append(decode(f"decode-{strategy}", [50, 33, 7], 8, n, strategy=strategy))
     cases.append(decode("decode-one-all-gather-q", [70], 6, n, strategy="all-gather-q"))   # batch 1: a view
-    for strategy in ("pass-kv", "pass-q", "all-gather-q"):
+    cases.append(decode("decode-one-replicated-q", [70], 6, n, strategy="replicated-q"))
+    for strategy in ("pass-kv", "pass-q", "all-gather-q", "replicated-q"):
         cases.append(full_prefill(f"bf16-full-{strategy}", [1000], n, strategy=strategy,
                                   dtype=torch.bfloat16))
         cases.append(partial_prefill(f"bf16-partial-{strategy}", [400], [100], n, strategy=strategy,

@@ -4,8 +4,9 @@ ring's communication (docs/design.md §9; issue: plan each round once).
 Each rank instruments the tensor methods that read a device back to the host
 (``.cpu()``, ``.item()``, ``.tolist()``, ``nonzero``, ``torch.cuda.synchronize``) and every
 ``torch.distributed`` communication call, counts them while a decoder layer runs and
-over the whole round, for a prefill (pass-KV) and decode rounds at CP 2 and 3 (auto:
-all-gather-Q, two collectives per layer whatever CP; forced ring pass-Q: N-1 exchanges and an
+over the whole round, for a prefill (pass-KV) and decode rounds at CP 2 and 3 (auto with the
+static decode step, the GPU's: all-gather-Q, two collectives per layer whatever CP; auto planned
+round by round, CPU's default: replicated-Q, one; forced ring pass-Q: N-1 exchanges and an
 all_to_all), with models of 2 and 4 layers.
 """
 
@@ -68,12 +69,12 @@ def _instrument(counter: Counter) -> None:
         wrap(dist, name, name)
 
 
-def _job(cp: int, layers: int, strategy: str = "auto") -> list[dict]:
+def _job(cp: int, layers: int, strategy: str = "auto", static_decode: bool = True) -> list[dict]:
     topo = parallel_state.initialize(1, cp, 1)
     config = dataclasses.replace(get_preset("tiny"), num_layers=layers)
     stage = LlamaStage(config, StageLayout())
     load_weights(stage, DummyReader(config, seed=3))
-    engine = InferenceEngine(stage, topo, kv_capacity=64, strategy=strategy, static_decode=True)   # the GPU's decode
+    engine = InferenceEngine(stage, topo, kv_capacity=64, strategy=strategy, static_decode=static_decode)
     counter = Counter()
 
     def enter(*_):
@@ -98,10 +99,10 @@ def _job(cp: int, layers: int, strategy: str = "auto") -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cp,strategy", [(2, "auto"), (3, "auto"), (3, "pass-q")])
-def test_layers_do_no_host_transfer_and_only_ring_communication(cp, strategy):
-    by_layers = {layers: spawn(_job, cp, (cp, layers, strategy), timeout_s=240) for layers in (2, 4)}
-    decode = "all-gather-q" if strategy == "auto" else strategy
+@pytest.mark.parametrize("cp,strategy,static", [(2, "auto", True), (3, "auto", False), (3, "pass-q", True)])
+def test_layers_do_no_host_transfer_and_only_ring_communication(cp, strategy, static):
+    by_layers = {layers: spawn(_job, cp, (cp, layers, strategy, static), timeout_s=240) for layers in (2, 4)}
+    decode = ("all-gather-q" if static else "replicated-q") if strategy == "auto" else strategy
     prefill = "pass-kv" if strategy == "auto" else strategy
     for layers, per_rank in by_layers.items():
         for rank, rounds in enumerate(per_rank):
@@ -113,6 +114,8 @@ def test_layers_do_no_host_transfer_and_only_ring_communication(cp, strategy):
                 comm = {k: v for k, v in r["layer"].items() if k not in host}
                 if r["strategy"] == "all-gather-q":   # O(1) in CP size
                     expected = {"all_gather_single": layers, "all_to_all_single": layers}
+                elif r["strategy"] == "replicated-q":   # one: the partials' all_gather
+                    expected = {"all_gather_single": layers}
                 else:
                     expected = {"batch_isend_irecv": (cp - 1) * layers}
                 if r["strategy"] == "pass-q":

@@ -490,15 +490,28 @@ def test_405b_decode_collectives_per_layer_do_not_grow_with_cp(batch):
 def test_query_exchange_costs_the_ring_s_repeated_kv_reads():
     """choose_query_exchange: with r = 0 the exposed ring against the all_gather (hidden ring ->
     pass-Q); a ring step slower to read the KV shard than to compute makes the ring pay N - 1
-    extra reads, and all-gather-Q wins.  Values by hand: N = 4, t = 10 us, a + q/BW = 5 us."""
+    extra reads, and all-gather-Q wins.  Values by hand: N = 4, t = 10 us, a + q/BW = 5 us.
+    Replicated-Q, when offered: (N - 1)^2 o/BW + D against all-gather-Q's 6 us."""
     from cp_megatron.attention.heuristic import choose_query_exchange
 
     args = (4, 1e3, 4 * 10e-6 * 1e12, 1e12, 1e9, 4e-6, 3e-6)    # q/BW = 1 us, A/(N C) = 10 us
-    strategy, ring, gather = choose_query_exchange(*args)
+    strategy, ring, gather, replicated = choose_query_exchange(*args)
     assert strategy == PASS_Q and ring == 0.0 and gather == pytest.approx(3e-6 + 3 * 1e-6)
-    strategy, ring, gather = choose_query_exchange(*args, kv_read_s=30e-6)   # t' = 30 us
+    assert replicated == float("inf")                          # not offered
+    strategy, ring, gather, _ = choose_query_exchange(*args, kv_read_s=30e-6)   # t' = 30 us
     assert strategy == "all-gather-q"
     assert ring == pytest.approx(4 * 20e-6) and gather == pytest.approx(6e-6)
+    # o = 1 KB: 9 x 1 us = 9 us > 6 us; o = 100 B: 0.9 us wins; with D = 10 us it loses again
+    strategy, _, _, replicated = choose_query_exchange(*args, kv_read_s=30e-6, partial_block_bytes=1e3)
+    assert strategy == "all-gather-q" and replicated == pytest.approx(9e-6)
+    strategy, _, _, replicated = choose_query_exchange(*args, kv_read_s=30e-6, partial_block_bytes=100)
+    assert strategy == "replicated-q" and replicated == pytest.approx(0.9e-6)
+    strategy, _, _, replicated = choose_query_exchange(*args, kv_read_s=30e-6, partial_block_bytes=100,
+                                                       replicated_dense_s=10e-6)
+    assert strategy == "all-gather-q" and replicated == pytest.approx(10.9e-6)
+    # a KV read above the FLOPs counts for it as for all-gather-Q: r = 50 us -> 10 us more
+    _, _, gather, replicated = choose_query_exchange(*args, kv_read_s=50e-6, partial_block_bytes=100)
+    assert gather == pytest.approx(16e-6) and replicated == pytest.approx(10.9e-6)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -189,6 +189,10 @@ def test_heuristic_choice_is_explained_including_negative_thresholds():
     assert "hides" in explain_choice({**h, "new_tokens": 60})
     assert "0.010 < threshold 0.200" in explain_choice({**h, "miss_rate_threshold": 0.2})
     assert explain_choice({**h, "forced": True}) == "forced by attention.strategy"
+    exchange = {**h, "miss_rate_threshold": 0.2, "ring_q_exposed_s": 2.5e-3, "all_gather_q_s": 110e-6,
+                "replicated_q_s": 1e-6}
+    assert explain_choice(exchange).endswith("queries per layer ring 2,500 us, all-gather 110 us, replicated 1 us")
+    assert explain_choice({**exchange, "replicated_q_s": 0.0}).endswith("ring 2,500 us, all-gather 110 us")
 
 
 @pytest.mark.integration

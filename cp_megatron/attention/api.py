@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 from cp_megatron import parallel_state
 from cp_megatron.attention.blocks import attend_blocks
-from cp_megatron.attention.decode import all_gather_q, attend_decode_batch
-from cp_megatron.attention.heuristic import (ALL_GATHER_Q, AUTO, PASS_KV, PASS_Q, STRATEGIES, HeuristicDecision,
-                                             choose_strategy)
+from cp_megatron.attention.decode import all_gather_q, attend_decode_batch, replicated_q
+from cp_megatron.attention.heuristic import (ALL_GATHER_Q, AUTO, PASS_KV, PASS_Q, REPLICATED_Q, STRATEGIES,
+                                             HeuristicDecision, choose_strategy)
 from cp_megatron.attention.pass_kv import ring_pass_kv
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.pass_q import ring_pass_q
@@ -75,7 +75,7 @@ def _exchange_meta(group, size, device, error, q, k, causal, strategy) -> torch.
     """all_gather of [error, Tq, Tkv, NH, NKV, DH, dtype, causal/strategy] -> [N, 8]."""
     if error is None:
         dims = [0, q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], _DTYPES.index(q.dtype),
-                int(causal) * 4 + STRATEGIES.index(strategy)]
+                int(causal) * 8 + STRATEGIES.index(strategy)]
     else:
         dims = [1] + [0] * (_META_FIELDS - 1)
     mine = torch.tensor(dims, dtype=torch.long, device=device)
@@ -125,8 +125,9 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         q_pos, kv_pos: int64 ``[Tq]`` / ``[Tkv]`` global positions.
         q_seq, kv_seq: int ``[Tq]`` / ``[Tkv]`` sequence ids; None = one sequence (id 0).
             Negative ids mark padding and match nothing.
-        strategy: "auto" (Alg. 1 / 5 on the global T and P), "pass-kv", "pass-q" (ring) or
-            "all-gather-q".
+        strategy: "auto" (Alg. 1 / 5 on the global T and P), "pass-kv", "pass-q" (ring),
+            "all-gather-q" or "replicated-q" (whose layers compute every rank's rows on each rank:
+            this call, holding only its own queries, all-gathers them first, then runs it).
         causal: kv j visible to query i iff seq(j) == seq(i) and pos(j) <= pos(i);
             without causal, iff the sequences match.
         softmax_scale: default 1/sqrt(DH).
@@ -142,8 +143,8 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
 
     Raises:
         ValueError: a bad argument on any rank (shape, dtype, NH not a multiple of NKV,
-            unknown strategy, position length) or mismatched head/dtype/strategy across
-            ranks, raised on every rank before any ring communication.
+            unknown strategy, position length) or mismatched head/dtype/strategy across ranks,
+            raised on every rank before any ring communication.
 
     Source: arXiv 2411.01783 §3, Alg. 1–3 and 5.
     """
@@ -183,7 +184,16 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         plan = build_plan(strategy, cp_rank, layouts_q, layouts_kv, causal=causal, scale=scale)
         if plan.strategy == PASS_KV and not plan.empty:
             k, v = _pad(k, plan.kv_len, 0), _pad(v, plan.kv_len, 0)
-    out, lse = planned_attention(q, k, v, plan.to(q.device), group=group, stats=stats)
+    plan = plan.to(q.device)
+    if plan.strategy == REPLICATED_Q and cp_size > 1 and not plan.empty:
+        # The layers compute every rank's rows on each rank; this call holds only its own
+        # queries, so it gathers them first, then runs replicated-Q and keeps its rows.
+        gathered = torch.empty((cp_size * plan.q_len, *q.shape[1:]), dtype=q.dtype, device=q.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, _pad(q, plan.q_len, 0).contiguous(), group=group)
+        out, lse = planned_attention(gathered, k, v, plan, group=group, stats=stats)
+        return (out[plan.store_rows], lse[plan.store_rows]) if return_lse else out[plan.store_rows]
+    out, lse = planned_attention(q, k, v, plan, group=group, stats=stats)
     return (out, lse) if return_lse else out
 
 
@@ -212,7 +222,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     """One layer's attention from the round's plan: kernels and the ring's P2P only.
 
     Args:
-        q: ``[Tq, NH, DH]`` this rank's queries (``plan.num_queries`` rows).
+        q: ``[Tq, NH, DH]`` this rank's queries (``plan.rows`` rows: ``plan.num_queries``, or
+            for replicated-Q every rank's, the gathered block).
         k, v: ``[Tkv, NKV, DH]`` this rank's KV slots, at least ``plan.sent_kv_len`` of them
             (pass-KV rotates the first ``plan.kv_len``: give it the cache's reserved
             storage, a view, so nothing is padded or copied per layer).
@@ -227,7 +238,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
         ``need_lse`` on pass-Q / all-gather-Q).  A query that sees no key gets out 0 and lse -inf.
 
     Communication: none for CP 1; N-1 ring exchanges for pass-KV; N-1 ring exchanges and
-    one all_to_all for pass-Q; one all_gather and one all_to_all for all-gather-Q.  No host
+    one all_to_all for pass-Q; one all_gather and one all_to_all for all-gather-Q; one
+    all_gather for replicated-Q (whose ``q`` is the gathered block, ``plan.rows`` rows).  No host
     synchronization.  A decode round of all-gather-Q or of CP 1 attends its whole batch in
     one kernel call (:class:`~cp_megatron.attention.plan.DecodeBatch`).
 
@@ -257,6 +269,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     elif plan.strategy == PASS_KV:   # q packed once (a view of the fused qkv), not per block by the kernels
         out, lse = ring_pass_kv(q.contiguous(), k[:plan.kv_len], v[:plan.kv_len], plan, group=group, scale=scale,
                                 stats=stats)
+    elif plan.strategy == REPLICATED_Q:   # q: the gathered block, computed on this rank
+        out, lse = replicated_q(q, k, v, plan, group=group, scale=scale, stats=stats, need_lse=need_lse)
     elif plan.strategy == ALL_GATHER_Q:
         out, lse = all_gather_q(_pad(q, plan.q_len, 0), k, v, plan, group=group, scale=scale, stats=stats,
                                 need_lse=need_lse)

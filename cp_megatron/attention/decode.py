@@ -16,6 +16,10 @@ all_to_all (Alg. 4): the round plan chooses by
 :func:`~cp_megatron.attention.heuristic.choose_query_exchange`.  The partials and their
 merge are pass-Q's, so the two give the same tokens.
 
+:func:`replicated_q` is the variant with one collective: every rank computed the gathered block
+itself (the layers run all ranks' rows on every rank), so it attends them, all-gathers the packed
+partials and merges all rows locally.
+
 Source: arXiv 2411.01783 §3.5.2 (Alg. 3, Alg. 4: the partials and their all_to_all);
 vLLM decode context parallelism (all-gather Q, one all-to-all of O and LSE); TRT-LLM Helix.
 """
@@ -57,6 +61,33 @@ def attend_decode_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch
     return batched_decode_attention(q, k, v, batch.kv_index, batch.head_bias(k.shape[1]), scale=scale)
 
 
+def gathered_partials(gathered: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                      scale: float) -> torch.Tensor:
+    """Every rank's query rows against this rank's KV shard, packed for the exchange.
+
+    Args:
+        gathered: ``[N * q_len, NH, DH]`` the gathered block (rank-major, padding rows included).
+        k, v: ``[Tkv, NKV, DH]`` this rank's KV slots; plan: the round's plan (all-gather-Q or
+            replicated-Q); scale: softmax scale.
+
+    Returns:
+        float32 ``[N * q_len, NH, DH + 1]``: each row's partial O, its LSE in the last column
+        ((0, -inf) for rows without keys here).  A decode round is one kernel call
+        (:func:`attend_decode_batch`); a forced prefill round runs the plan's blocks, step by step.
+    """
+    size, q_len, dh = plan.cp_size, plan.q_len, gathered.shape[2]
+    if plan.decode is not None:
+        out, lse = attend_decode_batch(gathered, k, v, plan.decode, scale)
+        return torch.cat([out, lse.unsqueeze(-1)], dim=-1)                 # float32 (promotes)
+    partials = torch.zeros((size * q_len, gathered.shape[1], dh + 1), dtype=torch.float32, device=gathered.device)
+    partials[..., dh] = float("-inf")
+    for s, blocks in enumerate(plan.steps):
+        src = (plan.cp_rank - s) % size
+        rows = slice(src * q_len, (src + 1) * q_len)
+        attend_blocks(partials[rows, :, :dh], partials[rows, :, dh], gathered[rows], k, v, blocks, scale)
+    return partials
+
+
 def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, group,
                  scale: float, stats: RingStats | None = None, need_lse: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,15 +116,7 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(gathered, q.contiguous(), group=group)                               # [N * q_len, NH, DH]
     t1 = stats.mark(device) if stats is not None else None
-    if plan.decode is not None:
-        out, lse = attend_decode_batch(gathered, k, v, plan.decode, scale)
-        partials = torch.cat([out, lse.unsqueeze(-1)], dim=-1)    # [N * q_len, NH, DH + 1] float32 (promotes)
-    else:   # a forced all-gather of a prefill round: the plan's blocks, step by step
-        partials = torch.zeros((size * q.shape[0], q.shape[1], dh + 1), dtype=torch.float32, device=device)
-        partials[..., dh] = float("-inf")
-        for s, blocks in enumerate(plan.steps):
-            rows = slice(((plan.cp_rank - s) % size) * q.shape[0], ((plan.cp_rank - s) % size + 1) * q.shape[0])
-            attend_blocks(partials[rows, :, :dh], partials[rows, :, dh], gathered[rows], k, v, blocks, scale)
+    partials = gathered_partials(gathered, k, v, plan, scale)                  # [N * q_len, NH, DH + 1] float32
     t2 = stats.mark(device) if stats is not None else None
     owned = torch.empty_like(partials)                                          # [N, q_len, NH, DH + 1]
     dist.all_to_all_single(owned, partials, group=group)
@@ -106,3 +129,43 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
         stats.calls += 1
     owned = owned.view(size, q.shape[0], q.shape[1], dh + 1)
     return merge_partials(owned[..., :dh], owned[..., dh], need_lse)
+
+
+def replicated_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, group,
+                 scale: float, stats: RingStats | None = None, need_lse: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Context-parallel attention of the gathered block that every rank computed itself
+    (replicated-Q, :mod:`~cp_megatron.attention.heuristic`): no query exchange, one all_gather
+    of the packed partials, which every rank merges.
+
+    Args:
+        q: ``[plan.rows, NH, DH]`` = ``[N * q_len, NH, DH]`` the queries of every rank's rows
+            (rank-major, padding rows included), the same on every rank.
+        k, v: ``[Tkv, NKV, DH]`` this rank's KV slots (this round's own rows already stored).
+        plan: the round's plan (strategy replicated-q).
+        group: CP process group (size N >= 2).
+        scale, stats, need_lse: as :func:`all_gather_q`.
+
+    Returns:
+        (out ``[N * q_len, NH, DH]`` float32, lse ``[N * q_len, NH]`` float32 or None), the same
+        on every rank: the exact attention of every row over all ranks' KV (Eq. 4).
+
+    Communication: one ``all_gather_single`` of ``[N * q_len, NH, DH + 1]`` float32.
+    """
+    size, dh = plan.cp_size, q.shape[2]
+    device = q.device
+    t0 = stats.mark(device) if stats is not None else None
+    partials = gathered_partials(q, k, v, plan, scale)                         # [N * q_len, NH, DH + 1]
+    t1 = stats.mark(device) if stats is not None else None
+    every = torch.empty((size * partials.shape[0], *partials.shape[1:]), dtype=partials.dtype, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(every, partials, group=group)                                        # [N * N * q_len, NH, DH + 1]
+    every = every.view(size, *partials.shape)
+    if stats is not None:
+        t2 = stats.mark(device)
+        stats.add("compute_s", t0, t1)
+        stats.add("all_to_all_s", t1, t2)
+        stats.add("ring_s", t0, t2)
+        stats.sent_bytes += partials.numel() * 4 * (size - 1)
+        stats.calls += 1
+    return merge_partials(every[..., :dh], every[..., dh], need_lse)

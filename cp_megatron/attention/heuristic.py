@@ -30,21 +30,39 @@ all_gather.  Decode (a few KB of queries, the shard read N times around the ring
 all-gathers, at batch 1 and at batch 32 alike: its collectives per layer stay two (all_gather +
 all_to_all) whatever N.
 
+A third way needs no query exchange at all: **replicated-Q**.  Every CP rank runs the layers'
+dense part on every rank's rows itself (all-gather-Q's gathered block, computed instead of
+gathered; only each token's owner stores its K/V), attends them to its KV shard and all-gathers
+the packed (O, LSE) partials, which every rank merges: one collective per layer instead of two.
+It pays D, the dense time of the N*q_len rows beyond this rank's q_len (0 while the layers are
+weight-bound: decode), and the partials' all_gather receives N times the all_to_all's bytes
+(o, one rank's packed float32 partial block):
+
+    replicated-Q   = max(N*t, r) - N*t + D + (N-1)^2 * o/BW
+    replicated-Q  if  replicated-Q < min(all-gather-Q, ring pass-Q)
+
+(all three beyond the partials' all_to_all, which replicated-Q's all_gather replaces at the same
+latency).  The engine offers it to decode rounds it plans per round (the eager path); its static
+decode step, the one CUDA graphs replay, runs all-gather-Q.
+
 Source: Yang et al., arXiv 2411.01783, §3.6, Algorithms 1 and 5 (the query exchange: §3.5.2,
 Alg. 3 / Alg. 4, and the all-gather decode of vLLM's decode context parallelism, SGLang and
-TRT-LLM Helix).
+TRT-LLM Helix); replicated-Q: the partials and their merge are Eq. 4's, the trade of redundant
+weight-bound work for one collective is docs/performance.md §6's (issue #22).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 PASS_KV = "pass-kv"
 PASS_Q = "pass-q"
 ALL_GATHER_Q = "all-gather-q"
+REPLICATED_Q = "replicated-q"
 AUTO = "auto"
-STRATEGIES = (AUTO, PASS_KV, PASS_Q, ALL_GATHER_Q)
-Q_VARIANTS = (PASS_Q, ALL_GATHER_Q)      # the queries travel; the KV stays
+STRATEGIES = (AUTO, PASS_KV, PASS_Q, ALL_GATHER_Q, REPLICATED_Q)
+Q_VARIANTS = (PASS_Q, ALL_GATHER_Q, REPLICATED_Q)      # the queries (or the rows) move; the KV stays
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,7 @@ class HeuristicDecision:
     """The variant chosen for one round and the values that chose it.
 
     Attributes:
-        strategy: "pass-kv", "pass-q" (ring) or "all-gather-q".
+        strategy: "pass-kv", "pass-q" (ring), "all-gather-q" or "replicated-q".
         forced: True when the user forced the variant (the inequalities are still reported).
         new_tokens: T (tokens).
         cached_tokens: P (tokens).
@@ -63,6 +81,8 @@ class HeuristicDecision:
             exchange and repeated KV reads, s), when the engine compared the query exchanges
             (:func:`choose_query_exchange`), else 0.
         all_gather_q_s: all-gather-Q's (the all_gather and a KV read above the FLOPs, s), idem.
+        replicated_q_s: replicated-Q's (the dense rows, the partials' extra bytes and a KV read
+            above the FLOPs, s) when the engine offered it, else 0.
     """
 
     strategy: str
@@ -74,6 +94,7 @@ class HeuristicDecision:
     miss_rate_threshold: float
     ring_q_exposed_s: float = 0.0
     all_gather_q_s: float = 0.0
+    replicated_q_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,8 +113,8 @@ def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads
         bytes_per_element: e (2 for bf16, 4 for float32, 1 for fp8).
         attn_flops_per_s: C, achieved attention FLOP/s per rank (> 0).
         bandwidth_bytes_per_s: BW, CP link bandwidth per rank in bytes/s (> 0).
-        force: "auto" (decide), "pass-kv", "pass-q" or "all-gather-q" (forced; values still
-            computed).  Auto answers "pass-kv" or "pass-q"; :func:`choose_query_exchange`
+        force: "auto" (decide), "pass-kv", "pass-q", "all-gather-q" or "replicated-q" (forced;
+            values still computed).  Auto answers "pass-kv" or "pass-q"; :func:`choose_query_exchange`
             then picks how pass-Q's queries travel.
 
     Returns:
@@ -132,8 +153,9 @@ def choose_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads
 def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flops: float,
                           attn_flops_per_s: float, bandwidth_bytes_per_s: float,
                           ring_step_latency_s: float, collective_latency_s: float,
-                          kv_read_s: float = 0.0) -> tuple[str, float, float]:
-    """Ring pass-Q or all-gather-Q for a round that pass-Q runs (the module doc's rule).
+                          kv_read_s: float = 0.0, partial_block_bytes: float | None = None,
+                          replicated_dense_s: float = 0.0) -> tuple[str, float, float, float]:
+    """Ring pass-Q, all-gather-Q or replicated-Q for a round that pass-Q runs (the module doc's rule).
 
     Args:
         cp_size: N (>= 2).
@@ -144,11 +166,16 @@ def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flop
         collective_latency_s: g, one small all_gather's latency, seconds.
         kv_read_s: r, one read of this rank's KV shard of the round's sequences at the achieved
             HBM bandwidth, seconds (0: not costed).
+        partial_block_bytes: o, one rank's packed float32 (O, LSE) partial block (bytes); None:
+            replicated-Q is not offered.
+        replicated_dense_s: D, the dense layer time of the N * q_len rows beyond this rank's
+            q_len rows (seconds).
 
     Returns:
-        (strategy "pass-q" or "all-gather-q", ring pass-Q's seconds beyond the attention FLOPs
-        (exposed exchanges and the repeated KV reads), all-gather-Q's (the all_gather, and the
-        one KV read where it exceeds the FLOPs)).
+        (strategy "pass-q", "all-gather-q" or "replicated-q", ring pass-Q's seconds beyond the
+        attention FLOPs (exposed exchanges and the repeated KV reads), all-gather-Q's (the
+        all_gather, and the one KV read where it exceeds the FLOPs), replicated-Q's (inf when not
+        offered)), each beyond the partials' all_to_all.
     """
     n = cp_size
     transfer = query_block_bytes / bandwidth_bytes_per_s
@@ -156,4 +183,9 @@ def choose_query_exchange(cp_size: int, query_block_bytes: float, attention_flop
     ring_step = max(step, kv_read_s)
     ring = n * (ring_step - step) + (n - 1) * max(0.0, ring_step_latency_s + transfer - ring_step)
     gather = max(0.0, kv_read_s - n * step) + collective_latency_s + (n - 1) * transfer
-    return (ALL_GATHER_Q if gather <= ring else PASS_Q), ring, gather
+    replicated = (math.inf if partial_block_bytes is None else
+                  max(0.0, kv_read_s - n * step) + replicated_dense_s
+                  + (n - 1) ** 2 * partial_block_bytes / bandwidth_bytes_per_s)
+    if replicated < min(gather, ring):
+        return REPLICATED_Q, ring, gather, replicated
+    return (ALL_GATHER_Q if gather <= ring else PASS_Q), ring, gather, replicated

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from cp_megatron.attention.heuristic import ALL_GATHER_Q, PASS_KV, PASS_Q, Q_VARIANTS
+from cp_megatron.attention.heuristic import ALL_GATHER_Q, PASS_KV, PASS_Q, Q_VARIANTS, REPLICATED_Q
 
 KVIndex = Union[slice, torch.Tensor]
 
@@ -154,9 +154,9 @@ class DecodeBatch:
     """One kernel call for a whole decode batch: every query row against its KV slots.
 
     Built once per round when every block of the round is one query row (decode) and the
-    variant attends all rows at once (all-gather-Q, or CP 1).  ``rows`` query rows:
-    all-gather-Q's gathered block (``cp_size * q_len`` rows, rank-major, padding rows
-    included), or the local queries at CP 1.  One of three modes:
+    variant attends all rows at once (all-gather-Q, replicated-Q, or CP 1).  ``rows`` query rows:
+    the gathered block of all-gather-Q and replicated-Q (``cp_size * q_len`` rows, rank-major,
+    padding rows included), or the local queries at CP 1.  One of three modes:
 
     * "slice": exactly one row has keys here, in one contiguous slot range ``kv``: every
       row attends to that view (no gather; the other rows are padding, their partials are
@@ -265,7 +265,7 @@ class AttentionPlan:
     """What every layer of one round needs to run ring attention, decided once.
 
     Attributes:
-        strategy: "pass-kv", "pass-q" (ring) or "all-gather-q" (docs/design.md §7).
+        strategy: "pass-kv", "pass-q" (ring), "all-gather-q" or "replicated-q" (docs/design.md §7).
         cp_rank, cp_size: this rank and N.
         num_queries: this rank's query rows (Tq).
         q_len: pass-Q's rotating query block length: max Tq over ranks (padding rows
@@ -279,7 +279,10 @@ class AttentionPlan:
             rank's KV; pass-Q: that rank's queries against the local KV.
         causal, scale: the visibility rule and the softmax scale.
         decode: the whole batch as one kernel call (:class:`DecodeBatch`), for decode
-            rounds of all-gather-Q and of CP 1; None otherwise.
+            rounds of all-gather-Q, replicated-Q and CP 1; None otherwise.
+        store_rows: replicated-Q: the rows of the gathered block (``cp_size * q_len`` rows, which
+            the layers run on every rank) whose K/V this rank stores, ``[cp_rank * q_len,
+            cp_rank * q_len + num_queries)``; None: every row the layers run is this rank's.
     """
 
     strategy: str
@@ -293,6 +296,13 @@ class AttentionPlan:
     causal: bool = True
     scale: Optional[float] = None
     decode: Optional[DecodeBatch] = None
+    store_rows: Optional[slice] = None
+
+    @property
+    def rows(self) -> int:
+        """Query rows the layers run on this rank: the gathered block for replicated-Q, else
+        this rank's queries."""
+        return self.cp_size * self.q_len if self.strategy == REPLICATED_Q else self.num_queries
 
     @property
     def empty(self) -> bool:
@@ -307,10 +317,11 @@ class AttentionPlan:
     @property
     def collectives_per_layer(self) -> int:
         """Communication calls a layer makes: 0 at CP 1; pass-KV N-1 ring exchanges;
-        pass-Q N-1 and an all_to_all; all-gather-Q an all_gather and an all_to_all."""
+        pass-Q N-1 and an all_to_all; all-gather-Q an all_gather and an all_to_all; replicated-Q
+        one all_gather (of the partials)."""
         if self.cp_size == 1 or self.empty:
             return 0
-        return {PASS_KV: self.cp_size - 1, PASS_Q: self.cp_size, ALL_GATHER_Q: 2}[self.strategy]
+        return {PASS_KV: self.cp_size - 1, PASS_Q: self.cp_size, ALL_GATHER_Q: 2, REPLICATED_Q: 1}[self.strategy]
 
     def num_blocks(self) -> int:
         return sum(len(s) for s in self.steps)
@@ -330,8 +341,8 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
     """Plan one round of ring attention from every rank's token placement.
 
     Args:
-        strategy: "pass-kv", "pass-q" or "all-gather-q" (already decided: Alg. 1 / Alg. 5
-            and :func:`~cp_megatron.attention.heuristic.choose_query_exchange`).
+        strategy: "pass-kv", "pass-q", "all-gather-q" or "replicated-q" (already decided:
+            Alg. 1 / Alg. 5 and :func:`~cp_megatron.attention.heuristic.choose_query_exchange`).
         cp_rank: this rank.
         q_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tq_r]`` of its queries.
         kv_layouts: per CP rank, (positions, sequence ids) int64 host ``[Tkv_r]`` of its KV
@@ -357,6 +368,9 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
                          q_len=max(int(p.numel()) for p, _ in q_layouts),
                          kv_len=max(int(p.numel()) for p, _ in kv_layouts),
                          local_kv_len=int(kv_layouts[cp_rank][0].numel()), causal=causal, scale=scale)
+    if strategy == REPLICATED_Q:
+        start = cp_rank * plan.q_len
+        plan.store_rows = slice(start, start + plan.num_queries)
     if plan.empty:
         return plan
     written = torch.zeros(plan.q_len, dtype=torch.bool)      # rows of the accumulator written
@@ -367,7 +381,7 @@ def build_plan(strategy: str, cp_rank: int, q_layouts: Sequence[tuple[torch.Tens
         if strategy != PASS_KV:   # each step fills its own accumulator (that rank's partials)
             written.zero_()
         plan.steps.append(_mark_first(plan_blocks(q_pos, q_seq, kv_pos, kv_seq, causal=causal), written))
-    if strategy == ALL_GATHER_Q:
+    if strategy in (ALL_GATHER_Q, REPLICATED_Q):
         plan.decode = build_decode_batch([((cp_rank - s) % size, b) for s, b in enumerate(plan.steps)],
                                          plan.q_len, sum(int(p.numel()) for p, _ in q_layouts))
     elif size == 1:
