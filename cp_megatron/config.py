@@ -142,11 +142,12 @@ class RuntimeSection(_Strict):
 
 
 class AttentionSection(_Strict):
-    strategy: Literal["auto", "pass-kv", "pass-q", "all-gather-q"] = Field(
+    strategy: Literal["auto", "pass-kv", "pass-q", "all-gather-q", "replicated-q"] = Field(
         "auto", description="CP attention variant; auto = the paper's heuristic each round (Alg. 1/5), "
-                            "then for pass-Q rounds (decode) ring pass-Q or all-gather-Q by their "
-                            "latency and bytes (docs/performance.md); pass-q forces the ring (Alg. 4), "
-                            "all-gather-q one all_gather + one all_to_all per layer")
+                            "then for pass-Q rounds (decode) ring pass-Q, all-gather-Q or replicated-Q by "
+                            "their latency and bytes (docs/design.md §8); pass-q forces the ring (Alg. 4), "
+                            "all-gather-q one all_gather + one all_to_all per layer, replicated-q every "
+                            "rank's rows on each rank and one all_gather of the partials per layer")
     hardware: Optional[str] = Field(None, min_length=1, description="hardware profile for C and BW: a name or a "
                                                       "profile .json from `cp-megatron bench hardware` "
                                                       "(default cpu-gloo on cpu, h100-rdma on cuda)")

@@ -72,6 +72,7 @@ class _Progress:
         self.on = topo.rank == 0
         self.tty = self.on and sys.stderr.isatty()
         self.turn, self.max_new, self.decode_bar, self.decode_s, self.steps = turn, max_new_tokens, None, 0.0, 0
+        self.first_decode = None
         self.prefill_bar = tqdm(total=stage.num_local_layers, desc=f"turn {turn} prefill layers",
                                 disable=not self.tty, file=sys.stderr, leave=False)
 
@@ -95,6 +96,8 @@ class _Progress:
                 self.decode_bar = tqdm(total=max(self.max_new - 1, 0), desc=f"turn {self.turn} decode",
                                        disable=not self.tty, file=sys.stderr, leave=False)
         else:
+            if not self.steps:
+                self.first_decode = m
             self.steps, self.decode_s = self.steps + 1, self.decode_s + m.time_s
             self.decode_bar.update(1)
 
@@ -102,7 +105,9 @@ class _Progress:
         if self.decode_bar is not None:
             self.decode_bar.close()
         if self.on and self.steps:
-            status(f"turn {self.turn} decode: {self.steps} steps in {self.decode_s:.2f} s")
+            m = self.first_decode
+            status(f"turn {self.turn} decode: {self.steps} steps in {self.decode_s:.2f} s -> {m.strategy} "
+                   f"[{explain_choice(m.heuristic)}]")
 
 
 def rank_main(cfg: RunConfig, prep: Prepared) -> Optional[dict]:

@@ -119,9 +119,9 @@ def planner_figures(spec, round_name: str, cached: int, new: int, strategy: str 
     from cp_megatron.planner import memory_report
 
     dtype = "fp8" if spec.weights == "fp8-rowwise" else ("bf16" if str(spec.dtype).endswith("bfloat16") else "fp32")
-    # all-gather-Q moves the same float32 partials as pass-Q (its gathered queries instead of
-    # the ring's two Q blocks): costed as pass-Q
-    strategy = PASS_Q if strategy in ("pass-q", "all-gather-q") else PASS_KV
+    # all-gather-Q and replicated-Q move float32 partials as pass-Q does (gathered queries, or all
+    # ranks' partials, instead of the ring's two Q blocks): costed as pass-Q
+    strategy = PASS_Q if strategy in ("pass-q", "all-gather-q", "replicated-q") else PASS_KV
     rep = memory_report(spec.model_config, spec.tp, spec.cp, cached + new, new, 1, dtype, strategy=strategy,
                         max_new_tokens=spec.max_new_tokens, kv_margin_tokens=spec.kv_margin_tokens,
                         reserved_tokens=spec.prompt_tokens)
