@@ -260,20 +260,30 @@ class InferenceEngine:
             hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
             kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency),
             partial_block_bytes=q_len * heads * (cfg.head_dim + 1) * 4 if offered else None,
-            replicated_dense_s=self._dense_layer_s(n * q_len) - self._dense_layer_s(q_len))
+            replicated_dense_s=self._replicated_dense_s(n, q_len))
         return dataclasses.replace(decision, strategy=strategy, ring_q_exposed_s=ring, all_gather_q_s=gather,
                                    replicated_q_s=replicated if offered else 0.0)
 
-    def _dense_layer_s(self, rows: int) -> float:
-        """One decoder layer's linear layers on ``rows`` rows on this TP rank (seconds): the
-        roofline max(weight bytes / achieved memory bandwidth, FLOPs / ``linear_flops_per_s``)."""
+    def _replicated_dense_s(self, cp_size: int, q_len: int) -> float:
+        """D of replicated-Q: what running the dense layers on all ``cp_size * q_len`` rows costs
+        one layer beyond this rank's ``q_len`` rows (seconds).
+
+        On a GPU each rank reads its weights from its own memory: the roofline max(weight bytes /
+        achieved memory bandwidth, FLOPs / ``linear_flops_per_s``) of the rows, extra rows minus own.
+        The CP ranks of a CPU job share one host's memory system, so every other rank's copy of
+        the dense part reads the weights again through it: (N - 1) x weight bytes / bandwidth.
+        Measured: the default job's TTIT at CP 2 was 0.25 s replicated against 0.20 s
+        all-gathered (docs/performance.md §6)."""
         cfg, hw = self.stage.config, self.hardware
         h, dh = cfg.hidden_size, cfg.head_dim
         params = (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * h
                   + 3 * h * cfg.intermediate_size) / self.topo.tp_size
         e = 1 if self.stage.weights == "fp8-rowwise" else torch.finfo(self.stage.dtype).bits // 8
-        return max(params * e / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency),
-                   2 * params * rows / hw.linear_flops_per_s)
+        weights_s = params * e / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency)
+        if self.stage.device.type == "cpu":
+            return (cp_size - 1) * weights_s
+        return (max(weights_s, 2 * params * cp_size * q_len / hw.linear_flops_per_s)
+                - max(weights_s, 2 * params * q_len / hw.linear_flops_per_s))
 
     # -- one round -----------------------------------------------------------------------
     def _run(self, new_tokens: Mapping[int, list[int]], all_logits: bool):

@@ -5,9 +5,9 @@ Each rank instruments the tensor methods that read a device back to the host
 (``.cpu()``, ``.item()``, ``.tolist()``, ``nonzero``, ``torch.cuda.synchronize``) and every
 ``torch.distributed`` communication call, counts them while a decoder layer runs and
 over the whole round, for a prefill (pass-KV) and decode rounds at CP 2 and 3 (auto with the
-static decode step, the GPU's: all-gather-Q, two collectives per layer whatever CP; auto planned
-round by round, CPU's default: replicated-Q, one; forced ring pass-Q: N-1 exchanges and an
-all_to_all), with models of 2 and 4 layers.
+static decode step, the GPU's: all-gather-Q, two collectives per layer whatever CP; forced
+replicated-Q planned round by round: one; forced ring pass-Q: N-1 exchanges and an all_to_all),
+with models of 2 and 4 layers.
 """
 
 from __future__ import annotations
@@ -99,10 +99,10 @@ def _job(cp: int, layers: int, strategy: str = "auto", static_decode: bool = Tru
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cp,strategy,static", [(2, "auto", True), (3, "auto", False), (3, "pass-q", True)])
+@pytest.mark.parametrize("cp,strategy,static", [(2, "auto", True), (3, "replicated-q", False), (3, "pass-q", True)])
 def test_layers_do_no_host_transfer_and_only_ring_communication(cp, strategy, static):
     by_layers = {layers: spawn(_job, cp, (cp, layers, strategy, static), timeout_s=240) for layers in (2, 4)}
-    decode = ("all-gather-q" if static else "replicated-q") if strategy == "auto" else strategy
+    decode = "all-gather-q" if strategy == "auto" else strategy
     prefill = "pass-kv" if strategy == "auto" else strategy
     for layers, per_rank in by_layers.items():
         for rank, rounds in enumerate(per_rank):
