@@ -46,3 +46,15 @@ def smollm2_reader(smollm2_gguf):
     from cp_megatron.checkpoint import open_checkpoint
 
     return open_checkpoint("gguf", smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_model(smollm2_gguf):
+    """transformers' ``LlamaForCausalLM`` of SmolLM2, dequantized from the GGUF to float32, in eval
+    mode: the oracle of the GGUF reader and of the model's logits.  Loaded once per session
+    (dequantizing takes ~25 s on the CI box); tests only read it (no_grad forwards, state dict reads)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                            dtype=torch.float32).eval()

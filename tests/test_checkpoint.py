@@ -322,11 +322,10 @@ def test_tiny_gguf_matches_transformers_state_dict(tmp_path, variant):
 
 
 @pytest.fixture(scope="module")
-def smollm2_transformers(smollm2_gguf):
-    """transformers' dequantized float32 SmolLM2 (state dict, config): the GGUF oracle (~15 s)."""
-    model = LlamaForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                             dtype=torch.float32)
-    return model.state_dict(), model.config
+def smollm2_transformers(smollm2_transformers_model):
+    """transformers' dequantized float32 SmolLM2 (state dict, config): the GGUF oracle (the
+    session's one model, tests/conftest.py)."""
+    return smollm2_transformers_model.state_dict(), smollm2_transformers_model.config
 
 
 @pytest.mark.integration

@@ -108,17 +108,11 @@ def test_meta_mp2_checkpoint_gives_hf_twin_logits_at_tp_1_2_4(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(JOB_TIMEOUT_S)
-def test_smollm2_gguf_logits_match_transformers(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    from cp_megatron.checkpoint import open_checkpoint as _open
-
-    reader = _open("gguf", smollm2_gguf)
-    tok = reader.tokenizer()
+def test_smollm2_gguf_logits_match_transformers(smollm2_gguf, smollm2_reader, smollm2_transformers_model):
+    tok = smollm2_reader.tokenizer()
     tokens = tok.encode(REAL_TEXT)[:300]
     assert len(tokens) == 300
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                 torch_dtype=torch.float32).eval()
+    model = smollm2_transformers_model
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0]
     for cp in (1, 2):
