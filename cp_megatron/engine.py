@@ -272,8 +272,8 @@ class InferenceEngine:
         achieved memory bandwidth, FLOPs / ``linear_flops_per_s``) of the rows, extra rows minus own.
         The CP ranks of a CPU job share one host's memory system, so every other rank's copy of
         the dense part reads the weights again through it: (N - 1) x weight bytes / bandwidth.
-        Measured: the default job's TTIT at CP 2 was 0.25 s replicated against 0.20 s
-        all-gathered (docs/performance.md §6)."""
+        Measured: the default job's TTIT at CP 2 was 0.266 s replicated, against 0.206 s for the
+        pre-#22 checkout in the same run (docs/performance.md §6)."""
         cfg, hw = self.stage.config, self.hardware
         h, dh = cfg.hidden_size, cfg.head_dim
         params = (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * dh + cfg.num_heads * dh * h
