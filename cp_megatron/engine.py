@@ -302,7 +302,8 @@ class InferenceEngine:
                 self.layouts[r].append(p.positions, p.seq_ids)
         if plan.static is not None:
             return self._run_static(plan, stats)
-        self.kv_cache.begin_round(place.positions, place.seq_ids, min_capacity=plan.attention.sent_kv_len)
+        self.kv_cache.begin_round(place.positions, place.seq_ids, min_capacity=plan.attention.sent_kv_len,
+                                  rows=plan.attention.store_rows)
 
         # Rows of the output everyone needs: the last token of each sequence, or all (host).
         t_total = sum(plan.lengths)

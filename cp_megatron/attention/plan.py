@@ -282,7 +282,8 @@ class AttentionPlan:
             rounds of all-gather-Q, replicated-Q and CP 1; None otherwise.
         store_rows: replicated-Q: the rows of the gathered block (``cp_size * q_len`` rows, which
             the layers run on every rank) whose K/V this rank stores, ``[cp_rank * q_len,
-            cp_rank * q_len + num_queries)``; None: every row the layers run is this rank's.
+            cp_rank * q_len + num_queries)``, handed to ``KVCache.begin_round(rows=...)``;
+            None: every row the layers run is this rank's.
     """
 
     strategy: str

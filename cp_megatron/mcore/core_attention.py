@@ -167,8 +167,7 @@ class RingCoreAttention(MegatronModule):
         layer = self.layer_number - 1 - p.first_layer
         k_new = key[:t].view(t, self.num_kv_heads, self.head_dim)
         v_new = value[:t].view(t, self.num_kv_heads, self.head_dim)
-        own = p.plan.store_rows                       # replicated-Q: only this rank's rows are stored
-        p.kv_cache.store(layer, k_new if own is None else k_new[own], v_new if own is None else v_new[own])
+        p.kv_cache.store(layer, k_new, v_new)          # replicated-Q: keeps this rank's rows only
         k_all, v_all = p.kv_cache.layer(layer, p.plan.sent_kv_len)                    # views
         q = query[:t].view(t, self.num_heads, self.head_dim)                           # [T, NH, DH]
         out, _ = planned_attention(q, k_all, v_all, p.plan, group=p.ring_group, stats=p.stats)

@@ -155,6 +155,7 @@ class KVCache:
         self.layout = KVLayout()
         self._round_start = 0
         self._round_slots: torch.Tensor | None = None   # static decode: int64 [rows] slots to write
+        self._round_rows: slice | None = None           # replicated-Q: this rank's rows of the block
         self._slot_seq: torch.Tensor | None = None      # device copy of the layout (device_layout)
         self._slot_pos: torch.Tensor | None = None
         self.allocations = 0          # storage (re)allocations so far (1 when reserved well)
@@ -198,7 +199,7 @@ class KVCache:
             self._alloc(self.capacity_for(capacity))
 
     def begin_round(self, positions: torch.Tensor, seq_ids: torch.Tensor, *, min_capacity: int = 0,
-                    slots: torch.Tensor | None = None) -> None:
+                    slots: torch.Tensor | None = None, rows: slice | None = None) -> None:
         """Add this round's slots (int64 host ``[T]`` positions and sequence ids) and make the
         storage at least ``min_capacity`` slots long (the ring's padded block).
 
@@ -209,7 +210,11 @@ class KVCache:
                 (rows >= T): the first T are ``n .. n + T - 1``, the padding rows' a free slot
                 (the caller's promise, not read back).  :meth:`store` then writes through it
                 with ``index_copy_``, and the device layout (if kept) is the step's to update.
+            rows: replicated-Q (docs/design.md §8): the layers compute K/V for every rank's rows
+                (the gathered block) and :meth:`store` keeps only this slice of them, this
+                rank's T tokens.  None: every row handed to :meth:`store` is this rank's.
         """
+        self._round_rows = rows
         self._round_start = self.layout.num_tokens
         self.reserve(max(self._round_start + int(positions.numel()), min_capacity))
         self.layout.append(positions, seq_ids)
@@ -221,7 +226,13 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this round's K/V ``[T, NKV_local, DH]`` of ``layer`` into its slots (the static
-        decode step: ``[rows, NKV_local, DH]`` through its slot tensor, one ``index_copy_`` each)."""
+        decode step: ``[rows, NKV_local, DH]`` through its slot tensor, one ``index_copy_`` each;
+        replicated-Q: every rank's rows, of which the ``rows`` slice of :meth:`begin_round` is kept).
+
+        Raises:
+            ValueError: the row count is not the round's."""
+        if self._round_rows is not None:
+            k, v = k[self._round_rows], v[self._round_rows]
         if self._round_slots is not None:
             if k.shape[0] != self._round_slots.shape[0]:
                 raise ValueError(f"KVCache.store: layer {layer} got {k.shape[0]} rows, the step has "

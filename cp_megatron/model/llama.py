@@ -132,8 +132,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)[0].view(t, nh + 2 * nkv, self.head_dim)      # [T, NH + 2 NKV, DH]
         qk = apply_rope_tables(qkv[:, :nh + nkv], ctx.rope)                  # [T, NH + NKV, DH]
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
-        rows = ctx.plan.store_rows                   # replicated-Q: x holds every rank's rows
-        ctx.kv_cache.store(self.layer, k if rows is None else k[rows], v if rows is None else v[rows])
+        ctx.kv_cache.store(self.layer, k, v)         # replicated-Q: keeps this rank's rows only
         del qkv, k, v                                # cached now: only q's rows stay alive
         k_all, v_all = ctx.kv_cache.layer(self.layer, ctx.plan.sent_kv_len)     # views
         out, _ = planned_attention(q, k_all, v_all, ctx.plan, group=ctx.cp_group, stats=ctx.stats,
