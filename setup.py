@@ -32,9 +32,12 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "prometheus-client>=0.20",
+        # its shared-memory CPU all_reduce carries decode's CP collectives on one CPU machine
+        # (cp_megatron/shm_collectives.py, JIT-compiled on first use); also the deepspeed launcher
+        "deepspeed>=0.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30", "deepspeed>=0.14",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "accelerate>=0.30",
                  "openai>=1.40", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["cp-megatron=cp_megatron.cli:main"]},

@@ -115,6 +115,11 @@ class RuntimeSection(_Strict):
     threads_per_rank: int = Field(1, ge=1, description="torch threads per rank (CPU)")
     bind_cores: bool = Field(True, description="on CPU, pin each rank to threads_per_rank cores of its own "
                                                "(when the machine has enough cores)")
+    shm_collectives: bool = Field(
+        True, description="on CPU, carry decode's CP all_gather / all_to_all through DeepSpeed's shared-memory "
+                          "all_reduce instead of gloo (~10 us instead of ~300 us a call), where every rank is on "
+                          "this machine with cores of its own and CP is the whole job (tp = pp = 1); compiled on "
+                          "first use; off or elsewhere: gloo (docs/performance.md, \"CPU collectives\")")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
     timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")
     profile: bool = Field(False, description="time ring attention per round (attention_s, comm_s); "

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from cp_megatron import device as devices
-from cp_megatron import parallel_state
+from cp_megatron import parallel_state, shm_collectives
 from cp_megatron.attention import decide_strategy
 from cp_megatron.attention.api import default_hardware
 from cp_megatron.attention.heuristic import (ALL_GATHER_Q, PASS_Q, REPLICATED_Q, HeuristicDecision,
@@ -257,7 +257,8 @@ class InferenceEngine:
         offered = not self.static_decode
         strategy, ring, gather, replicated = choose_query_exchange(
             n, q_len * heads * cfg.head_dim * e, flops, hw.attn_flops_per_s, hw.cp_bandwidth_bytes_per_s,
-            hw.cp_latency_s + hw.ring_step_overhead_s, hw.a2a_latency_s,
+            hw.cp_latency_s + hw.ring_step_overhead_s,
+            shm_collectives.LATENCY_S if shm_collectives.active(self.cp_group) else hw.a2a_latency_s,
             kv_read_s=kv_bytes / (hw.memory_bandwidth_bytes_per_s * hw.memory_efficiency),
             partial_block_bytes=q_len * heads * (cfg.head_dim + 1) * 4 if offered else None,
             replicated_dense_s=self._replicated_dense_s(n, q_len))

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from cp_megatron import device as devices
+from cp_megatron import shm_collectives
 from cp_megatron.engine import InferenceEngine
 from cp_megatron.hardware import HardwareProfile
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS
@@ -139,17 +140,20 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     from cp_megatron.preflight import open_reader, open_tokenizer
     par, rt = cfg.parallel, cfg.runtime
     local = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    bound = None
     if rt.bind_cores and rt.device == "cpu" and None not in local:   # set by spawn and torchrun
         from cp_megatron.launcher import bind_cores
 
-        bind_cores(int(local[0]), int(local[1]), rt.threads_per_rank)
+        bound = bind_cores(int(local[0]), int(local[1]), rt.threads_per_rank)
     torch.set_num_threads(rt.threads_per_rank)
     parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
     topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
+    say = status if status is not None and topo.rank == 0 else (lambda _line: None)
+    shm_collectives.setup(rt.shm_collectives, parallel_state.get_cp_group(), device=rt.device,
+                          bound=bound is not None, say=say)
     device = devices.current_device() if rt.device == "cuda" else torch.device("cpu")
     reader = open_reader(cfg)
     tok = open_tokenizer(cfg, reader)
-    say = status if status is not None and topo.rank == 0 else (lambda _line: None)
     say(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, {cfg.model.dtype})")
     t0 = time.perf_counter()
     engine = build_engine(reader, topo, dtype=getattr(torch, cfg.model.dtype), device=device,

@@ -353,8 +353,21 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
             _stop_ranks(procs)
             if result_dir is not None:
                 shutil.rmtree(result_dir, ignore_errors=True)
+            _remove_shm_segments(port)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _remove_shm_segments(port: int) -> None:
+    """Remove what a rank killed mid-setup left of the job's shared-memory collectives
+    (:mod:`cp_megatron.shm_collectives`; the ranks unlink their segments themselves)."""
+    from cp_megatron.shm_collectives import stale_segments
+
+    for path in stale_segments("127.0.0.1", port):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _stop_ranks(procs) -> None:

@@ -186,6 +186,9 @@ def ring_neighbours(group) -> tuple[int, int]:
 
 def destroy() -> None:
     """Tear down parallel state and the default process group."""
+    from cp_megatron import shm_collectives
+
+    shm_collectives.teardown()
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from cp_megatron import parallel_state
+from cp_megatron import parallel_state, shm_collectives
 from cp_megatron.attention.blocks import attend_blocks
 from cp_megatron.attention.decode import all_gather_q, attend_decode_batch, replicated_q
 from cp_megatron.attention.heuristic import (ALL_GATHER_Q, AUTO, PASS_KV, PASS_Q, REPLICATED_Q, STRATEGIES,
@@ -189,8 +189,7 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         # The layers compute every rank's rows on each rank; this call holds only its own
         # queries, so it gathers them first, then runs replicated-Q and keeps its rows.
         gathered = torch.empty((cp_size * plan.q_len, *q.shape[1:]), dtype=q.dtype, device=q.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(gathered, _pad(q, plan.q_len, 0).contiguous(), group=group)
+        shm_collectives.all_gather_single(gathered, _pad(q, plan.q_len, 0).contiguous(), group)
         out, lse = planned_attention(gathered, k, v, plan, group=group, stats=stats)
         return (out[plan.store_rows], lse[plan.store_rows]) if return_lse else out[plan.store_rows]
     out, lse = planned_attention(q, k, v, plan, group=group, stats=stats)

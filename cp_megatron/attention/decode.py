@@ -14,7 +14,8 @@ For a round that pass-Q runs (decode above all), each rank
 Two collectives per layer whatever N, against pass-Q's N-1 ring exchanges and an
 all_to_all (Alg. 4): the round plan chooses by
 :func:`~cp_megatron.attention.heuristic.choose_query_exchange`.  The partials and their
-merge are pass-Q's, so the two give the same tokens.
+merge are pass-Q's, so the two give the same tokens.  On one CPU machine both collectives go
+through shared memory where :mod:`cp_megatron.shm_collectives` enabled it (gloo otherwise).
 
 :func:`replicated_q` is the variant with one collective: every rank computed the gathered block
 itself (the layers run all ranks' rows on every rank), so it attends them, all-gathers the packed
@@ -27,8 +28,8 @@ vLLM decode context parallelism (all-gather Q, one all-to-all of O and LSE); TRT
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from cp_megatron import shm_collectives as collectives
 from cp_megatron.attention.blocks import attend_blocks
 from cp_megatron.attention.kernels import (attention_with_lse, batched_decode_attention, masked_decode_attention,
                                            varlen_decode_attention)
@@ -105,21 +106,19 @@ def all_gather_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
     Returns:
         (out ``[plan.q_len, NH, DH]`` float32, lse ``[plan.q_len, NH]`` float32).
 
-    Communication: one all_gather (``all_gather_single``; ``all_gather_into_tensor`` before
-    torch 2.13) and one ``all_to_all_single``.
+    Communication: one all_gather (``all_gather_single``) and one ``all_to_all_single``
+    (:mod:`cp_megatron.shm_collectives`: torch.distributed, or shared memory on one CPU machine).
     """
     size, dh = plan.cp_size, q.shape[2]
     device = q.device
     t0 = stats.mark(device) if stats is not None else None
     gathered = torch.empty((size * q.shape[0], *q.shape[1:]), dtype=q.dtype, device=device)
-    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same semantics)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, q.contiguous(), group=group)                               # [N * q_len, NH, DH]
+    collectives.all_gather_single(gathered, q.contiguous(), group)              # [N * q_len, NH, DH]
     t1 = stats.mark(device) if stats is not None else None
     partials = gathered_partials(gathered, k, v, plan, scale)                  # [N * q_len, NH, DH + 1] float32
     t2 = stats.mark(device) if stats is not None else None
     owned = torch.empty_like(partials)                                          # [N, q_len, NH, DH + 1]
-    dist.all_to_all_single(owned, partials, group=group)
+    collectives.all_to_all_single(owned, partials, group)
     if stats is not None:
         t3 = stats.mark(device)
         stats.add("compute_s", t1, t2)
@@ -158,8 +157,7 @@ def replicated_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
     partials = gathered_partials(q, k, v, plan, scale)                         # [N * q_len, NH, DH + 1]
     t1 = stats.mark(device) if stats is not None else None
     every = torch.empty((size * partials.shape[0], *partials.shape[1:]), dtype=partials.dtype, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(every, partials, group=group)                                        # [N * N * q_len, NH, DH + 1]
+    collectives.all_gather_single(every, partials, group)                       # [N * N * q_len, NH, DH + 1]
     every = every.view(size, *partials.shape)
     if stats is not None:
         t2 = stats.mark(device)

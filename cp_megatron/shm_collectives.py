@@ -1,0 +1,190 @@
+"""Decode's CP collectives on one CPU machine through shared memory, not gloo.
+
+On CPU, gloo's cost per collective is its thread hand-offs, not its bytes: for the few KB of
+a decode layer's all_gather and all_to_all, the rank that arrives last waits ~300 us per
+call (two ranks on cores of their own), where the data would cross shared memory in ~10 us.
+A decode step makes two such calls per layer (all-gather-Q, docs/design.md §8), which on the
+default job is most of what CP 2 adds to CP 1's TTIT.  DeepSpeed ships the shared-memory
+all_reduce that its CPU inference uses for exactly this (``deepspeed.ops.op_builder.cpu.
+ShareMemCommBuilder``: ``inference_all_reduce_``, a sum over every rank of the job in a
+shared-memory segment, JIT-compiled once into ``~/.cache/torch_extensions``).  This module
+expresses the two collectives as that sum:
+
+* **all_gather** of ``x`` ``[M, ...]`` from N ranks: a zeroed ``[N, M, ...]`` buffer, rank r
+  writes its ``x`` into row r, one all_reduce.  Adding zeros is exact in floating point, so
+  the result is bit-identical to gloo's gather (a -0.0 becomes +0.0).
+* **all_to_all** of ``x`` ``[N * M, ...]`` (block j for rank j): a zeroed ``[N, N * M, ...]``
+  buffer, rank r writes ``x`` into row r, one all_reduce, rank r keeps column block r.
+
+It is used only where it is safe and a gain, decided once per job on every rank together
+(:func:`setup`): device CPU, the CP group is the whole job (tp = pp = 1), every rank on this
+machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``) and bound to cores of its own
+(:func:`cp_megatron.launcher.bind_cores`; the kernel waits by spinning, which must not take
+a core from the rank it waits for), ``runtime.shm_collectives: true`` (the default), and the
+op compiled and loaded on every rank.  Anything else, and every CUDA, fake (dry-run) or
+TP/PP job, keeps torch.distributed unchanged.  Float32 goes as is; bfloat16 / float16 too
+where the CPU has the AVX-512 kernel, else through float32 (exact both ways).
+
+The segment of each rank (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``,
+66 MiB) is unlinked as soon as every rank has mapped them all; DeepSpeed itself never does.
+
+Source: DeepSpeed ``csrc/cpu/comm/shm.cpp`` (``symmetric_naive_all_reduce``) and
+``deepspeed.comm.torch.TorchBackend.inference_all_reduce``; measured figures in
+docs/performance.md §6.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+SHM_NAME = "deepspeed_allreduce_buffer"  # shm.cpp's SHM_BUFFER_NAME
+_GROUP = None                             # the CP group whose collectives go through shared memory
+_RANK, _SIZE = 0, 1                       # this rank's place in it
+# One decode-sized call (a few KB), median on the rank that arrives last, 2 ranks on cores of
+# their own: all_gather 31 us, all_to_all 67 us, against gloo's 464 / 244 us in the same run
+# (`python -m benchmarks.cpu_collectives`, docs/bench/cpu_collectives.json).  The heuristic's
+# collective latency g where shared memory carries the decode collectives.
+LATENCY_S = 50e-6
+_LEVEL = 0                                # the kernel's vector level: 1 = AVX2 (fp32), 2 = AVX-512 (+bf16/fp16)
+
+
+def _builder():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")   # else DeepSpeed logs that it guessed CPU
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    return ShareMemCommBuilder()
+
+
+def is_built() -> bool:
+    """Whether the op is compiled already (in ``TORCH_EXTENSIONS_DIR`` or the default cache)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = "deepspeed_shm_comm"
+    return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+
+
+def load(say: Callable[[str], None] = lambda _line: None):
+    """Compile (first use only, ~1 min) and load DeepSpeed's shared-memory op; None if it
+    cannot be built here (no compiler, not Linux).  ``say`` gets one line before a compile."""
+    try:
+        if not is_built():
+            say("compiling DeepSpeed's shared-memory all_reduce for the CPU collectives "
+                "(first run only, ~1 min; cached in ~/.cache/torch_extensions)")
+        return _builder().load(verbose=False)
+    except Exception as exc:  # noqa: BLE001  (a missing compiler raises anything from ninja to OSError)
+        say(f"shared-memory collectives unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "gloo carries them")
+        return None
+
+
+def setup(enabled: bool, cp_group, *, device: str, bound: bool,
+          say: Callable[[str], None] = lambda _line: None) -> bool:
+    """Decide, on every rank together, whether ``cp_group``'s decode collectives use shared
+    memory (module doc for the conditions), and if so open the segments.  Call once per job,
+    after the process groups exist; it makes one gloo all_reduce and one barrier.
+
+    Args:
+        enabled: ``runtime.shm_collectives``.
+        cp_group: this rank's CP group.
+        device: ``runtime.device``; bound: this rank is pinned to cores of its own.
+        say: status lines (rank 0's).
+
+    Returns:
+        True when :func:`all_gather_single` / :func:`all_to_all_single` now use shared memory.
+    """
+    global _GROUP, _LEVEL, _RANK, _SIZE
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return False
+    world = dist.get_world_size()
+    if world < 2 or cp_group is None or dist.get_world_size(cp_group) != world:
+        return False
+    local = os.environ.get("LOCAL_WORLD_SIZE") == str(world)
+    module = load(say) if enabled and device == "cpu" and bound and local else None
+    ok = torch.tensor([1 if module is not None else 0], dtype=torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)    # one decision for all: a split one would hang
+    if not int(ok):
+        return False
+    os.environ["LOCAL_SIZE"] = str(world)          # what shm_interface.cpp checks
+    module.initialize(world, dist.get_rank())      # creates this rank's segment, maps the others'
+    dist.barrier()                                 # every rank has mapped every segment
+    path = f"/dev/shm/{SHM_NAME}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    try:
+        os.unlink(path)                            # the mappings stay; nothing is left behind
+    except FileNotFoundError:
+        pass
+    _GROUP, _LEVEL = cp_group, int(module.vector_kernel_level())
+    _RANK, _SIZE = dist.get_rank(cp_group), world
+    say(f"decode's CP collectives: shared memory (DeepSpeed's CPU all_reduce), not gloo ({world} ranks)")
+    return True
+
+
+def active(group=None) -> bool:
+    """Whether ``group``'s (any group's, for None) decode collectives go through shared memory."""
+    return _GROUP is not None and (group is None or group is _GROUP)
+
+
+def stale_segments(addr: str, port: int) -> list[str]:
+    """Paths of a job's segments still in /dev/shm (a rank killed between creating and
+    unlinking its segment); the launcher removes them with the job's folder."""
+    prefix = f"{SHM_NAME}_{os.getuid()}_{addr}_{port}_"
+    try:
+        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def teardown() -> None:
+    """Stop using shared memory (the segments go with the process)."""
+    global _GROUP
+    _GROUP = None
+
+
+def _sum_(buf: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) ``buf`` in place over every rank; returns the summed tensor (``buf``
+    itself, or a new tensor of buf's dtype when the kernel needs float32)."""
+    if buf.dtype == torch.float32 or _LEVEL >= 2:
+        torch.ops.deepspeed.inference_all_reduce_(buf)
+        return buf
+    wide = buf.float()
+    torch.ops.deepspeed.inference_all_reduce_(wide)
+    return wide.to(buf.dtype)
+
+
+def _uses_shm(group, t: torch.Tensor) -> bool:
+    return group is not None and group is _GROUP and t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``torch.distributed.all_gather_single(out, inp, group)``: ``out`` ``[N * M, ...]``
+    receives every rank's ``inp`` ``[M, ...]`` in rank order; through shared memory where
+    :func:`setup` enabled it (module doc), else gloo / NCCL."""
+    if not _uses_shm(group, inp):
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
+        gather(out, inp, group=group)
+        return
+    buf = out.view(_SIZE, -1)
+    buf.zero_()
+    buf[_RANK].copy_(inp.reshape(-1))
+    summed = _sum_(buf)
+    if summed is not buf:
+        buf.copy_(summed)
+
+
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``torch.distributed.all_to_all_single(out, inp, group)`` with equal splits: block j
+    of ``inp`` ``[N * M, ...]`` goes to rank j, ``out`` gets block r of every rank in rank
+    order; through shared memory where :func:`setup` enabled it (module doc)."""
+    if not _uses_shm(group, inp):
+        dist.all_to_all_single(out, inp, group=group)
+        return
+    n, r = _SIZE, _RANK
+    buf = inp.new_zeros((n, n, inp.numel() // n))                # [src, dst, block]
+    buf[r].copy_(inp.reshape(n, -1))
+    summed = _sum_(buf)
+    out.view(n, -1).copy_(summed[:, r])
+

@@ -1,0 +1,87 @@
+"""Decode's CP collectives through shared memory (cp_megatron.shm_collectives): bit-identical to
+torch.distributed's gloo collectives, enabled only where every rank agrees it is safe, and no
+segment left in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cp_megatron import shm_collectives
+from cp_megatron.launcher import _remove_shm_segments, bind_cores, spawn
+
+
+def _compare(bound_ranks: tuple[int, ...]) -> dict:
+    """On each rank: setup (bound as told), then every collective both ways, per dtype."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    bound = r in bound_ranks and bind_cores(r, n, 1) is not None
+    group = dist.new_group(list(range(n)))
+    enabled = shm_collectives.setup(True, group, device="cpu", bound=bound)
+    out = {"enabled": enabled, "left": shm_collectives.stale_segments(os.environ["MASTER_ADDR"],
+                                                                      int(os.environ["MASTER_PORT"]))}
+    if not enabled:
+        return out
+    gen = torch.Generator().manual_seed(r)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = (torch.randn(3, 9, 64, generator=gen) * 4).to(dtype)             # [q_len, NH, DH]
+        q[0, 0, 0] = float("-inf") if r == 0 else float("inf")              # infinities pass unchanged
+        partials = torch.randn(n * 3, 9, 65, generator=gen).to(dtype)        # [N * q_len, NH, DH + 1]
+        partials[:, :, -1] = float("-inf")
+        ref_g, got_g = torch.empty(n * 3, 9, 64, dtype=dtype), torch.empty(n * 3, 9, 64, dtype=dtype)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(ref_g, q, group=group)
+        shm_collectives.all_gather_single(got_g, q, group)
+        ref_a, got_a = torch.empty_like(partials), torch.empty_like(partials)
+        dist.all_to_all_single(ref_a, partials, group=group)
+        shm_collectives.all_to_all_single(got_a, partials, group)
+        same = lambda a, b: bool(torch.equal(a.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                             b.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)))
+        out[str(dtype)] = {"all_gather": same(ref_g, got_g), "all_to_all": same(ref_a, got_a)}
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_shm_collectives_are_bit_identical_to_gloo_and_leave_no_segment():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs 2 cores (CI has 2)")
+    for rank_result in spawn(_compare, 2, ((0, 1),), timeout_s=240):
+        assert rank_result["enabled"], rank_result
+        assert rank_result["left"] == [], rank_result         # unlinked once every rank mapped them
+        for dtype in ("torch.float32", "torch.bfloat16"):
+            assert rank_result[dtype] == {"all_gather": True, "all_to_all": True}, rank_result
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_one_rank_without_its_own_core_keeps_every_rank_on_gloo():
+    """A rank that is not bound to a core of its own would make its peer spin on its core: the
+    decision is every rank's together, so no rank takes shared memory."""
+    results = spawn(_compare, 2, ((0,),), timeout_s=240)
+    assert [res["enabled"] for res in results] == [False, False], results
+
+
+@pytest.mark.unit
+def test_launcher_removes_a_jobs_stale_segments_only(tmp_path):
+    port = 1  # no real job uses port 1
+    mine = f"/dev/shm/{shm_collectives.SHM_NAME}_{os.getuid()}_127.0.0.1_{port}_0"
+    other = f"/dev/shm/{shm_collectives.SHM_NAME}_{os.getuid()}_127.0.0.1_{port}0_0"
+    for path in (mine, other):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        assert shm_collectives.stale_segments("127.0.0.1", port) == [mine]
+        _remove_shm_segments(port)
+        assert not os.path.exists(mine) and os.path.exists(other)
+    finally:
+        for path in (mine, other):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+@pytest.mark.unit
+def test_without_setup_the_collectives_are_torch_distributeds():
+    assert not shm_collectives.active()
+    assert not shm_collectives._uses_shm(object(), torch.zeros(1))
