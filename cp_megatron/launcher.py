@@ -358,11 +358,22 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _remove_shm_segments(port: int) -> None:
-    """Remove what a rank killed mid-setup left of the job's shared-memory collectives
-    (:mod:`cp_megatron.shm_collectives`; the ranks unlink their segments themselves)."""
-    from cp_megatron.shm_collectives import stale_segments
+SHM_NAME = "deepspeed_allreduce_buffer"  # DeepSpeed shm.cpp's SHM_BUFFER_NAME (cp_megatron.shm_collectives)
 
+
+def stale_segments(addr: str, port: int) -> list[str]:
+    """Paths of a job's shared-memory collective segments still in /dev/shm (a rank killed
+    between creating and unlinking its segment; :mod:`cp_megatron.shm_collectives`)."""
+    prefix = f"{SHM_NAME}_{os.getuid()}_{addr}_{port}_"
+    try:
+        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def _remove_shm_segments(port: int) -> None:
+    """Remove what a rank killed mid-setup left of the job's shared-memory collectives (the
+    ranks unlink their segments themselves)."""
     for path in stale_segments("127.0.0.1", port):
         try:
             os.unlink(path)

@@ -185,10 +185,8 @@ def ring_neighbours(group) -> tuple[int, int]:
 
 
 def destroy() -> None:
-    """Tear down parallel state and the default process group."""
-    from cp_megatron import shm_collectives
-
-    shm_collectives.teardown()
+    """Tear down parallel state and the default process group (the CP group's shared-memory
+    collectives, :mod:`cp_megatron.shm_collectives`, end with it: they are keyed by the group)."""
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():

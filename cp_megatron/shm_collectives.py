@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-SHM_NAME = "deepspeed_allreduce_buffer"  # shm.cpp's SHM_BUFFER_NAME
+from cp_megatron.launcher import SHM_NAME, stale_segments  # noqa: F401  (the launcher removes leftovers)
 _GROUP = None                             # the CP group whose collectives go through shared memory
 _RANK, _SIZE = 0, 1                       # this rank's place in it
 # One decode-sized call (a few KB), median on the rank that arrives last, 2 ranks on cores of
@@ -126,16 +126,6 @@ def setup(enabled: bool, cp_group, *, device: str, bound: bool,
 def active(group=None) -> bool:
     """Whether ``group``'s (any group's, for None) decode collectives go through shared memory."""
     return _GROUP is not None and (group is None or group is _GROUP)
-
-
-def stale_segments(addr: str, port: int) -> list[str]:
-    """Paths of a job's segments still in /dev/shm (a rank killed between creating and
-    unlinking its segment); the launcher removes them with the job's folder."""
-    prefix = f"{SHM_NAME}_{os.getuid()}_{addr}_{port}_"
-    try:
-        return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    except OSError:
-        return []
 
 
 def teardown() -> None:
