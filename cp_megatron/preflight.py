@@ -200,17 +200,14 @@ def heuristic_hardware(cfg: RunConfig):
     """
     from dataclasses import replace
 
-    import torch
-
-    from cp_megatron.attention.api import default_hardware
-    from cp_megatron.hardware import ProfileError, load_profile
+    from cp_megatron.hardware import ProfileError, default_hardware, load_profile
 
     att = cfg.attention
     if not (att.hardware or att.attn_flops_per_s or att.bandwidth_bytes_per_s):
         return None
     try:
         if att.hardware is None:
-            hw = default_hardware(torch.device(cfg.runtime.device))
+            hw = default_hardware(cfg.runtime.device)
         elif att.hardware.lower().endswith(".json"):  # a file: relative to the config like other paths
             hw = load_profile(cfg.resolve_path(att.hardware))
         else:
