@@ -41,11 +41,12 @@ def open_reader(cfg: RunConfig):
     """
     from cp_megatron.checkpoint import CheckpointError, open_checkpoint
     from cp_megatron.model.config import get_preset
-    from cp_megatron.model.weights import DummyReader
 
     m = cfg.model
     try:
         if m.format == "dummy":
+            from cp_megatron.model.weights import DummyReader   # torch: only a dummy model needs it here
+
             return DummyReader(get_preset(m.preset), seed=cfg.runtime.seed)
         path = cfg.resolve_path(m.path)
         if not os.path.exists(path):
@@ -90,26 +91,33 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
             launcher's, TP vs the model (the one TP rule), PP vs layers, missing or unreadable
             files, FP8 weights on a dtype / device without an FP8 path.
     """
-    import torch
-
-    from cp_megatron import device as devices
-    from cp_megatron.model.fp8 import check_supported
     from cp_megatron.model.tp_rule import tp_problem
 
+    # torch is imported only by the checks that need it: a GGUF job's pre-flight runs without
+    # it (the ranks' fork server imports it meanwhile, launcher.start_fork_server).
     par = cfg.parallel
     if world_size is not None and world_size != par.world_size:
         raise ConfigError(f"parallel: tp*cp*pp = {par.tp}*{par.cp}*{par.pp} = {par.world_size} does not "
                           f"match the launcher's WORLD_SIZE={world_size}")
     if cfg.model.weights == "fp8-rowwise":
+        import torch
+
+        from cp_megatron.model.fp8 import check_supported
+
         try:
             check_supported(cfg.runtime.device, getattr(torch, cfg.model.dtype))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     # The config's own consistency first (above), then this machine (a config meant for a GPU
     # node is still checked on a CPU box up to here).
-    if cfg.runtime.device == "cuda" and not devices.is_available():
-        raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
-                          f"(torch {torch.__version__} sees no CUDA device)")
+    if cfg.runtime.device == "cuda":
+        import torch
+
+        from cp_megatron import device as devices
+
+        if not devices.is_available():
+            raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
+                              f"(torch {torch.__version__} sees no CUDA device)")
     reader = open_reader(cfg)
     config = reader.config
     problem = tp_problem(config, par.tp)

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader as _GGUFFile, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader as _GGUFFile, GGUFValueType
 from gguf.quants import dequantize
 
 from cp_megatron.checkpoint import keys
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader
 from cp_megatron.model.config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:  # torch is imported where a tensor is read: pre-flight reads only the header
+    import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # dequantize at most this many float32 values at a time (64 MiB)
 _MISSING = object()
@@ -71,6 +75,8 @@ def llama3_rope_factors(head_dim: int, rope_theta: float, scaling: RopeScaling) 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
     """float32 torch tensor owning its memory (read-only memmap views are copied)."""
+    import torch
+
     array = array.astype(np.float32, copy=False)
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
