@@ -123,7 +123,8 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
 
     Args:
         cfg: the :class:`~cp_megatron.config.RunConfig`.
-        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware).
+        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware,
+            the checkpoint's index).
         status: called on global rank 0 with one line before and after loading the weights.
         progress: a weight-loading bar on rank 0.
         kv_capacity: KV slots to reserve on this rank (the server's budget); default the
@@ -147,7 +148,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
     topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
     device = devices.current_device() if rt.device == "cuda" else torch.device("cpu")
-    reader = open_reader(cfg)
+    reader = open_reader(cfg, prep.checkpoint_index)   # pre-flight parsed the header: not again
     tok = open_tokenizer(cfg, reader)
     say = status if status is not None and topo.rank == 0 else (lambda _line: None)
     say(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, {cfg.model.dtype})")

@@ -4,8 +4,10 @@ token ids against the model's context, and the heuristic's hardware constants.  
 failure is one :class:`~cp_megatron.config.ConfigError` line naming the key.
 
 Shared by ``cp-megatron run`` (:mod:`cp_megatron.job`) and the benchmark suites; every
-rank reopens the checkpoint with :func:`open_reader` and builds its engine with
-:func:`cp_megatron.factory.build_engine`.
+rank reopens the checkpoint with :func:`open_reader` (from the index pre-flight parsed,
+:attr:`Prepared.checkpoint_index`: a GGUF header is parsed once per job) and builds its
+engine with :func:`cp_megatron.factory.build_engine`.  Pre-flight imports neither
+megatron-core nor the runtime (tests/test_preflight.py checks): that is the ranks' cost.
 
 Source: arXiv 2411.01783 §3 (the job), §3.6 (C and BW of the heuristic).
 """
@@ -30,14 +32,20 @@ class Prepared:
     messages: Optional[list[dict]]  # chat so far (None for raw text / random prompts)
     hardware: object = None         # HardwareProfile for the heuristic (None: by device)
     max_context: int = 0            # tokens a sequence may reach (model.max_context or the model's)
+    checkpoint_index: object = None  # the checkpoint reader's index (GGUF: its parsed header), so
+                                     # that no rank parses the file again (open_reader(cfg, index))
 
 
 # -- model and tokenizer --------------------------------------------------------------------
-def open_reader(cfg: RunConfig):
+def open_reader(cfg: RunConfig, index=None):
     """The checkpoint reader of ``cfg.model`` (``DummyReader`` for format dummy).
 
+    Args:
+        index: the ``reader.index`` pre-flight's reader of the same checkpoint had
+            (:attr:`Prepared.checkpoint_index`), so the file is not parsed again; None: parse it.
+
     Raises:
-        ConfigError: missing file, unreadable checkpoint, unknown preset.
+        ConfigError: missing file, unreadable checkpoint (or one changed since ``index``), unknown preset.
     """
     from cp_megatron.checkpoint import CheckpointError, open_checkpoint
     from cp_megatron.model.config import get_preset
@@ -51,7 +59,7 @@ def open_reader(cfg: RunConfig):
         path = cfg.resolve_path(m.path)
         if not os.path.exists(path):
             raise ConfigError(f"model.path: {path} does not exist")
-        return open_checkpoint(m.format, path)
+        return open_checkpoint(m.format, path, index)
     except (CheckpointError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -174,7 +182,7 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
                  "model's context (max_position_embeddings; model.max_context allows more)")
         raise ConfigError(f"prompt: {len(ids)} tokens + generation.max_new_tokens "
                           f"{cfg.generation.max_new_tokens} exceed the {limit} of {max_context} tokens")
-    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg), max_context)
+    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg), max_context, reader.index)
 
 
 def context_limit(cfg: RunConfig, config) -> int:

@@ -46,10 +46,15 @@ class CheckpointReader:
         path: the checkpoint folder or file (str).
         config: ModelConfig from the checkpoint's metadata.
         interleaved_qk: True when q/k rows are stored Meta-interleaved (Meta, GGUF).
+        index: what another process needs to open the same checkpoint without parsing it
+            again (picklable; ``open_checkpoint(fmt, path, index=reader.index)``), or None
+            for formats whose opening costs nothing worth handing over.  GGUF:
+            :class:`~cp_megatron.checkpoint.gguf_reader.GGUFIndex`.
     """
 
     fmt = "?"
     interleaved_qk = False
+    index = None
 
     def __init__(self, path: str, config) -> None:
         self.path = str(path)

@@ -54,7 +54,8 @@ def serve(cfg: RunConfig) -> int:
 
     def prepare(world_size=None) -> Prepared:
         reader, _ = check_model(cfg, world_size)
-        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg), context_limit(cfg, reader.config))
+        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg), context_limit(cfg, reader.config),
+                        reader.index)
 
     if under_launcher():
         from cp_megatron import parallel_state
