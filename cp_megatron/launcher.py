@@ -175,6 +175,22 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def start_fork_server() -> None:
+    """Start the fork server that :func:`spawn` forks ranks from, now, without waiting for it.
+
+    It imports :data:`PRELOAD` (torch, megatron-core, the engine: several seconds) in its own
+    process, so a launcher that calls this before its pre-flight (GGUF header, tokenizer)
+    has both done at once on two cores; :func:`spawn` then finds it running.  Without the
+    call, :func:`spawn` starts it itself.  Idempotent; a server that starts for a job whose
+    pre-flight then fails exits when this process does (after its imports).
+
+    Source: ``multiprocessing.forkserver.ensure_running`` (starts the server, does not wait
+    for its preload).
+    """
+    mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -47,7 +47,7 @@ def serve(cfg: RunConfig) -> int:
             given or a budget below the model's minimum (:func:`~cp_megatron.serve.budget.kv_budget`).
         RankFailure: a rank failed (every rank is stopped).
     """
-    from cp_megatron.launcher import spawn, under_launcher
+    from cp_megatron.launcher import spawn, start_fork_server, under_launcher
     from cp_megatron.preflight import Prepared, check_model, context_limit, heuristic_hardware
     from cp_megatron.serve.budget import kv_budget
     from cp_megatron.serve.ranks import rank_main
@@ -69,6 +69,7 @@ def serve(cfg: RunConfig) -> int:
         finally:
             parallel_state.destroy()
         return 0
+    start_fork_server()   # its imports (torch, megatron-core) overlap the pre-flight below
     prep = prepare()
     budget = kv_budget(cfg, prep.model_config)
     _check_port(cfg.serve.host, cfg.serve.port)
