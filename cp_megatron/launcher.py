@@ -54,8 +54,8 @@ _PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
 _ORPHAN_SIGNAL = signal.SIGUSR1  # what the kernel sends a rank when its launcher dies
 _WATCHDOG_S = 0.2              # how often a rank checks that its launcher is alive
 # Imported once by the fork server that ranks are forked from (module doc); none of them
-# touches CUDA at import.
-PRELOAD = ("torch", "torch.distributed", "cp_megatron.factory")
+# touches CUDA at import.  The last one freezes the collector's view of the others (gc.freeze).
+PRELOAD = ("torch", "torch.distributed", "cp_megatron.factory", "cp_megatron.fork_server_freeze")
 
 
 class RankFailure(RuntimeError):
