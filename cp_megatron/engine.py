@@ -35,14 +35,13 @@ import torch.distributed as dist
 from cp_megatron import device as devices
 from cp_megatron import parallel_state, shm_collectives
 from cp_megatron.attention import decide_strategy
-from cp_megatron.attention.api import default_hardware
 from cp_megatron.attention.heuristic import (ALL_GATHER_Q, PASS_Q, REPLICATED_Q, HeuristicDecision,
                                              choose_query_exchange)
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.ring import RingStats
 from cp_megatron.decode_step import (DecodeStep, StaticDecode, clear_older, plan_static_decode, sampling_rows,
                                      step_lru)
-from cp_megatron.hardware import HardwareProfile
+from cp_megatron.hardware import HardwareProfile, default_hardware
 from cp_megatron.model.kv_cache import DEFAULT_GROWTH_SLOTS, KVLayout
 from cp_megatron.model.kv_offload import HostKVStore
 from cp_megatron.model.llama import LlamaStage

@@ -124,7 +124,8 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
 
     Args:
         cfg: the :class:`~cp_megatron.config.RunConfig`.
-        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware).
+        prep: its :class:`~cp_megatron.preflight.Prepared` (model config, heuristic hardware,
+            the checkpoint's index).
         status: called on global rank 0 with one line before and after loading the weights.
         progress: a weight-loading bar on rank 0.
         kv_capacity: KV slots to reserve on this rank (the server's budget); default the
@@ -152,7 +153,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     shm_collectives.setup(rt.shm_collectives, parallel_state.get_cp_group(), device=rt.device,
                           bound=bound is not None, say=say)
     device = devices.current_device() if rt.device == "cuda" else torch.device("cpu")
-    reader = open_reader(cfg)
+    reader = open_reader(cfg, prep.checkpoint_index)   # pre-flight parsed the header: not again
     tok = open_tokenizer(cfg, reader)
     say(f"loading weights of {prep.model_config.name} (tp={par.tp} cp={par.cp} pp={par.pp}, {cfg.model.dtype})")
     t0 = time.perf_counter()

@@ -195,6 +195,16 @@ def get_profile(name: str) -> HardwareProfile:
         raise ValueError(f"unknown hardware profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
 
 
+def default_hardware(device) -> HardwareProfile:
+    """Heuristic constants when none are configured: cpu-gloo on CPU, h100-rdma on CUDA.
+
+    Args:
+        device: a ``torch.device`` or a device type string ("cpu", "cuda", "cuda:1").
+    """
+    kind = getattr(device, "type", str(device).partition(":")[0])
+    return get_profile("h100-rdma" if kind == "cuda" else "cpu-gloo")
+
+
 def load_profile(spec: str) -> HardwareProfile:
     """A profile by name (``h100-rdma`` ...) or from a JSON file (a path ending in ``.json``,
     or any existing file that is not a profile name).

@@ -195,7 +195,7 @@ def run(cfg: RunConfig) -> Optional[dict]:
         RankFailure: a rank failed or the job timed out (every rank is stopped).
         Interrupted: a stop signal (every rank is stopped, temporary files removed).
     """
-    from cp_megatron.launcher import spawn
+    from cp_megatron.launcher import spawn, start_fork_server
 
     if under_launcher():
         from cp_megatron import parallel_state
@@ -205,6 +205,7 @@ def run(cfg: RunConfig) -> Optional[dict]:
             return rank_main(cfg, prep)
         finally:
             parallel_state.destroy()
+    start_fork_server()   # its imports (torch, megatron-core) overlap the pre-flight below
     prep = prepare(cfg)
     par = cfg.parallel
     status(f"starting {par.world_size} rank{'s' if par.world_size > 1 else ''} (tp={par.tp} cp={par.cp} "

@@ -54,8 +54,8 @@ _PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
 _ORPHAN_SIGNAL = signal.SIGUSR1  # what the kernel sends a rank when its launcher dies
 _WATCHDOG_S = 0.2              # how often a rank checks that its launcher is alive
 # Imported once by the fork server that ranks are forked from (module doc); none of them
-# touches CUDA at import.
-PRELOAD = ("torch", "torch.distributed", "cp_megatron.factory")
+# touches CUDA at import.  The last one freezes the collector's view of the others (gc.freeze).
+PRELOAD = ("torch", "torch.distributed", "cp_megatron.factory", "cp_megatron.fork_server_freeze")
 
 
 class RankFailure(RuntimeError):
@@ -173,6 +173,22 @@ def _alive(pid: int) -> bool:
 def under_launcher() -> bool:
     """True when torchrun / the deepspeed launcher started this process (RANK and WORLD_SIZE set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start_fork_server() -> None:
+    """Start the fork server that :func:`spawn` forks ranks from, now, without waiting for it.
+
+    It imports :data:`PRELOAD` (torch, megatron-core, the engine: several seconds) in its own
+    process, so a launcher that calls this before its pre-flight (GGUF header, tokenizer)
+    has both done at once on two cores; :func:`spawn` then finds it running.  Without the
+    call, :func:`spawn` starts it itself.  Idempotent; a server that starts for a job whose
+    pre-flight then fails exits when this process does (after its imports).
+
+    Source: ``multiprocessing.forkserver.ensure_running`` (starts the server, does not wait
+    for its preload).
+    """
+    mp.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()
 
 
 def free_port() -> int:

@@ -4,8 +4,10 @@ token ids against the model's context, and the heuristic's hardware constants.  
 failure is one :class:`~cp_megatron.config.ConfigError` line naming the key.
 
 Shared by ``cp-megatron run`` (:mod:`cp_megatron.job`) and the benchmark suites; every
-rank reopens the checkpoint with :func:`open_reader` and builds its engine with
-:func:`cp_megatron.factory.build_engine`.
+rank reopens the checkpoint with :func:`open_reader` (from the index pre-flight parsed,
+:attr:`Prepared.checkpoint_index`: a GGUF header is parsed once per job) and builds its
+engine with :func:`cp_megatron.factory.build_engine`.  Pre-flight imports neither
+megatron-core nor the runtime (tests/test_preflight.py checks): that is the ranks' cost.
 
 Source: arXiv 2411.01783 §3 (the job), §3.6 (C and BW of the heuristic).
 """
@@ -30,27 +32,34 @@ class Prepared:
     messages: Optional[list[dict]]  # chat so far (None for raw text / random prompts)
     hardware: object = None         # HardwareProfile for the heuristic (None: by device)
     max_context: int = 0            # tokens a sequence may reach (model.max_context or the model's)
+    checkpoint_index: object = None  # the checkpoint reader's index (GGUF: its parsed header), so
+                                     # that no rank parses the file again (open_reader(cfg, index))
 
 
 # -- model and tokenizer --------------------------------------------------------------------
-def open_reader(cfg: RunConfig):
+def open_reader(cfg: RunConfig, index=None):
     """The checkpoint reader of ``cfg.model`` (``DummyReader`` for format dummy).
 
+    Args:
+        index: the ``reader.index`` pre-flight's reader of the same checkpoint had
+            (:attr:`Prepared.checkpoint_index`), so the file is not parsed again; None: parse it.
+
     Raises:
-        ConfigError: missing file, unreadable checkpoint, unknown preset.
+        ConfigError: missing file, unreadable checkpoint (or one changed since ``index``), unknown preset.
     """
     from cp_megatron.checkpoint import CheckpointError, open_checkpoint
     from cp_megatron.model.config import get_preset
-    from cp_megatron.model.weights import DummyReader
 
     m = cfg.model
     try:
         if m.format == "dummy":
+            from cp_megatron.model.weights import DummyReader   # torch: only a dummy model needs it here
+
             return DummyReader(get_preset(m.preset), seed=cfg.runtime.seed)
         path = cfg.resolve_path(m.path)
         if not os.path.exists(path):
             raise ConfigError(f"model.path: {path} does not exist")
-        return open_checkpoint(m.format, path)
+        return open_checkpoint(m.format, path, index)
     except (CheckpointError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -90,26 +99,33 @@ def check_model(cfg: RunConfig, world_size: Optional[int] = None):
             launcher's, TP vs the model (the one TP rule), PP vs layers, missing or unreadable
             files, FP8 weights on a dtype / device without an FP8 path.
     """
-    import torch
-
-    from cp_megatron import device as devices
-    from cp_megatron.model.fp8 import check_supported
     from cp_megatron.model.tp_rule import tp_problem
 
+    # torch is imported only by the checks that need it: a GGUF job's pre-flight runs without
+    # it (the ranks' fork server imports it meanwhile, launcher.start_fork_server).
     par = cfg.parallel
     if world_size is not None and world_size != par.world_size:
         raise ConfigError(f"parallel: tp*cp*pp = {par.tp}*{par.cp}*{par.pp} = {par.world_size} does not "
                           f"match the launcher's WORLD_SIZE={world_size}")
     if cfg.model.weights == "fp8-rowwise":
+        import torch
+
+        from cp_megatron.model.fp8 import check_supported
+
         try:
             check_supported(cfg.runtime.device, getattr(torch, cfg.model.dtype))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     # The config's own consistency first (above), then this machine (a config meant for a GPU
     # node is still checked on a CPU box up to here).
-    if cfg.runtime.device == "cuda" and not devices.is_available():
-        raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
-                          f"(torch {torch.__version__} sees no CUDA device)")
+    if cfg.runtime.device == "cuda":
+        import torch
+
+        from cp_megatron import device as devices
+
+        if not devices.is_available():
+            raise ConfigError("runtime.device: cuda, but this torch build has no CUDA device "
+                              f"(torch {torch.__version__} sees no CUDA device)")
     reader = open_reader(cfg)
     config = reader.config
     problem = tp_problem(config, par.tp)
@@ -166,7 +182,7 @@ def prepare(cfg: RunConfig, world_size: Optional[int] = None) -> Prepared:
                  "model's context (max_position_embeddings; model.max_context allows more)")
         raise ConfigError(f"prompt: {len(ids)} tokens + generation.max_new_tokens "
                           f"{cfg.generation.max_new_tokens} exceed the {limit} of {max_context} tokens")
-    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg), max_context)
+    return Prepared(config, ids, turns, messages, heuristic_hardware(cfg), max_context, reader.index)
 
 
 def context_limit(cfg: RunConfig, config) -> int:
@@ -200,17 +216,14 @@ def heuristic_hardware(cfg: RunConfig):
     """
     from dataclasses import replace
 
-    import torch
-
-    from cp_megatron.attention.api import default_hardware
-    from cp_megatron.hardware import ProfileError, load_profile
+    from cp_megatron.hardware import ProfileError, default_hardware, load_profile
 
     att = cfg.attention
     if not (att.hardware or att.attn_flops_per_s or att.bandwidth_bytes_per_s):
         return None
     try:
         if att.hardware is None:
-            hw = default_hardware(torch.device(cfg.runtime.device))
+            hw = default_hardware(cfg.runtime.device)
         elif att.hardware.lower().endswith(".json"):  # a file: relative to the config like other paths
             hw = load_profile(cfg.resolve_path(att.hardware))
         else:

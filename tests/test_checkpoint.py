@@ -13,15 +13,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from cp_megatron.checkpoint import CheckpointError, check_tp, open_checkpoint
+from cp_megatron.checkpoint import CheckpointError, check_tp, gguf_reader, open_checkpoint
 from cp_megatron.checkpoint.hf import config_from_hf
 from cp_megatron.model.config import ModelConfig, RopeScaling, get_preset
 
@@ -259,9 +261,18 @@ def llamacpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, model, arch="llama", rope_freqs=None):
+def write_tiny_gguf(path, model, arch="llama", rope_freqs=None, vocab=False):
+    """``vocab``: also a tokenizer's arrays (strings, ints, floats) and a non-ASCII string."""
     cfg, sd = model.config, {k: v.numpy() for k, v in model.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), arch)
+    if vocab:
+        tokens = [f"t{i}" if i % 7 else f"\u0120é{i}" for i in range(cfg.vocab_size)]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1 + i % 3 for i in range(cfg.vocab_size)])
+        writer.add_token_scores([i / 8 for i in range(cfg.vocab_size)])
+        writer.add_token_merges([f"t{i} t{i + 1}" for i in range(1, 40)])
+        writer.add_chat_template("{{ messages }} ünïcode")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -319,6 +330,47 @@ def test_tiny_gguf_matches_transformers_state_dict(tmp_path, variant):
         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192) if variant == "llama31" else None,
         rms_norm_eps=pytest.approx(1e-5, rel=1e-6), max_position_embeddings=512,
         tie_word_embeddings=variant == "tied", bos_token_id=1, eos_token_ids=(2,))
+
+
+@pytest.mark.unit
+def test_gguf_header_walk_on_a_plain_array_equals_gguf_py_reader(tmp_path):
+    # the faster header walk (gguf_reader._GGUFHeaderReader) must read what gguf-py's reader reads
+    model = tiny_llama(seed=6, **HF_VARIANTS["llama31"])
+    write_tiny_gguf(tmp_path / "h.gguf", model, rope_freqs=llama3_rope_freqs(model), vocab=True)
+    ours, stock = gguf_reader._GGUFHeaderReader(tmp_path / "h.gguf"), gguf.GGUFReader(tmp_path / "h.gguf")
+    assert list(ours.fields) == list(stock.fields) and len(ours.fields) > 15
+    assert len(gguf_reader.field_value(stock.fields["tokenizer.ggml.tokens"])) == model.config.vocab_size
+    for key, field in stock.fields.items():
+        assert (ours.fields[key].types, ours.fields[key].data) == (field.types, field.data), key
+        assert gguf_reader.field_value(ours.fields[key]) == gguf_reader.field_value(field), key
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.data.dtype, t.data.shape)
+            for t in ours.tensors] == [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.data.dtype,
+                                        t.data.shape) for t in stock.tensors]
+    for a, b in zip(ours.tensors, stock.tensors):
+        assert np.array_equal(a.data, b.data), a.name
+
+
+@pytest.mark.unit
+def test_gguf_index_reopens_without_parsing_and_refuses_a_changed_file(tmp_path, monkeypatch):
+    # pre-flight parses the header once and hands the index to the ranks (pickled by the spawner)
+    model = tiny_llama(seed=4, **HF_VARIANTS["llama31"])
+    write_tiny_gguf(tmp_path / "i.gguf", model, rope_freqs=llama3_rope_freqs(model))
+    parsed = open_checkpoint("gguf", tmp_path / "i.gguf")
+    index = pickle.loads(pickle.dumps(parsed.index))
+
+    def no_parse(*_args, **_kwargs):
+        raise AssertionError("the GGUF header was parsed again")
+
+    monkeypatch.setattr(gguf_reader, "_GGUFHeaderReader", no_parse)
+    reopened = open_checkpoint("gguf", tmp_path / "i.gguf", index=index)
+    assert reopened.config == parsed.config and reopened.config.rope_scaling is not None
+    assert_reads_match(reopened, model.state_dict(), tp_sizes=(2,))
+    with pytest.raises(CheckpointError, match=r"format 'hf' takes no index"):
+        open_checkpoint("hf", tmp_path, index=index)
+    monkeypatch.undo()
+    write_tiny_gguf(tmp_path / "i.gguf", tiny_llama(seed=5))  # rewritten: another file under the same name
+    with pytest.raises(CheckpointError, match=r"i.gguf: the GGUF file changed since its header was parsed"):
+        open_checkpoint("gguf", tmp_path / "i.gguf", index=index)
 
 
 @pytest.fixture(scope="module")

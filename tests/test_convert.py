@@ -33,7 +33,8 @@ from cp_megatron.launcher import spawn
 from cp_megatron.model.config import ModelConfig
 from cp_megatron.model.llama import LlamaStage, StageLayout
 from cp_megatron.model.weights import DummyReader, load_weights
-from test_checkpoint import EXACT, LLAMA31, assert_reads_match, meta_twin_model, tiny_llama, write_meta
+from test_checkpoint import (EXACT, LLAMA31, assert_reads_match, meta_twin_model, tiny_llama, write_meta,
+                             write_tiny_gguf)
 
 REPO = Path(__file__).resolve().parents[1]
 LOGITS_ATOL = 1e-5  # float32; source and converted weights are bit-identical, only the file differs
@@ -174,6 +175,24 @@ def test_sharded_reader_reslices_stored_tp2_for_tp_1_2_4(tmp_path):
         else:
             reader.read(name, shard_dim=dim, tp_rank=1, tp_size=2)
     assert set(opened) == {1}
+
+
+@pytest.mark.unit
+def test_gguf_source_reopened_every_chunk_is_parsed_once_and_copied_exactly(tmp_path, monkeypatch):
+    # the converter drops a GGUF source's map every REOPEN_BYTES; the reopen reuses the parsed header
+    from cp_megatron.checkpoint import convert as convert_module, gguf_reader
+
+    model = tiny_llama(seed=7)
+    write_tiny_gguf(tmp_path / "s.gguf", model)
+    parses, real = [], gguf_reader._GGUFHeaderReader
+    monkeypatch.setattr(gguf_reader, "_GGUFHeaderReader", lambda *a: parses.append(a) or real(*a))
+    monkeypatch.setattr(convert_module, "REOPEN_BYTES", 1)   # reopen after every tensor
+    opened = []
+    monkeypatch.setattr(gguf_reader.GGUFCheckpoint, "__init__",
+                        lambda self, *a, _init=gguf_reader.GGUFCheckpoint.__init__: opened.append(a) or _init(self, *a))
+    convert("gguf", tmp_path / "s.gguf", "sharded", tmp_path / "tp1", progress=False)
+    assert len(parses) == 1 and len(opened) > len(model.state_dict()), (len(parses), len(opened))
+    assert_reads_match(open_checkpoint("sharded", tmp_path / "tp1"), model.state_dict(), tp_sizes=())
 
 
 # --------------------------------------------------------------------------- Meta and GGUF logits

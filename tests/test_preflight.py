@@ -1,11 +1,15 @@
 """Bad inputs found before any rank starts (one line naming the key, exit code 2), a stop
-signal turned into an orderly exit code, and the CP-rank that disagrees named in the
-attention's mismatch message."""
+signal turned into an orderly exit code, the CP-rank that disagrees named in the
+attention's mismatch message, and pre-flight's imports (no megatron-core before the ranks)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +119,29 @@ def test_dtype_mismatch_names_the_rank_that_differs(odd_rank):
     for message in messages:  # the same message on every rank, naming the odd one
         assert f"CP rank(s) [{odd_rank}] differ from the others" in message, message
     assert len(set(messages)) == 1
+
+
+# What ``cp-megatron run`` / ``serve`` do in the launching process before any rank starts.
+_PREFLIGHT_IMPORTS = textwrap.dedent("""
+    import sys
+    from cp_megatron.cli import build_parser
+    from cp_megatron.config import load_config
+    from cp_megatron.preflight import prepare
+    import cp_megatron.checkpoint.gguf_reader, cp_megatron.checkpoint.gguf_vocab, cp_megatron.job, cp_megatron.serve
+    build_parser()
+    text = sys.argv[1] + "attention: {attn_flops_per_s: 1.0e+11}\\n"   # the default-profile path too
+    prep = prepare(load_config(None, text=text))
+    assert prep.hardware.name == "cpu-gloo" and prep.hardware.attn_flops_per_s == 1e11, prep.hardware
+    print(sorted(m for m in sys.modules if m.partition(".")[0] == "megatron"))
+""")
+
+
+@pytest.mark.integration  # a fresh interpreter: this process has imported megatron-core long ago
+@pytest.mark.timeout(120)
+def test_command_line_and_preflight_import_no_megatron_core():
+    # megatron-core takes ~4-5 s to import; the ranks need it, the launching process must not pay it too
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _PREFLIGHT_IMPORTS, DUMMY], capture_output=True, text=True,
+                          timeout=100, cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

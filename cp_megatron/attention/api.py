@@ -33,7 +33,7 @@ from cp_megatron.attention.pass_kv import ring_pass_kv
 from cp_megatron.attention.plan import AttentionPlan, build_plan
 from cp_megatron.attention.pass_q import ring_pass_q
 from cp_megatron.attention.ring import RingStats
-from cp_megatron.hardware import HardwareProfile, get_profile
+from cp_megatron.hardware import HardwareProfile, default_hardware
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _META_FIELDS = 8  # error, Tq, Tkv, NH, NKV, DH, dtype, causal*4 + strategy
@@ -98,11 +98,6 @@ def _pad(t: torch.Tensor, length: int, value) -> torch.Tensor:
     return torch.cat([t, pad])
 
 
-def default_hardware(device: torch.device) -> HardwareProfile:
-    """Heuristic constants when none are configured: cpu-gloo on CPU, h100-rdma on CUDA."""
-    return get_profile("h100-rdma" if device.type == "cuda" else "cpu-gloo")
-
-
 def decide_strategy(new_tokens: int, cached_tokens: int, cp_size: int, num_heads: int,
                     num_kv_heads: int, dtype: torch.dtype, hardware: HardwareProfile,
                     strategy: str = AUTO) -> HeuristicDecision:
@@ -134,7 +129,7 @@ def context_parallel_attention(q, k, v, q_pos, kv_pos, *, q_seq=None, kv_seq=Non
         group: the CP process group; default: parallel state's CP group (or a single
             process when torch.distributed is not running).
         return_lse: also return the LSE.
-        hardware: C and BW for ``strategy="auto"``; default :func:`default_hardware`.
+        hardware: C and BW for ``strategy="auto"``; default :func:`cp_megatron.hardware.default_hardware`.
         stats: optional :class:`RingStats` accumulator (timings, bytes).
 
     Returns:

@@ -13,11 +13,14 @@ weights split along dim 0, row-parallel along dim 1).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from cp_megatron.checkpoint import keys, layout
 from cp_megatron.errors import CheckpointError
 from cp_megatron.model.tp_rule import tp_problem
+
+if TYPE_CHECKING:  # torch is imported where a tensor is read: the command line imports this module
+    import torch
 
 
 def check_tp(config, tp_size: int) -> None:
@@ -43,10 +46,15 @@ class CheckpointReader:
         path: the checkpoint folder or file (str).
         config: ModelConfig from the checkpoint's metadata.
         interleaved_qk: True when q/k rows are stored Meta-interleaved (Meta, GGUF).
+        index: what another process needs to open the same checkpoint without parsing it
+            again (picklable; ``open_checkpoint(fmt, path, index=reader.index)``), or None
+            for formats whose opening costs nothing worth handing over.  GGUF:
+            :class:`~cp_megatron.checkpoint.gguf_reader.GGUFIndex`.
     """
 
     fmt = "?"
     interleaved_qk = False
+    index = None
 
     def __init__(self, path: str, config) -> None:
         self.path = str(path)
@@ -70,7 +78,7 @@ class CheckpointReader:
         return layout.expected_shape(self.config, name)
 
     def read(self, name: str, shard_dim: int | None = None, tp_rank: int = 0, tp_size: int = 1,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor, or its TP slice, in HF layout.
 
         Args:
@@ -79,8 +87,8 @@ class CheckpointReader:
                 ``tp_rank`` of ``tp_size`` equal slices along that dim (only that slice is read).
             tp_rank, tp_size: which slice.  For q/k/v/o projections ``tp_size`` must divide
                 num_kv_heads (:func:`check_tp`), so a slice holds whole heads.
-            dtype: dtype of the returned tensor (values are cast after reading; quantized
-                GGUF tensors are dequantized to float32 first).
+            dtype: dtype of the returned tensor (None: torch.float32; values are cast after
+                reading; quantized GGUF tensors are dequantized to float32 first).
 
         Returns:
             A new contiguous tensor (never a view of the file): ``shape(name)``, or that shape
@@ -108,9 +116,9 @@ class CheckpointReader:
         return self._read_bounds(name, bounds, dtype)
 
     def read_block(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``[rows[0], rows[1])`` (and columns ``cols`` of a 2-D tensor; None: all) of
-        tensor ``name`` in HF layout; only that block is read.  Used to quantise a
+        tensor ``name`` in HF layout, as ``dtype`` (None: float32); only that block is read.  Used to quantise a
         row-parallel weight a few whole rows at a time (:func:`cp_megatron.model.fp8.read_quantized`).
 
         Raises:
@@ -123,8 +131,11 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}: tensor {name}: block {bounds} outside shape {tuple(full)}")
         return self._read_bounds(name, bounds, dtype)
 
-    def _read_bounds(self, name: str, bounds: list, dtype: torch.dtype) -> torch.Tensor:
-        """The block ``bounds`` ([(start, stop)] per dim) of ``name``, HF row order, ``dtype``."""
+    def _read_bounds(self, name: str, bounds: list, dtype: torch.dtype | None) -> torch.Tensor:
+        """The block ``bounds`` ([(start, stop)] per dim) of ``name``, HF row order, ``dtype``
+        (None: float32)."""
+        import torch
+
         full = self.shape(name)
         rows, cols = bounds[0], (bounds[1] if len(full) == 2 else None)
         if self.interleaved_qk and keys.is_rotary(name):
@@ -139,7 +150,7 @@ class CheckpointReader:
         want = tuple(stop - start for start, stop in bounds)
         if tuple(out.shape) != want:
             raise CheckpointError(f"{self.path}: tensor {name}: read shape {tuple(out.shape)}, expected {want}")
-        return out.to(dtype).contiguous()  # _read_stored returns memory it owns: no second copy
+        return out.to(dtype or torch.float32).contiguous()  # _read_stored returns memory it owns: no second copy
 
     def tokenizer(self):
         """The checkpoint's tokenizer (:class:`cp_megatron.tokenizer.Tokenizer`).

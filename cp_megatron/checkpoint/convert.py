@@ -361,7 +361,8 @@ def convert_reader(reader, dst_fmt: str, dst, *, tp: int = 1, dtype: torch.dtype
         raise CheckpointError(f"{dst}: --weights {weights}: expected one of {', '.join(WEIGHTS)}; "
                               f"fp8-rowwise needs --to sharded")
     _check_destination(dst, overwrite, source[1] if source else None)
-    src = _Source(reader, (lambda: open_checkpoint(*source)) if source else None)
+    index = getattr(reader, "index", None)   # a GGUF reopen maps the file again, never re-parses it
+    src = _Source(reader, (lambda: open_checkpoint(*source, index=index)) if source else None)
     plan = plan_tensors(src, dst_fmt, tp, dtype, weights)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=os.path.dirname(dst))

@@ -1,6 +1,9 @@
 """Reader for llama.cpp GGUF files (architecture ``llama``), quantized or not.
 
-``gguf.GGUFReader`` memory-maps the file; a tensor (or TP slice) is cut from the map as
+``gguf.GGUFReader`` parses the header once into a :class:`GGUFIndex` (every metadata value as
+a Python value, every tensor's type, offset and stored shape; picklable, so pre-flight hands it
+to the ranks and no rank parses the file again: parsing SmolLM2's 49K-token vocabulary takes
+seconds).  The reader memory-maps the file; a tensor (or TP slice) is cut from the map as
 raw rows and dequantized with ``gguf.quants.dequantize`` (block quants pack along the row,
 so a row range is always cheap; a column range is cut from the bytes when it falls on
 block boundaries and otherwise dequantized in bounded row chunks).  llama.cpp stores
@@ -18,15 +21,19 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader as _GGUFFile, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader as _GGUFFile, GGUFValueType
 from gguf.quants import dequantize
 
 from cp_megatron.checkpoint import keys
 from cp_megatron.checkpoint.base import CheckpointError, CheckpointReader
 from cp_megatron.model.config import ModelConfig, RopeScaling
+
+if TYPE_CHECKING:  # torch is imported where a tensor is read: pre-flight reads only the header
+    import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # dequantize at most this many float32 values at a time (64 MiB)
 _MISSING = object()
@@ -45,6 +52,105 @@ def field_value(field):
     if main == GGUFValueType.STRING:
         return bytes(field.parts[-1]).decode("utf-8")
     return field.parts[-1].tolist()[0]
+
+
+class _GGUFHeaderReader(_GGUFFile):
+    """gguf-py's ``GGUFReader``, walking the header on a plain ndarray view of its memory map.
+
+    The stock reader cuts every value from an ``np.memmap`` (each of a 49K-token vocabulary's
+    strings twice: length, then bytes), and every cut runs memmap's Python-level
+    ``__getitem__`` / ``__array_finalize__``: ~3 s of SmolLM2's ~4.6 s parse.  ``_get`` below is
+    gguf-py's own on ``self.data.view(np.ndarray)`` (the same bytes, offsets, dtypes and byte
+    order), so fields and tensors come out as the stock reader makes them
+    (tests/test_checkpoint.py compares the two).
+
+    Source: gguf-py 0.19 ``GGUFReader._get``; llama.cpp PR #10159 / #13378 (the same cost).
+    """
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        itemsize = int(np.empty([], dtype=dtype).itemsize)
+        arr = plain[offset:offset + itemsize * count].view(dtype=dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
+class _Undecodable:
+    """A metadata string that is not UTF-8 (an error only when the key is read)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+@dataclass(frozen=True)
+class GGUFTensorEntry:
+    """Where one tensor lies in a GGUF file and how it is stored.
+
+    Attributes:
+        qtype: its ``GGMLQuantizationType`` value.
+        dims: GGUF dims, innermost first (``ne[0]`` = columns of a 2-D tensor).
+        offset: byte offset of its data from the start of the file.
+        dtype: numpy dtype of the stored array (``uint8`` for block quants).
+        array_shape: the stored array's shape (rows, bytes per row for block quants), as
+            gguf-py's ``ReaderTensor.data`` has it.
+    """
+
+    qtype: int
+    dims: tuple
+    offset: int
+    dtype: str
+    array_shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * math.prod(self.array_shape))
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    """A GGUF file's parsed header: metadata and tensor placement, picklable.
+
+    Built once (:meth:`parse`, gguf-py's ``GGUFReader``), then handed to every process that
+    opens the same file (``GGUFCheckpoint(path, index=...)``), which only memory-maps it.
+    ``stat`` (device, inode, size, mtime in ns) identifies the file the index was parsed from.
+
+    Source: GGUF spec (ggml docs/gguf.md: header, metadata key/values, tensor infos, aligned
+    tensor data); gguf-py ``GGUFReader``.
+    """
+
+    stat: tuple
+    metadata: dict
+    tensors: dict
+
+    @staticmethod
+    def file_stat(path: str) -> tuple:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def parse(cls, path: str) -> "GGUFIndex":
+        """Parse ``path``'s header with gguf-py.
+
+        Raises:
+            CheckpointError: the file cannot be parsed (truncated or corrupt).
+        """
+        stat = cls.file_stat(path)
+        try:
+            gguf_file = _GGUFHeaderReader(path, "r")
+        except (ValueError, OSError, IndexError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: cannot parse GGUF file (truncated or corrupt): {err}") from None
+        metadata = {}
+        for key, field in gguf_file.fields.items():
+            try:
+                metadata[key] = field_value(field)
+            except UnicodeDecodeError as err:
+                metadata[key] = _Undecodable(str(err))
+        tensors = {t.name: GGUFTensorEntry(int(t.tensor_type), tuple(int(n) for n in t.shape.tolist()),
+                                           int(t.data_offset), t.data.dtype.str, tuple(t.data.shape))
+                   for t in gguf_file.tensors}
+        return cls(stat, metadata, tensors)
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, scaling: RopeScaling) -> list[float]:
@@ -71,6 +177,8 @@ def llama3_rope_factors(head_dim: int, rope_theta: float, scaling: RopeScaling) 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
     """float32 torch tensor owning its memory (read-only memmap views are copied)."""
+    import torch
+
     array = array.astype(np.float32, copy=False)
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
@@ -87,22 +195,32 @@ class GGUFCheckpoint(CheckpointReader):
     fmt = "gguf"
     interleaved_qk = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, index: GGUFIndex | None = None) -> None:
+        """Open ``path``; ``index``: its :class:`GGUFIndex` parsed elsewhere (pre-flight),
+        else the header is parsed here.
+
+        Raises:
+            CheckpointError: also when ``index`` was parsed from another file or from this
+                one before it changed.
+        """
         path = str(path)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: GGUF file not found")
         self.path = path
-        try:
-            self._file = _GGUFFile(path, "r")
-        except (ValueError, OSError, IndexError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path}: cannot parse GGUF file (truncated or corrupt): {err}") from None
-        self._tensors = {t.name: t for t in self._file.tensors}
+        if index is None:
+            index = GGUFIndex.parse(path)
+        elif index.stat != GGUFIndex.file_stat(path):
+            raise CheckpointError(f"{path}: the GGUF file changed since its header was parsed (pre-flight); "
+                                  f"start the job again")
+        self.index = index
+        self._tensors = index.tensors
+        self._map = np.memmap(path, mode="r")   # the index's tensors fit in it: same size as parsed
         super().__init__(path, self._build_config(path))
         for name in self.names():
             tensor = self._tensors.get(keys.gguf_name(name))
             if tensor is None:
                 raise CheckpointError(f"{path}: tensor {name} (GGUF {keys.gguf_name(name)}) not found")
-            self._check_shape(name, tuple(int(n) for n in reversed(tensor.shape.tolist())), path)
+            self._check_shape(name, tuple(reversed(tensor.dims)), path)
 
     # -- metadata -------------------------------------------------------------------------
     def metadata(self, key: str, default=_MISSING):
@@ -111,15 +229,14 @@ class GGUFCheckpoint(CheckpointReader):
         Raises:
             CheckpointError: ``key`` absent and no default given.
         """
-        field = self._file.fields.get(key)
-        if field is None:
+        value = self.index.metadata.get(key, _MISSING)
+        if value is _MISSING:
             if default is _MISSING:
                 raise CheckpointError(f"{self.path}: metadata key {key!r} missing")
             return default
-        try:
-            return field_value(field)
-        except UnicodeDecodeError as err:
-            raise CheckpointError(f"{self.path}: metadata key {key!r} is not valid UTF-8 ({err})") from None
+        if isinstance(value, _Undecodable):
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is not valid UTF-8 ({value.error})")
+        return value
 
     def _build_config(self, path: str) -> ModelConfig:
         arch = self.metadata("general.architecture")
@@ -163,10 +280,10 @@ class GGUFCheckpoint(CheckpointReader):
 
     def _rope_scaling(self, head_dim: int, rope_theta: float) -> RopeScaling | None:
         """Recover Llama 3.1 scaling from ``rope_freqs.weight`` (None when the file has none)."""
-        tensor = self._tensors.get("rope_freqs.weight")
-        if tensor is None:
+        if "rope_freqs.weight" not in self._tensors:
             return None
-        factors = dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float64).reshape(-1)
+        qtype, data = self._stored("rope_freqs.weight")
+        factors = dequantize(np.asarray(data), qtype).astype(np.float64).reshape(-1)
         candidate = RopeScaling(factor=float(factors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                                 original_max_position_embeddings=8192)
         want = np.array(llama3_rope_factors(head_dim, rope_theta, candidate))
@@ -176,9 +293,14 @@ class GGUFCheckpoint(CheckpointReader):
         return candidate
 
     # -- tensors --------------------------------------------------------------------------
+    def _stored(self, gguf_name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        """(quant type, the stored array: a view of the memory map) of GGUF tensor ``gguf_name``."""
+        t = self._tensors[gguf_name]
+        data = self._map[t.offset:t.offset + t.nbytes].view(np.dtype(t.dtype)).reshape(t.array_shape)
+        return GGMLQuantizationType(t.qtype), data
+
     def _read_stored(self, name, rows, cols):
-        tensor = self._tensors[keys.gguf_name(name)]
-        qtype, data = tensor.tensor_type, tensor.data
+        qtype, data = self._stored(keys.gguf_name(name))
         try:
             if cols is None:
                 return _to_torch(dequantize(np.ascontiguousarray(data[rows[0]:rows[1]]), qtype).reshape(-1))

@@ -17,8 +17,8 @@ import os
 import re
 import sys
 
-from cp_megatron.checkpoint import CheckpointError, open_checkpoint
 from cp_megatron.checkpoint.options import DEFAULT_MAX_SHARD, DTYPE_NAMES, VERIFY_ATOL, WEIGHTS
+from cp_megatron.errors import CheckpointError
 
 VERIFY_TOKENS = 32
 _PROG = "cp-megatron convert"
@@ -51,6 +51,7 @@ def _verify_job(src_fmt, src, dst_fmt, dst, dtypes, num_tokens):
     import torch
 
     from cp_megatron import parallel_state
+    from cp_megatron.checkpoint import open_checkpoint
     from cp_megatron.checkpoint.convert import VerifyError
     from cp_megatron.factory import build_engine
 

@@ -97,6 +97,8 @@ class DummyReader:
     partitioning for the slices.
     """
 
+    index = None  # nothing to hand to another process (CheckpointReader.index): it opens for free
+
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         self.config, self.seed = config, seed
 

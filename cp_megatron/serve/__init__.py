@@ -47,14 +47,15 @@ def serve(cfg: RunConfig) -> int:
             given or a budget below the model's minimum (:func:`~cp_megatron.serve.budget.kv_budget`).
         RankFailure: a rank failed (every rank is stopped).
     """
-    from cp_megatron.launcher import spawn, under_launcher
+    from cp_megatron.launcher import spawn, start_fork_server, under_launcher
     from cp_megatron.preflight import Prepared, check_model, context_limit, heuristic_hardware
     from cp_megatron.serve.budget import kv_budget
     from cp_megatron.serve.ranks import rank_main
 
     def prepare(world_size=None) -> Prepared:
         reader, _ = check_model(cfg, world_size)
-        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg), context_limit(cfg, reader.config))
+        return Prepared(reader.config, [], [], None, heuristic_hardware(cfg), context_limit(cfg, reader.config),
+                        reader.index)
 
     if under_launcher():
         from cp_megatron import parallel_state
@@ -68,6 +69,7 @@ def serve(cfg: RunConfig) -> int:
         finally:
             parallel_state.destroy()
         return 0
+    start_fork_server()   # its imports (torch, megatron-core) overlap the pre-flight below
     prep = prepare()
     budget = kv_budget(cfg, prep.model_config)
     _check_port(cfg.serve.host, cfg.serve.port)
