@@ -118,7 +118,9 @@ class RuntimeSection(_Strict):
     shm_collectives: bool = Field(
         True, description="on CPU, carry decode's CP all_gather / all_to_all through DeepSpeed's shared-memory "
                           "all_reduce instead of gloo (~10 us instead of ~300 us a call), where every rank is on "
-                          "this machine with cores of its own and CP is the whole job (tp = pp = 1); compiled on "
+                          "this machine with cores of its own and CP is the whole job (tp = pp = 1); run jobs only (a server "
+                          "keeps gloo: the shared-memory kernel spins without a timeout, so a rank could not "
+                          "notice a dead peer and answer 503); compiled on "
                           "first use; off or elsewhere: gloo (docs/performance.md, \"CPU collectives\")")
     seed: int = Field(0, description="seed of dummy weights, random prompts and sampling")
     timeout_s: Number = Field(600.0, gt=0, description="whole-job limit and collective timeout (s)")

@@ -118,7 +118,7 @@ def kv_reservation(prompt_tokens: int, max_new_tokens: int, cp_size: int, margin
 
 
 def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, progress: bool = False,
-                kv_capacity: Optional[int] = None):
+                kv_capacity: Optional[int] = None, shm: bool = True):
     """On every rank of a run config's job: join the process groups, open the checkpoint and
     the tokenizer, build this rank's engine.
 
@@ -128,6 +128,9 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
             the checkpoint's index).
         status: called on global rank 0 with one line before and after loading the weights.
         progress: a weight-loading bar on rank 0.
+        shm: allow shared-memory decode collectives (``runtime.shm_collectives``).  A server passes
+            False: DeepSpeed's kernel waits by spinning with no timeout, so a rank whose peer died
+            mid-round could not notice it and answer 503; gloo's collective fails instead.
         kv_capacity: KV slots to reserve on this rank (the server's budget); default the
             first turn's (prompt + generation + ``runtime.kv_cache_margin_tokens``).
 
@@ -150,7 +153,7 @@ def rank_engine(cfg, prep, *, status: Optional[Callable[[str], None]] = None, pr
     parallel_state.init_distributed(rt.backend or ("nccl" if rt.device == "cuda" else "gloo"), rt.timeout_s)
     topo = parallel_state.initialize(par.tp, par.cp, par.pp, timeout_s=rt.timeout_s)
     say = status if status is not None and topo.rank == 0 else (lambda _line: None)
-    shm_collectives.setup(rt.shm_collectives, parallel_state.get_cp_group(), device=rt.device,
+    shm_collectives.setup(rt.shm_collectives and shm, parallel_state.get_cp_group(), device=rt.device,
                           bound=bound is not None, say=say)
     device = devices.current_device() if rt.device == "cuda" else torch.device("cpu")
     reader = open_reader(cfg, prep.checkpoint_index)   # pre-flight parsed the header: not again

@@ -151,7 +151,7 @@ def rank_main(cfg, prep, budget) -> Optional[int]:
     a :class:`~cp_megatron.serve.budget.KVBudget`), then lead (rank 0) or follow."""
     from cp_megatron.factory import rank_engine
 
-    topo, engine, tok = rank_engine(cfg, prep, kv_capacity=budget.slots_per_rank)
+    topo, engine, tok = rank_engine(cfg, prep, kv_capacity=budget.slots_per_rank, shm=False)
     seen = SeenTokens(prep.model_config.vocab_size, engine.stage.device)
     if topo.rank == 0:
         return _lead(cfg, prep, engine, tok, seen, budget)
