@@ -128,12 +128,6 @@ def active(group=None) -> bool:
     return _GROUP is not None and (group is None or group is _GROUP)
 
 
-def teardown() -> None:
-    """Stop using shared memory (the segments go with the process)."""
-    global _GROUP
-    _GROUP = None
-
-
 def _sum_(buf: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) ``buf`` in place over every rank; returns the summed tensor (``buf``
     itself, or a new tensor of buf's dtype when the kernel needs float32)."""
