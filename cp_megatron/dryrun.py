@@ -53,7 +53,9 @@ from cp_megatron.planner import DEFAULT_KV_GROWTH_TOKENS, DEFAULT_KV_MARGIN_TOKE
 
 aten = torch.ops.aten
 PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_SKIP_FILES = (os.path.join(PKG_DIR, "dryrun.py"), os.path.join(PKG_DIR, "device.py"))
+# Frames the tracer looks through: its own, the device shim's, and shm_collectives' wrappers
+# (a collective is charged to the attention code that called the wrapper).
+_SKIP_FILES = tuple(os.path.join(PKG_DIR, f) for f in ("dryrun.py", "device.py", "shm_collectives.py"))
 # Ops that allocate without running a kernel, and ops that only read metadata.
 _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
                "_local_scalar_dense"}
