@@ -52,7 +52,7 @@ def test_extreme_temperature_and_top_p_never_take_the_server_down(smol):
 
     def long_stream():
         with httpx.stream("POST", smol.base_url + "/v1/completions", timeout=300,
-                          json={"model": smol.model, "prompt": "Once upon a time", "max_tokens": 200,
+                          json={"model": smol.model, "prompt": "Once upon a time", "max_tokens": 120,
                                 "ignore_eos": True, "temperature": 0, "stream": True}) as r:
             background["status"] = r.status_code
             background["events"] = _sse(r)
@@ -80,7 +80,7 @@ def test_extreme_temperature_and_top_p_never_take_the_server_down(smol):
     assert background["status"] == 200 and background["events"][-1] == "[DONE]", background.get("events", [])[-3:]
     assert not any('"error"' in e for e in background["events"])
     tokens = sum(1 for e in background["events"][:-1] if json.loads(e)["choices"] and json.loads(e)["choices"][0]["text"])
-    assert tokens > 100
+    assert tokens > 60      # the breakers take ~1/3 of its 120 rounds (6.8 of 21 s at 200)
     assert background["done_at"] > breakers_done, "the other stream was not running throughout"
     assert smol.get("/health").json() == {"status": "ok"}
 
@@ -120,7 +120,7 @@ def test_health_and_metrics_answer_within_100ms_while_a_1mb_prompt_is_tokenised(
 @pytest.mark.timeout(300)
 def test_health_answers_within_100ms_during_a_long_prefill(smol):
     smol.post("/reset_prefix_cache")
-    prompt = " ".join(f"word{i % 97}" for i in range(2600))      # about 8000 tokens
+    prompt = " ".join(f"word{i % 97}" for i in range(1000))      # about 3000 tokens
     stop, health = threading.Event(), []
     poller = threading.Thread(target=_poll_latencies, args=(smol, stop, health))
     poller.start()
