@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="Context-parallel inference for million-token prompts on Llama 3 (arXiv 2411.01783)",
     packages=find_packages(include=["cp_megatron", "cp_megatron.*"]),
+    package_data={"cp_megatron": ["fake_cuda_guard.cpp"]},   # the dry run compiles it (dryrun.py)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -62,33 +62,8 @@ _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_s
 CATEGORIES = ("weights", "kv_cache", "activations", "comm_buffers")
 _COMM_FILES = ("attention/ring.py", "attention/pass_q.py", "attention/decode.py")
 
-_GUARD_SRC = r"""
-#include <torch/extension.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
-namespace {
-// A CUDA device guard that does nothing: device 0, the default stream, events that are
-// always complete.  Registered only on CPU-only builds, for fake CUDA tensors (dry run).
-struct FakeCudaGuardImpl final : public c10::impl::DeviceGuardImplInterface {
-  c10::DeviceType type() const override { return c10::DeviceType::CUDA; }
-  c10::Device exchangeDevice(c10::Device) const override { return c10::Device(c10::DeviceType::CUDA, 0); }
-  c10::Device getDevice() const override { return c10::Device(c10::DeviceType::CUDA, 0); }
-  void setDevice(c10::Device) const override {}
-  void uncheckedSetDevice(c10::Device) const noexcept override {}
-  c10::Stream getStream(c10::Device) const noexcept override {
-    return c10::Stream(c10::Stream::DEFAULT, c10::Device(c10::DeviceType::CUDA, 0)); }
-  c10::Stream exchangeStream(c10::Stream) const noexcept override {
-    return c10::Stream(c10::Stream::DEFAULT, c10::Device(c10::DeviceType::CUDA, 0)); }
-  c10::DeviceIndex deviceCount() const noexcept override { return 1; }
-  void record(void**, const c10::Stream&, const c10::DeviceIndex, const c10::EventFlag) const override {}
-  void block(void*, const c10::Stream&) const override {}
-  bool queryEvent(void*) const override { return true; }
-  void destroyEvent(void*, const c10::DeviceIndex) const noexcept override {}
-};
-}
-bool fake_cuda_guard_registered() { return true; }
-C10_REGISTER_GUARD_IMPL(CUDA, FakeCudaGuardImpl);
-"""
-_guard_module = None
+_GUARD_SRC = os.path.join(PKG_DIR, "fake_cuda_guard.cpp")   # a plain shared library, no Python module
+_guard_loaded = False
 
 
 def ensure_fake_cuda_runtime() -> None:
@@ -98,14 +73,14 @@ def ensure_fake_cuda_runtime() -> None:
         RuntimeError: a CPU-only build where the guard extension cannot be compiled (no C++
             compiler), naming the cause.
     """
-    global _guard_module
-    if torch.backends.cuda.is_built() or _guard_module is not None:
+    global _guard_loaded
+    if torch.backends.cuda.is_built() or _guard_loaded:
         return
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import load
 
-    try:
-        _guard_module = load_inline("cp_megatron_fake_cuda_guard", cpp_sources=_GUARD_SRC,
-                                    functions=["fake_cuda_guard_registered"], verbose=False)
+    try:   # loading the library runs its C10_REGISTER_GUARD_IMPL
+        load("cp_megatron_fake_cuda_guard_lib", sources=[_GUARD_SRC], is_python_module=False, verbose=False)
+        _guard_loaded = True
     except Exception as exc:  # compiler missing or failing: say so, do not fall back
         raise RuntimeError(f"dry run: cannot build the fake CUDA device guard for this CPU-only torch "
                            f"build ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
