@@ -59,12 +59,16 @@ def _builder():
     return ShareMemCommBuilder()
 
 
-def is_built() -> bool:
-    """Whether the op is compiled already (in ``TORCH_EXTENSIONS_DIR`` or the default cache)."""
+def _build_dir() -> str:
+    """Where the op is compiled to: ``TORCH_EXTENSIONS_DIR`` or the default cache."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    name = "deepspeed_shm_comm"
-    return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    return _get_build_directory("deepspeed_shm_comm", verbose=False)
+
+
+def is_built() -> bool:
+    """Whether the op is compiled already (in ``TORCH_EXTENSIONS_DIR`` or the default cache)."""
+    return os.path.exists(os.path.join(_build_dir(), "deepspeed_shm_comm.so"))
 
 
 def load(say: Callable[[str], None] = lambda _line: None):
@@ -74,7 +78,7 @@ def load(say: Callable[[str], None] = lambda _line: None):
     try:
         if not is_built():
             say("compiling DeepSpeed's shared-memory all_reduce for the CPU collectives "
-                "(first run only, ~25 s on 2 cores; cached in ~/.cache/torch_extensions)")
+                f"(first run only, ~25 s on 2 cores; cached in {_build_dir()})")
             # a rank is bound to its own core by now; the compiler's jobs (children of this
             # thread) may use every core: 46 s bound to one core, 23 s on both (2-core box)
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
