@@ -152,6 +152,36 @@ def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
     assert not any(alive(pid) for pid in ranks)
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_killing_one_rank_mid_decode_on_shared_memory_stops_every_rank(tmp_path):
+    """DeepSpeed's shared-memory all_reduce waits by spinning, with no timeout: a rank whose peer
+    died mid-decode cannot notice it.  The launcher must end it (cp_megatron/shm_collectives.py)."""
+    cfg = tmp_path / "decode.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny}\nparallel: {cp: 2}\n"
+                   "prompt: {random_tokens: 64}\ngeneration: {max_new_tokens: 100000}\n")
+    proc = subprocess.Popen(CLI + [str(cfg)], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline, shm = time.monotonic() + 200, False
+    for line in proc.stderr:  # the prefill's status line: the ranks are decoding now
+        shm = shm or "shared memory" in line
+        if "prefill:" in line or time.monotonic() > deadline:
+            break
+    assert shm, "decode's collectives did not go through shared memory"
+    time.sleep(1.0)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code != 0 and time.monotonic() - start < 60
+    while any(alive(pid) for pid in ranks) and time.monotonic() - start < 60:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in ranks)
+
+
 def truncate_job(cp: int):
     from cp_megatron.model.config import get_preset
     from cp_megatron.model.weights import DummyReader
