@@ -35,7 +35,13 @@ docs/performance.md §6.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import signal
+import subprocess
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -66,23 +72,145 @@ def _build_dir() -> str:
     return _get_build_directory("deepspeed_shm_comm", verbose=False)
 
 
+_SO = "deepspeed_shm_comm.so"
+# shm.cpp's struct allreduce_workspace, one per rank in /dev/shm: 2 x 1 MiB small-message and
+# 2 x 32 MiB large-message buffers, and the states (rounded up to a page)
+SEGMENT_BYTES = 2 * 2**20 + 2 * 32 * 2**20 + 4096
+BUILD_TIMEOUT_S = 600.0                   # the longest a rank waits for the op's compile or its lock
+
+
 def is_built() -> bool:
-    """Whether the op is compiled already (in ``TORCH_EXTENSIONS_DIR`` or the default cache)."""
-    return os.path.exists(os.path.join(_build_dir(), "deepspeed_shm_comm.so"))
+    """Whether the op is compiled already (in ``TORCH_EXTENSIONS_DIR`` or the default cache)
+    and its library is a whole ELF file (not one a killed linker left half-written)."""
+    return _elf_complete(os.path.join(_build_dir(), _SO))
+
+
+def _elf_complete(path: str) -> bool:
+    """Whether ``path`` is an ELF file that holds its whole section-header table (which the
+    linker writes last, at the end): loading a truncated library dies of SIGBUS, which no
+    ``except`` catches.  Source: the ELF-64 header (e_shoff at 0x28, e_shentsize / e_shnum
+    at 0x3A / 0x3C)."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(64), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] not in (1, 2):
+        return False
+    order = "little" if head[5] == 1 else "big"
+    shoff = int.from_bytes(head[0x28:0x30], order)
+    shentsize, shnum = int.from_bytes(head[0x3A:0x3C], order), int.from_bytes(head[0x3C:0x3E], order)
+    return 0 < shoff and shoff + shentsize * shnum <= size
+
+
+@contextlib.contextmanager
+def _build_lock(timeout_s: float):
+    """Hold ``<build dir>/cp_megatron.lock`` (``flock``: the kernel releases it when its holder
+    dies, where torch's own ``lock`` file outlives a killed build and makes every later build
+    wait forever).  Under it, a torch ``lock`` file is a dead build's: removed, as is a
+    half-written library.
+
+    Raises:
+        TimeoutError: another process held the lock for ``timeout_s`` seconds.
+    """
+    folder = _build_dir()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "cp_megatron.lock"), "w") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{folder}: another build held the lock for {timeout_s:.0f} s") from None
+                time.sleep(0.1)
+        for stale in ("lock",) + (() if _elf_complete(os.path.join(folder, _SO)) else (_SO,)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, stale))
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_in_child(timeout_s: float) -> None:
+    """Compile the op in a child process of its own session (``python -m
+    cp_megatron.shm_collectives``), on every core, and wait for it.  The child and its compilers
+    die with this process (the child's parent-death signal ends its session).
+
+    Raises:
+        RuntimeError: the build failed (its last line of output in the message).
+        TimeoutError: it did not end within ``timeout_s`` seconds.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "cp_megatron.shm_collectives"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the op's build took more than {timeout_s:.0f} s") from None
+    finally:
+        if proc.poll() is None:
+            _kill_session(proc.pid)
+            proc.wait()
+    if proc.returncode != 0:
+        lines = [line for line in out.splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the build exited with {proc.returncode}")
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (the build child and its compilers: ninja
+    gives each compile a process group of its own, so a group kill misses them)."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                session = int(f.read().rsplit(")", 1)[1].split()[3])    # state ppid pgrp session
+            if session == sid:
+                os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):                     # ended meanwhile
+            pass
+    if os.getsid(0) == sid:
+        os.kill(me, signal.SIGKILL)
+
+
+def _build_child_main() -> None:
+    """The child of :func:`_build_in_child`: dies, with its compilers, when its parent does;
+    compiles under the build lock on every core this machine allows."""
+    import ctypes
+
+    def end_session(_signum, _frame):
+        _kill_session(os.getsid(0))
+
+    signal.signal(signal.SIGTERM, end_session)
+    with contextlib.suppress(OSError, AttributeError):    # PR_SET_PDEATHSIG = 1 (Linux)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() == 1:                                   # the parent died before the prctl
+        end_session(None, None)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    with _build_lock(BUILD_TIMEOUT_S):
+        _builder().load(verbose=False)
 
 
 def load(say: Callable[[str], None] = lambda _line: None):
     """Compile (first use only, ~25 s on 2 cores) and load DeepSpeed's shared-memory op; None if it
-    cannot be built here (no compiler, not Linux).  ``say`` gets one line before a compile."""
+    cannot be built or loaded here (no compiler, not Linux, a build that timed out).  ``say``
+    gets one line before a compile.  The compile runs in a child process
+    (:func:`_build_in_child`), so that a killed rank leaves no compiler running and a broken
+    library cannot kill the rank."""
     bound = os.sched_getaffinity(0)
     try:
         if not is_built():
             say("compiling DeepSpeed's shared-memory all_reduce for the CPU collectives "
                 f"(first run only, ~25 s on 2 cores; cached in {_build_dir()})")
-            # a rank is bound to its own core by now; the compiler's jobs (children of this
-            # thread) may use every core: 46 s bound to one core, 23 s on both (2-core box)
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-        return _builder().load(verbose=False)
+            _build_in_child(BUILD_TIMEOUT_S)
+        # the rank is bound to one core by now: a stale build that ninja redoes here gets every
+        # core (46 s bound to one core, 23 s on both, on a 2-core box)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        with _build_lock(BUILD_TIMEOUT_S):
+            return _builder().load(verbose=False)
     except Exception as exc:  # noqa: BLE001  (a missing compiler raises anything from ninja to OSError)
         say(f"shared-memory collectives unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
             "gloo carries them")
@@ -95,7 +223,8 @@ def setup(enabled: bool, cp_group, *, device: str, bound: bool,
           say: Callable[[str], None] = lambda _line: None) -> bool:
     """Decide, on every rank together, whether ``cp_group``'s decode collectives use shared
     memory (module doc for the conditions), and if so open the segments.  Call once per job,
-    after the process groups exist; it makes one gloo all_reduce and one barrier.
+    after the process groups exist; it makes two gloo all_reduces (the decision; every segment
+    mapped and whole).
 
     Args:
         enabled: ``runtime.shm_collectives``.
@@ -113,24 +242,50 @@ def setup(enabled: bool, cp_group, *, device: str, bound: bool,
     if world < 2 or cp_group is None or dist.get_world_size(cp_group) != world:
         return False
     local = os.environ.get("LOCAL_WORLD_SIZE") == str(world)
-    module = load(say) if enabled and device == "cpu" and bound and local else None
-    ok = torch.tensor([1 if module is not None else 0], dtype=torch.int32)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)    # one decision for all: a split one would hang
-    if not int(ok):
+    module = None
+    if enabled and device == "cpu" and bound and local:
+        free = _shm_free_bytes()
+        if free < world * SEGMENT_BYTES:   # shm.cpp maps a short segment and writes past its end
+            say(f"shared-memory collectives unavailable (/dev/shm has {free / 2**20:.0f} MiB free, "
+                f"{world} ranks need {world * SEGMENT_BYTES / 2**20:.0f} MiB); gloo carries them")
+        else:
+            module = load(say)
+    if not _all_ranks(module is not None):        # one decision for all: a split one would hang
         return False
     os.environ["LOCAL_SIZE"] = str(world)          # what shm_interface.cpp checks
     module.initialize(world, dist.get_rank())      # creates this rank's segment, maps the others'
-    dist.barrier()                                 # every rank has mapped every segment
     path = f"/dev/shm/{SHM_NAME}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
-    try:
+    try:                                           # shm.cpp takes a short write for a whole one
+        whole = os.stat(path).st_size >= SEGMENT_BYTES - 4096
+    except OSError:
+        whole = False
+    mapped = _all_ranks(whole)                     # also: every rank has mapped every segment
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)                            # the mappings stay; nothing is left behind
-    except FileNotFoundError:
-        pass
+    if not mapped:
+        say("shared-memory collectives unavailable (a segment in /dev/shm came out short); gloo carries them")
+        return False
     _GROUP, _LEVEL = cp_group, int(module.vector_kernel_level())
     _RANK, _SIZE = dist.get_rank(cp_group), world
     say(f"decode's CP collectives: shared memory (DeepSpeed's CPU all_reduce), not gloo ({world} ranks)")
     return True
+
+
+def _all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (one gloo all_reduce MIN)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(int(t))
+
+
+def _shm_free_bytes() -> int:
+    """Bytes free in /dev/shm (0 when it cannot be read)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def active(group=None) -> bool:
@@ -182,3 +337,6 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     summed = _sum_(buf)
     out.view(n, -1).copy_(summed[:, r])
 
+
+if __name__ == "__main__":      # the op's build, in a process of its own (_build_in_child)
+    _build_child_main()

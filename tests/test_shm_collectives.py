@@ -5,6 +5,7 @@ segment left in /dev/shm."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -85,3 +86,105 @@ def test_launcher_removes_a_jobs_stale_segments_only(tmp_path):
 def test_without_setup_the_collectives_are_torch_distributeds():
     assert not shm_collectives.active()
     assert not shm_collectives._uses_shm(object(), torch.zeros(1))
+
+
+def _low_shm_space(low_rank: int) -> dict:
+    """On each rank: /dev/shm reads as 1 MiB free on ``low_rank``, then setup."""
+    r = dist.get_rank()
+    if r == low_rank:
+        shm_collectives._shm_free_bytes = lambda: 2**20
+    bound = bind_cores(r, dist.get_world_size(), 1) is not None
+    enabled = shm_collectives.setup(True, dist.new_group([0, 1]), device="cpu", bound=bound)
+    return {"enabled": enabled, "bound": bound}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_too_little_free_in_dev_shm_keeps_every_rank_on_gloo():
+    """DeepSpeed's shm.cpp takes a short write of its 66 MiB segment for a whole one and then
+    writes past its end (SIGBUS / SIGSEGV): with less free than every rank's segment, no rank
+    takes shared memory."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs 2 cores (CI has 2)")
+    results = spawn(_low_shm_space, 2, (1,), timeout_s=240)
+    assert [res["bound"] for res in results] == [True, True], results
+    assert [res["enabled"] for res in results] == [False, False], results
+
+
+@pytest.mark.unit
+def test_only_a_whole_elf_library_counts_as_built(tmp_path):
+    """A linker killed mid-write leaves a truncated library, and loading one dies of SIGBUS."""
+    elf = open(os.path.realpath(sys.executable), "rb").read()
+    (tmp_path / "whole.so").write_bytes(elf)
+    (tmp_path / "cut.so").write_bytes(elf[: len(elf) // 2])
+    (tmp_path / "junk.so").write_bytes(b"\x7fELF" + bytes(100))
+    assert shm_collectives._elf_complete(str(tmp_path / "whole.so"))
+    for name in ("cut.so", "junk.so", "missing.so"):
+        assert not shm_collectives._elf_complete(str(tmp_path / name)), name
+
+
+@pytest.mark.unit
+def test_build_lock_clears_a_dead_builds_leftovers_and_waits_for_a_live_one(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = shm_collectives._build_dir()
+    os.makedirs(folder, exist_ok=True)
+    for name, data in (("lock", b""), ("deepspeed_shm_comm.so", b"\x7fELF\x02\x01" + bytes(20))):
+        with open(os.path.join(folder, name), "wb") as f:    # torch's lock of a killed build, a cut library
+            f.write(data)
+    with shm_collectives._build_lock(5):
+        assert sorted(os.listdir(folder)) == ["cp_megatron.lock"]
+    with open(os.path.join(folder, "cp_megatron.lock"), "w") as held:   # a live build holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="held the lock"):
+            with shm_collectives._build_lock(0.3):
+                pass
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_rank_killed_during_the_build_leaves_no_compiler_running(tmp_path):
+    """The build runs in a child session that dies with its parent, compilers included (ninja
+    gives each compile a process group of its own)."""
+    import signal
+    import subprocess
+    import time
+
+    script = ("import os, sys; os.environ['TORCH_EXTENSIONS_DIR'] = sys.argv[1]\n"
+              "from cp_megatron import shm_collectives\nshm_collectives._build_in_child(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+
+    def session_members(sid: int) -> list[int]:
+        out = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fields = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(name))
+        return out
+
+    deadline, child = time.monotonic() + 60, None
+    while time.monotonic() < deadline:     # until the child's session runs a compiler
+        kids = [int(n) for n in filter(str.isdigit, os.listdir("/proc"))
+                if _ppid(n) == parent.pid]
+        child = kids[0] if kids else None
+        if child and len(session_members(child)) >= 3:
+            break
+        time.sleep(0.2)
+    assert child and len(session_members(child)) >= 3, "the build never started"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while session_members(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_members(child) == []
+
+
+def _ppid(pid: str) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
