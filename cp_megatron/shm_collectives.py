@@ -266,6 +266,7 @@ def setup(enabled: bool, cp_group, *, device: str, bound: bool,
     if not mapped:
         say("shared-memory collectives unavailable (a segment in /dev/shm came out short); gloo carries them")
         return False
+    _watch_signals()
     _GROUP, _LEVEL = cp_group, int(module.vector_kernel_level())
     _RANK, _SIZE = dist.get_rank(cp_group), world
     say(f"decode's CP collectives: shared memory (DeepSpeed's CPU all_reduce), not gloo ({world} ranks)")
@@ -296,12 +297,48 @@ def active(group=None) -> bool:
 def _sum_(buf: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) ``buf`` in place over every rank; returns the summed tensor (``buf``
     itself, or a new tensor of buf's dtype when the kernel needs float32)."""
-    if buf.dtype == torch.float32 or _LEVEL >= 2:
-        torch.ops.deepspeed.inference_all_reduce_(buf)
-        return buf
-    wide = buf.float()
+    global _IN_KERNEL
+    wide = buf if buf.dtype == torch.float32 or _LEVEL >= 2 else buf.float()
+    _IN_KERNEL = True
     torch.ops.deepspeed.inference_all_reduce_(wide)
-    return wide.to(buf.dtype)
+    _IN_KERNEL = False
+    return buf if wide is buf else wide.to(buf.dtype)
+
+
+_IN_KERNEL = False                        # the main thread is inside the spinning kernel
+
+
+def _watch_signals() -> None:
+    """Exit at once on a signal that arrives while the main thread spins in the kernel.
+
+    The kernel waits for its peers by spinning in C++ (with the GIL released), so a Python
+    signal handler (:func:`cp_megatron.launcher.stop_on_signals`, under torchrun) cannot run
+    until every peer arrives; a peer that died never does, and torchrun's SIGTERM would wait
+    for its SIGKILL 30 s later.  Python's C-level handler writes each signal's number to the
+    wakeup fd at once; a thread reads it and, if the main thread is still in the kernel a
+    moment later, ends the process with 128 + the signal (as the signal itself would).
+    Elsewhere the Python handler runs as before.  Main thread only (``set_wakeup_fd``)."""
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:                    # not the main thread: nothing to watch from here
+        os.close(r)
+        os.close(w)
+        return
+
+    def watch() -> None:
+        while True:
+            data = os.read(r, 64)
+            if not data:
+                return
+            time.sleep(0.2)               # the handler's chance, if the main thread is free
+            if _IN_KERNEL:
+                os._exit(128 + data[-1])
+
+    threading.Thread(target=watch, name="shm-signal-watch", daemon=True).start()
 
 
 def _uses_shm(group, t: torch.Tensor) -> bool:

@@ -188,3 +188,41 @@ def _ppid(pid: str) -> int:
         return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def _signal_while_spinning() -> dict:
+    """Rank 0 gets SIGTERM (with a Python handler, as under torchrun) while it spins in the
+    kernel for rank 1, which arrives 20 s later."""
+    import signal
+    import threading
+    import time
+
+    r = dist.get_rank()
+    bound = bind_cores(r, 2, 1) is not None
+    group = dist.new_group([0, 1])
+    assert shm_collectives.setup(True, group, device="cpu", bound=bound)
+    if r == 1:
+        time.sleep(20)
+    else:
+        def handler(signum, _frame):
+            raise KeyboardInterrupt(signum)
+        signal.signal(signal.SIGTERM, handler)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    shm_collectives.all_gather_single(torch.empty(2, 4), torch.ones(4), group)
+    return {"rank": r}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_signal_while_the_kernel_spins_ends_the_rank_at_once():
+    """The kernel spins with the GIL released and no Python handler can run until its peers
+    arrive: the watch thread ends the rank with 128 + SIGTERM instead (torchrun's SIGTERM to a
+    rank whose peer died would else wait for its SIGKILL 30 s later)."""
+    import time
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs 2 cores (CI has 2)")
+    start = time.monotonic()
+    with pytest.raises(Exception, match="143") as failure:
+        spawn(_signal_while_spinning, 2, (), timeout_s=60)
+    assert time.monotonic() - start < 15, (time.monotonic() - start, failure.value)
