@@ -125,31 +125,39 @@ def test_world_size_mismatch_under_launcher_is_exit_2():
     assert "WORLD_SIZE=3" in proc.stderr and "parallel" in proc.stderr
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(300)
-def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
-    cfg = tmp_path / "long.yaml"
-    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
-                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
+def _kill_a_rank_once(cfg: Path, ready: str, pause_s: float) -> str:
+    """Run ``cfg`` (CP 2), SIGKILL its last rank ``pause_s`` after the first stderr line that
+    holds ``ready``; assert that the job exits non-zero and every rank is gone within 60 s.
+    Returns the stderr read before the kill."""
     proc = subprocess.Popen(CLI + [str(cfg)], stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 200
-    for line in proc.stderr:  # wait until the ranks are in the prefill
-        if "weights loaded" in line or time.monotonic() > deadline:
+    deadline, seen = time.monotonic() + 200, []
+    for line in proc.stderr:
+        seen.append(line)
+        if ready in line or time.monotonic() > deadline:
             break
-    time.sleep(2.0)
+    time.sleep(pause_s)
     ranks = rank_pids(proc.pid)
-    assert ranks, "no rank processes found"
+    assert len(ranks) == 2, (ranks, seen)
     os.kill(ranks[-1], signal.SIGKILL)
     start = time.monotonic()
     try:
         code = proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert time.monotonic() - start < 60
-    assert code != 0
+    assert code != 0 and time.monotonic() - start < 60
     while any(alive(pid) for pid in ranks) and time.monotonic() - start < 60:
         time.sleep(0.1)   # orphaned ranks are reaped by init once the fork server is gone
     assert not any(alive(pid) for pid in ranks)
+    return "".join(seen)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_killing_one_rank_mid_prefill_stops_every_rank(tmp_path):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("model: {format: dummy, preset: tiny-long}\nparallel: {cp: 2}\n"
+                   "prompt: {random_tokens: 30000}\ngeneration: {max_new_tokens: 2}\n")
+    _kill_a_rank_once(cfg, "weights loaded", 2.0)       # the ranks are in the prefill
 
 
 @pytest.mark.integration
@@ -160,26 +168,8 @@ def test_killing_one_rank_mid_decode_on_shared_memory_stops_every_rank(tmp_path)
     cfg = tmp_path / "decode.yaml"
     cfg.write_text("model: {format: dummy, preset: tiny}\nparallel: {cp: 2}\n"
                    "prompt: {random_tokens: 64}\ngeneration: {max_new_tokens: 100000}\n")
-    proc = subprocess.Popen(CLI + [str(cfg)], stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline, shm = time.monotonic() + 200, False
-    for line in proc.stderr:  # the prefill's status line: the ranks are decoding now
-        shm = shm or "shared memory" in line
-        if "prefill:" in line or time.monotonic() > deadline:
-            break
-    assert shm, "decode's collectives did not go through shared memory"
-    time.sleep(1.0)
-    ranks = rank_pids(proc.pid)
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[-1], signal.SIGKILL)
-    start = time.monotonic()
-    try:
-        code = proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert code != 0 and time.monotonic() - start < 60
-    while any(alive(pid) for pid in ranks) and time.monotonic() - start < 60:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in ranks)
+    seen = _kill_a_rank_once(cfg, "prefill:", 1.0)      # the prefill's status line: decoding now
+    assert "shared memory" in seen, seen
 
 
 def truncate_job(cp: int):
