@@ -124,6 +124,15 @@ def stop_on_signals() -> Iterator[None]:
         _STOP.event.clear()
 
 
+def arm_parent_death_signal(signum: int) -> None:
+    """Have Linux send ``signum`` to this process when the thread that started it ends
+    (``prctl(PR_SET_PDEATHSIG)``); nothing where there is no prctl (not Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _die_with_launcher(launcher_pid: int, folders: Sequence[str]) -> None:
     """In a rank: when the launcher process goes away, remove ``folders`` and exit.
 
@@ -144,10 +153,7 @@ def _die_with_launcher(launcher_pid: int, folders: Sequence[str]) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(_ORPHAN_SIGNAL, on_signal)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(_ORPHAN_SIGNAL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the watchdog below does the job
-        pass
+    arm_parent_death_signal(_ORPHAN_SIGNAL)   # not Linux: the watchdog below does the job
 
     def watchdog() -> None:
         while os.getppid() == parent and _alive(launcher_pid):

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cp_megatron.launcher import SHM_NAME, stale_segments  # noqa: F401  (the launcher removes leftovers)
+from cp_megatron.launcher import SHM_NAME, arm_parent_death_signal, stale_segments  # noqa: F401  (stale_segments: the launcher removes leftovers)
 _GROUP = None                             # the CP group whose collectives go through shared memory
 _RANK, _SIZE = 0, 1                       # this rank's place in it
 # One decode-sized call (a few KB), median on the rank that arrives last, 2 ranks on cores of
@@ -179,14 +179,11 @@ def _kill_session(sid: int) -> None:
 def _build_child_main() -> None:
     """The child of :func:`_build_in_child`: dies, with its compilers, when its parent does;
     compiles under the build lock on every core this machine allows."""
-    import ctypes
-
     def end_session(_signum, _frame):
         _kill_session(os.getsid(0))
 
     signal.signal(signal.SIGTERM, end_session)
-    with contextlib.suppress(OSError, AttributeError):    # PR_SET_PDEATHSIG = 1 (Linux)
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    arm_parent_death_signal(signal.SIGTERM)
     if os.getppid() == 1:                                   # the parent died before the prctl
         end_session(None, None)
     os.sched_setaffinity(0, range(os.cpu_count() or 1))
