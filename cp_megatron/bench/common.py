@@ -247,6 +247,8 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
     with tempfile.TemporaryDirectory(prefix="cp_megatron_bench_") as folder:
         turns = Turns(folder, tuple(schedule))
 
+        done = [threading.Event() for _ in jobs]
+
         def target(i: int, job: Job) -> None:
             try:
                 results[i] = spawn(job.fn, job.world_size, (turns, *job.args), timeout_s=timeout_s,
@@ -255,6 +257,8 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
             except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others stop
                 errors[i] = exc
                 Path(folder, "ABORT").touch()
+            finally:
+                done[i].set()
 
         threads = [threading.Thread(target=target, args=(i, job), daemon=True) for i, job in enumerate(jobs)]
         try:
@@ -262,10 +266,13 @@ def run_interleaved(jobs: Sequence[Job], schedule: Sequence[str], timeout_s: flo
                 t.start()
             for t in threads:
                 t.join()
-        finally:  # after a stop signal each spawn stops its own ranks; wait for that
-            for t in threads:
+        finally:  # after a stop signal each spawn stops its own ranks and removes its folder;
+            # wait for that on the events, not with join: a join that the signal handler's
+            # exception interrupted leaves that thread marked stopped in CPython 3.11 (is_alive()
+            # False while its spawn still cleans up), and a second join returns at once
+            for t, finished in zip(threads, done):
                 if t.ident is not None:
-                    t.join()
+                    finished.wait()
     failed = [e for e in errors if e is not None]
     if failed:  # the job that failed first, not one that stopped because of the ABORT file
         first = next((e for e in failed if "another job of this benchmark failed" not in str(e)), failed[0])
