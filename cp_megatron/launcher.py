@@ -383,10 +383,16 @@ def spawn(fn: Callable, world_size: int, args: Sequence = (), *, timeout_s: floa
 SHM_NAME = "deepspeed_allreduce_buffer"  # DeepSpeed shm.cpp's SHM_BUFFER_NAME (cp_megatron.shm_collectives)
 
 
+def segment_path(addr: str, port, rank) -> str:
+    """The /dev/shm file of ``rank``'s shared-memory collective segment in the job at
+    ``addr:port`` (shm.cpp's name: ``SHM_BUFFER_NAME_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    return os.path.join("/dev/shm", f"{SHM_NAME}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
 def stale_segments(addr: str, port: int) -> list[str]:
     """Paths of a job's shared-memory collective segments still in /dev/shm (a rank killed
     between creating and unlinking its segment; :mod:`cp_megatron.shm_collectives`)."""
-    prefix = f"{SHM_NAME}_{os.getuid()}_{addr}_{port}_"
+    prefix = os.path.basename(segment_path(addr, port, ""))
     try:
         return [os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     except OSError:

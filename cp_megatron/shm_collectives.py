@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cp_megatron.launcher import SHM_NAME, arm_parent_death_signal, stale_segments  # noqa: F401  (stale_segments: the launcher removes leftovers)
+from cp_megatron.launcher import SHM_NAME, arm_parent_death_signal, segment_path, stale_segments  # noqa: F401  (SHM_NAME, stale_segments: for callers and tests)
 _GROUP = None                             # the CP group whose collectives go through shared memory
 _RANK, _SIZE = 0, 1                       # this rank's place in it
 # One decode-sized call (a few KB), median on the rank that arrives last, 2 ranks on cores of
@@ -251,8 +251,7 @@ def setup(enabled: bool, cp_group, *, device: str, bound: bool,
         return False
     os.environ["LOCAL_SIZE"] = str(world)          # what shm_interface.cpp checks
     module.initialize(world, dist.get_rank())      # creates this rank's segment, maps the others'
-    path = f"/dev/shm/{SHM_NAME}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
-           f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    path = segment_path(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
     try:                                           # shm.cpp takes a short write for a whole one
         whole = os.stat(path).st_size >= SEGMENT_BYTES - 4096
     except OSError:
